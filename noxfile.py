@@ -1,0 +1,32 @@
+"""Developer entry points: ``nox -s tests``, ``nox -s serve``, ``nox -s protos``."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.error_on_missing_interpreters = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Lint, type-check and run the test suite (what CI runs)."""
+    session.install("-e", ".[test,lint]")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy", "--strict", "trio_bridge")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def serve(session: nox.Session) -> None:
+    """Run the server; extra arguments go to `trio-bridge serve` (e.g. `nox -s serve -- --port 6000`)."""
+    session.install("-e", ".")
+    session.run("trio-bridge", "serve", *session.posargs)
+
+
+@nox.session
+def protos(session: nox.Session) -> None:
+    """Regenerate trio_bridge/_proto from proto/unified_bridge.proto."""
+    session.install("-e", ".[codegen]")
+    session.run("python", "proto/generate.py")

@@ -1,0 +1,113 @@
+"""The trio↔asyncio bridge: grpclib's asyncio server, run and shut down from Trio.
+
+Everything that crosses between the two worlds lives here. grpclib runs on trio-asyncio's loop, which
+:func:`serve_grpc` opens inside the calling Trio task, so grpclib handlers and Trio tasks share one
+thread.
+
+Shutdown (what happens when the task running :func:`serve_grpc` is cancelled), in steps, because
+grpclib's ``Server.close()`` alone sends nothing and leaves accepted connections open:
+
+1. ``drain()`` runs, bounded by ``grace``: the service refuses new calls with UNAVAILABLE, tells its
+   streams to end with UNAVAILABLE, and waits for running calls to finish;
+2. the listening socket closes and grpclib cancels the handlers still running;
+3. every accepted connection gets an HTTP/2 GOAWAY and is closed, so no client waits on a dead peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import grpclib.server
+import trio
+import trio_asyncio
+from grpclib.protocol import H2Protocol
+
+if TYPE_CHECKING:
+    from grpclib._typing import IServable
+
+log = logging.getLogger("trio_bridge")
+
+#: Longest wait for grpclib's handlers to finish after they were cancelled.
+_CLOSE_TIMEOUT = 1.0
+
+
+class _TrackedServer(grpclib.server.Server):
+    """A grpclib Server that remembers its connections, so shutdown can close them."""
+
+    def __init__(self, handlers: Collection[IServable]) -> None:
+        super().__init__(handlers)
+        self.connections: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+
+    def _protocol_factory(self) -> H2Protocol:
+        protocol = super()._protocol_factory()
+        self.connections.add(protocol)
+        return protocol
+
+    def close_connections(self) -> int:
+        """Send GOAWAY on every open connection and close it; return how many were closed."""
+        closed = 0
+        for protocol in list(self.connections):
+            connection = getattr(protocol, "connection", None)
+            if connection is None or connection.is_closing():
+                continue
+            try:
+                connection._connection.close_connection()
+                connection.flush()
+            except Exception:  # the peer may already be gone; closing is all that matters now
+                log.debug("GOAWAY failed", exc_info=True)
+            connection.close()
+            closed += 1
+        return closed
+
+
+@dataclass(frozen=True)
+class BoundAddress:
+    host: str
+    port: int
+
+
+async def serve_grpc(
+    services: Collection[IServable],
+    *,
+    host: str,
+    port: int,
+    drain: Callable[[], Awaitable[None]],
+    grace: float,
+    task_status: trio.TaskStatus[BoundAddress] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``services`` on ``host:port`` until cancelled, then shut down in steps (module doc).
+
+    ``task_status.started`` receives the bound address (``port=0`` picks a free port). Shutdown is
+    shielded from the cancellation that triggers it and takes at most ``grace`` plus about a second.
+    """
+    async with trio_asyncio.open_loop():
+        server = _TrackedServer(services)
+        await trio_asyncio.aio_as_trio(server.start)(host, port)
+        listener = cast(asyncio.Server, server._server)
+        bound = listener.sockets[0].getsockname()
+        log.info("gRPC server listening on %s:%d", bound[0], bound[1])
+        task_status.started(BoundAddress(host=bound[0], port=bound[1]))
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await _shut_down(server, drain, grace)
+
+
+async def _shut_down(server: _TrackedServer, drain: Callable[[], Awaitable[None]], grace: float) -> None:
+    with trio.move_on_after(grace) as drain_scope:
+        await drain()
+    if drain_scope.cancelled_caught:
+        log.warning("calls still running after %.1fs of grace; cancelling them", grace)
+    server.close()
+    closed = server.close_connections()
+    with trio.move_on_after(_CLOSE_TIMEOUT) as close_scope:
+        await trio_asyncio.aio_as_trio(server.wait_closed)()
+    if close_scope.cancelled_caught:
+        log.warning("grpclib handlers did not finish within %.1fs", _CLOSE_TIMEOUT)
+    log.info("gRPC server stopped (%d connection(s) closed)", closed)

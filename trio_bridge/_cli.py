@@ -1,0 +1,115 @@
+"""``trio-bridge``: the command line. ``serve`` runs the server until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from ._server import DEFAULT_HOST, DEFAULT_PORT, ServerConfig, serve
+from ._store import DEFAULT_SESSION_TTL
+from ._version import __version__
+
+log = logging.getLogger("trio_bridge")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 65535")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trio-bridge", description="Session-scoped typed variables over gRPC."
+    )
+    parser.add_argument("--version", action="version", version=f"trio-bridge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="run the server until SIGINT or SIGTERM")
+    serve_cmd.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s)")
+    serve_cmd.add_argument(
+        "--port",
+        type=_port,
+        default=DEFAULT_PORT,
+        help="port to bind, 0 for any free one (default %(default)s)",
+    )
+    serve_cmd.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="default %(default)s",
+    )
+    serve_cmd.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help="serve Prometheus metrics on this port (default: off)",
+    )
+    serve_cmd.add_argument(
+        "--session-ttl",
+        type=_positive_float,
+        default=DEFAULT_SESSION_TTL,
+        help="idle seconds before a session expires (default %(default)s)",
+    )
+    serve_cmd.add_argument(
+        "--shutdown-grace",
+        type=_positive_float,
+        default=ServerConfig.shutdown_grace,
+        help="seconds running calls get to finish on shutdown (default %(default)s)",
+    )
+    return parser
+
+
+async def run_until_signalled(config: ServerConfig) -> None:
+    """Serve until SIGINT or SIGTERM arrives, then shut down gracefully."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(serve, config)
+            # The exact line tests and scripts wait for: it means the port accepts connections.
+            print(f"trio-bridge serving on {running.host}:{running.port}", flush=True)
+            async for signum in signals:
+                log.info("%s received; shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        config = ServerConfig(
+            host=args.host,
+            port=args.port,
+            session_ttl=args.session_ttl,
+            metrics_port=args.metrics_port,
+            shutdown_grace=args.shutdown_grace,
+        )
+        try:
+            trio.run(run_until_signalled, config)
+        except OSError as exc:
+            print(f"trio-bridge: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

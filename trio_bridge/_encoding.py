@@ -1,0 +1,175 @@
+"""Value encoding: native Python values and store records to and from the wire messages.
+
+Values travel as a real ``google.protobuf.Any`` that any protobuf library unpacks with no custom code:
+
+=========  =============================================
+type       packed message
+=========  =============================================
+float      ``google.protobuf.DoubleValue``
+integer    ``google.protobuf.Int64Value``
+string     ``google.protobuf.StringValue``
+boolean    ``google.protobuf.BoolValue``
+choice     ``google.protobuf.StringValue``
+module     ``google.protobuf.StringValue``
+embedding  ``unified_bridge.Embedding`` (float32 values)
+tensor     ``unified_bridge.Tensor`` (shape, dtype, packed little-endian bytes)
+=========  =============================================
+
+Decoding checks the Any's type against the variable's type and raises ``InvalidArgument`` naming both.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import betterproto2
+
+from ._errors import InvalidArgument
+from ._proto import unified_bridge as pb
+from ._proto.google import protobuf as wkt
+from ._store import SessionInfo, VariableSnapshot
+from ._types import Constraints, Tensor, VariableType
+
+TYPE_URL_PREFIX = "type.googleapis.com/"
+
+_WIRE_MESSAGE: dict[VariableType, type[betterproto2.Message]] = {
+    VariableType.FLOAT: wkt.DoubleValue,
+    VariableType.INTEGER: wkt.Int64Value,
+    VariableType.STRING: wkt.StringValue,
+    VariableType.BOOLEAN: wkt.BoolValue,
+    VariableType.CHOICE: wkt.StringValue,
+    VariableType.MODULE: wkt.StringValue,
+    VariableType.EMBEDDING: pb.Embedding,
+    VariableType.TENSOR: pb.Tensor,
+}
+
+_FULL_NAME: dict[type[betterproto2.Message], str] = {
+    wkt.DoubleValue: "google.protobuf.DoubleValue",
+    wkt.Int64Value: "google.protobuf.Int64Value",
+    wkt.StringValue: "google.protobuf.StringValue",
+    wkt.BoolValue: "google.protobuf.BoolValue",
+    pb.Embedding: "unified_bridge.Embedding",
+    pb.Tensor: "unified_bridge.Tensor",
+}
+
+
+def type_url_for(vtype: VariableType) -> str:
+    """The type URL a value of ``vtype`` is packed with."""
+    return TYPE_URL_PREFIX + _FULL_NAME[_WIRE_MESSAGE[vtype]]
+
+
+def pack_value(vtype: VariableType, value: Any) -> wkt.Any:
+    """Pack a native value (already checked against its type) into an Any."""
+    message: betterproto2.Message
+    if vtype is VariableType.EMBEDDING:
+        message = pb.Embedding(values=list(value))
+    elif vtype is VariableType.TENSOR:
+        message = pb.Tensor(shape=list(value.shape), dtype=value.dtype, data=value.data)
+    else:
+        message = _WIRE_MESSAGE[vtype](value=value)  # type: ignore[call-arg]
+    return wkt.Any(type_url=type_url_for(vtype), value=bytes(message))
+
+
+def unpack_value(name: str, vtype: VariableType, packed: wkt.Any | None) -> Any:
+    """Unpack an Any sent for variable ``name`` of type ``vtype`` into its native value.
+
+    The value still has to pass :func:`~trio_bridge._types.check_value`; this only decodes.
+    """
+    where = f"variable {name!r} ({vtype.label})"
+    if packed is None or not packed.type_url:
+        raise InvalidArgument(f"{where}: a value is required (a google.protobuf.Any)")
+    expected = type_url_for(vtype)
+    got_name = packed.type_url.rsplit("/", 1)[-1]
+    if got_name != expected.rsplit("/", 1)[-1]:
+        raise InvalidArgument(f"{where}: expects an Any of {expected!r}, got {packed.type_url!r}")
+    message_type = _WIRE_MESSAGE[vtype]
+    try:
+        message = message_type.parse(packed.value)
+    except Exception as exc:
+        raise InvalidArgument(f"{where}: the Any's payload is not a valid {got_name}: {exc}") from None
+    if isinstance(message, pb.Embedding):
+        return tuple(message.values)
+    if isinstance(message, pb.Tensor):
+        return Tensor(shape=tuple(message.shape), dtype=message.dtype, data=bytes(message.data))
+    return message.value  # type: ignore[attr-defined]
+
+
+def constraints_from_proto(message: pb.Constraints | None) -> Constraints:
+    if message is None:
+        return Constraints()
+    return Constraints(
+        minimum=message.minimum,
+        maximum=message.maximum,
+        min_length=message.min_length,
+        max_length=message.max_length,
+        pattern=message.pattern,
+        allowed_values=tuple(message.allowed_values),
+        dimension=message.dimension,
+        shape=tuple(message.shape),
+        dtype=message.dtype,
+    )
+
+
+def constraints_to_proto(constraints: Constraints) -> pb.Constraints:
+    return pb.Constraints(
+        minimum=constraints.minimum,
+        maximum=constraints.maximum,
+        min_length=constraints.min_length,
+        max_length=constraints.max_length,
+        pattern=constraints.pattern,
+        allowed_values=list(constraints.allowed_values),
+        dimension=constraints.dimension,
+        shape=list(constraints.shape),
+        dtype=constraints.dtype,
+    )
+
+
+def variable_type_from_proto(name: str, value: pb.VariableType | int) -> VariableType:
+    try:
+        return VariableType(int(value))
+    except ValueError:
+        known = ", ".join(f"{t.name} ({t.value})" for t in VariableType)
+        raise InvalidArgument(f"variable {name!r}: type {int(value)} is not one of {known}") from None
+
+
+def timestamp(seconds: float) -> datetime.datetime:
+    """A wall-clock time (seconds since the epoch) as betterproto2 carries a Timestamp field."""
+    if not math.isfinite(seconds):
+        seconds = 0.0
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+
+
+def variable_to_proto(snapshot: VariableSnapshot) -> pb.Variable:
+    return pb.Variable(
+        id=snapshot.id,
+        name=snapshot.name,
+        type=pb.VariableType(int(snapshot.type)),
+        value=pack_value(snapshot.type, snapshot.value),
+        constraints=constraints_to_proto(snapshot.constraints),
+        metadata=dict(snapshot.metadata),
+        version=snapshot.version,
+        created_at=timestamp(snapshot.created_at),
+        last_updated_at=timestamp(snapshot.last_updated_at),
+        session_id=snapshot.session_id,
+        last_update_source=snapshot.last_update_source,
+    )
+
+
+def session_to_proto(info: SessionInfo) -> pb.Session:
+    return pb.Session(
+        session_id=info.session_id,
+        created_at=timestamp(info.created_at),
+        last_accessed_at=timestamp(info.last_accessed_at),
+        ttl_seconds=info.ttl_seconds,
+        expires_at=timestamp(info.expires_at),
+        metadata=dict(info.metadata),
+        variable_count=info.variable_count,
+    )
+
+
+def string_map(mapping: Mapping[str, str]) -> dict[str, str]:
+    """A plain dict copy of a protobuf map field."""
+    return dict(mapping)

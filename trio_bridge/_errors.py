@@ -1,0 +1,40 @@
+"""The errors the store raises, one per way a request can be refused.
+
+They carry no gRPC: ``_status`` maps each to its status code, so the store stays usable without a server.
+Every message names what was wrong (the variable, the rule, the value) so that a client can act on it.
+"""
+
+from __future__ import annotations
+
+
+class BridgeError(Exception):
+    """Base of every refusal; ``str(error)`` is the message a client sees."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(BridgeError):
+    """An unknown (or expired) session, or an unknown variable."""
+
+
+class InvalidArgument(BridgeError):
+    """Malformed input, or a value that breaks its variable's type or constraints."""
+
+
+class AlreadyExists(BridgeError):
+    """A session id or a variable name that is already taken."""
+
+
+class VersionConflict(BridgeError):
+    """A compare-and-set write whose expected version is not the variable's current one."""
+
+    def __init__(self, variable: str, expected: int, current: int) -> None:
+        super().__init__(
+            f"variable {variable!r}: expected version {expected}, but the current version is "
+            f"{current}; nothing was changed"
+        )
+        self.variable = variable
+        self.expected = expected
+        self.current = current

@@ -1,0 +1,114 @@
+"""Observers: who wants to hear about which variable, and the non-blocking fan-out to them.
+
+Pure Trio. An observer is a :class:`Subscription`: a bounded Trio memory channel registered under one or
+more keys (a variable id, or a session id for session-wide events). :meth:`ObserverManager.publish`
+delivers an event to every subscription registered under any of the given keys, once each, with
+``send_nowait``: a writer never waits on an observer. A subscription whose buffer is full is
+*overflowed*: it is unregistered, its channel is closed after the events already queued, and its
+``overflowed`` flag tells the reader that what follows was not delivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from types import TracebackType
+from typing import Generic, TypeVar
+
+import trio
+
+EventT = TypeVar("EventT")
+
+DEFAULT_BUFFER_SIZE = 1024
+
+
+class Subscription(Generic[EventT]):
+    """One observer. Use it as a context manager: leaving the block, normally, by an exception or by
+    cancellation, unregisters it at once, so no observer outlives the task that holds it.
+    """
+
+    def __init__(self, manager: ObserverManager[EventT], keys: frozenset[Hashable], buffer_size: int) -> None:
+        self._manager = manager
+        self.keys = keys
+        self._send, self.receive = trio.open_memory_channel[EventT](buffer_size)
+        self.overflowed = False
+        self.closed = False
+
+    def _deliver(self, event: EventT) -> None:
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            self.overflowed = True
+            self.close()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The reader went away without closing us; drop the observer instead of the event's writer.
+            self.close()
+
+    def close(self) -> None:
+        """Unregister; the reader still receives what was queued, then ``EndOfChannel``."""
+        if self.closed:
+            return
+        self.closed = True
+        self._manager._unregister(self)
+        self._send.close()
+
+    def __enter__(self) -> Subscription[EventT]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+        self.receive.close()
+
+
+class ObserverManager(Generic[EventT]):
+    """Subscriptions keyed by variable (or session) id, fed without ever blocking the publisher."""
+
+    def __init__(self, *, default_buffer_size: int = DEFAULT_BUFFER_SIZE) -> None:
+        if default_buffer_size < 1:
+            raise ValueError("default_buffer_size must be at least 1")
+        self.default_buffer_size = default_buffer_size
+        self._by_key: dict[Hashable, set[Subscription[EventT]]] = {}
+        self._count = 0
+
+    @property
+    def observer_count(self) -> int:
+        """How many subscriptions are live right now."""
+        return self._count
+
+    def subscribers_of(self, key: Hashable) -> int:
+        """How many live subscriptions are registered under ``key``."""
+        return len(self._by_key.get(key, ()))
+
+    def subscribe(self, keys: Iterable[Hashable], *, buffer_size: int | None = None) -> Subscription[EventT]:
+        """Register a new observer under ``keys``; it hears of every event published from now on."""
+        size = self.default_buffer_size if buffer_size is None else buffer_size
+        if size < 1:
+            raise ValueError("buffer_size must be at least 1")
+        subscription = Subscription(self, frozenset(keys), size)
+        for key in subscription.keys:
+            self._by_key.setdefault(key, set()).add(subscription)
+        self._count += 1
+        return subscription
+
+    def publish(self, keys: Iterable[Hashable], event: EventT) -> None:
+        """Queue ``event`` for every observer of any of ``keys``, once each. Never blocks."""
+        targets: set[Subscription[EventT]] = set()
+        for key in keys:
+            subscribers = self._by_key.get(key)
+            if subscribers:
+                targets.update(subscribers)
+        for subscription in targets:
+            subscription._deliver(event)
+
+    def _unregister(self, subscription: Subscription[EventT]) -> None:
+        for key in subscription.keys:
+            subscribers = self._by_key.get(key)
+            if subscribers is not None:
+                subscribers.discard(subscription)
+                if not subscribers:
+                    del self._by_key[key]
+        self._count -= 1

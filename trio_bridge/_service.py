@@ -1,0 +1,203 @@
+"""The UnifiedBridge gRPC service: requests in, store calls, responses out.
+
+Handlers run on the asyncio side (grpclib, inside trio-asyncio's loop). The store's methods are
+synchronous and run in the same thread, so a unary handler calls them directly: each RPC is applied
+atomically, with no trio↔asyncio hop. Every handler is wrapped by :meth:`UnifiedBridgeService._guard`,
+which turns errors into statuses (through ``_status``), counts RPCs by method and status, and refuses
+new calls with UNAVAILABLE once the server drains for shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpclib.const
+import trio
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Stream
+
+from . import _encoding as enc
+from ._metrics import Metrics
+from ._proto import unified_bridge as pb
+from ._status import grpc_error_for
+from ._store import SessionStore, VariableSnapshot, VariableWrite
+from ._version import __version__
+
+WATCH_PATH = "/unified_bridge.UnifiedBridge/WatchVariables"
+
+_RawHandler = Callable[[Stream[Any, Any]], Awaitable[None]]
+
+
+class UnifiedBridgeService(pb.UnifiedBridgeBase):
+    def __init__(self, store: SessionStore, metrics: Metrics) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._draining = False
+        self._in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """RPCs being handled right now."""
+        return self._in_flight
+
+    async def drain(self) -> None:
+        """Refuse new RPCs with UNAVAILABLE, then wait until the running ones have finished.
+
+        Cancellation (the shutdown's grace period running out) just stops the wait; the server then
+        cancels whatever is still running.
+        """
+        self._draining = True
+        while self._in_flight:
+            await self._idle.wait()
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        mapping = super().__mapping__()
+        # A raw handler: betterproto2's server-streaming handler is an async generator, which cannot
+        # hold the Trio nursery a watch stream needs.
+        mapping[WATCH_PATH] = grpclib.const.Handler(
+            self._watch_variables,
+            grpclib.const.Cardinality.UNARY_STREAM,
+            pb.WatchVariablesRequest,
+            pb.VariableUpdate,
+        )
+        return {
+            path: handler._replace(func=self._guard(path.rsplit("/", 1)[-1], handler.func))
+            for path, handler in mapping.items()
+        }
+
+    def _guard(self, method: str, func: _RawHandler) -> _RawHandler:
+        async def guarded(stream: Stream[Any, Any]) -> None:
+            if self._draining:
+                self.metrics.record_rpc(method, Status.UNAVAILABLE.name)
+                raise GRPCError(Status.UNAVAILABLE, "the server is shutting down")
+            self._in_flight += 1
+            if self._in_flight == 1:
+                self._idle = trio.Event()
+            status = Status.OK.name
+            try:
+                await func(stream)
+            except asyncio.CancelledError:
+                status = Status.CANCELLED.name
+                raise
+            except Exception as exc:
+                error = grpc_error_for(exc, method=method)
+                status = error.status.name
+                raise error from None
+            finally:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.set()
+                self.metrics.record_rpc(method, status)
+
+        return guarded
+
+    # ---- unary RPCs ------------------------------------------------------------------------------
+
+    async def ping(self, message: pb.PingRequest) -> pb.PingResponse:
+        return pb.PingResponse(
+            message=message.message,
+            server_time=enc.timestamp(time.time()),
+            server_version=__version__,
+        )
+
+    async def create_session(self, message: pb.CreateSessionRequest) -> pb.CreateSessionResponse:
+        info = self.store.create_session(
+            message.session_id, metadata=message.metadata, ttl=message.ttl_seconds or None
+        )
+        return pb.CreateSessionResponse(session=enc.session_to_proto(info))
+
+    async def get_session(self, message: pb.GetSessionRequest) -> pb.GetSessionResponse:
+        info = self.store.get_session(message.session_id)
+        return pb.GetSessionResponse(session=enc.session_to_proto(info))
+
+    async def list_sessions(self, message: pb.ListSessionsRequest) -> pb.ListSessionsResponse:
+        sessions = [enc.session_to_proto(info) for info in self.store.list_sessions()]
+        return pb.ListSessionsResponse(sessions=sessions)
+
+    async def cleanup_session(self, message: pb.CleanupSessionRequest) -> pb.CleanupSessionResponse:
+        removed = self.store.cleanup_session(message.session_id)
+        return pb.CleanupSessionResponse(variables_removed=removed)
+
+    async def register_variable(self, message: pb.RegisterVariableRequest) -> pb.RegisterVariableResponse:
+        # Checked in the order a client would fix them: session, name, type, value.
+        self.store.get_session(message.session_id)
+        vtype = enc.variable_type_from_proto(message.name, message.type)
+        value = enc.unpack_value(message.name, vtype, message.initial_value)
+        snapshot = self.store.register_variable(
+            message.session_id,
+            message.name,
+            vtype,
+            value,
+            constraints=enc.constraints_from_proto(message.constraints),
+            metadata=message.metadata,
+            source=message.source,
+        )
+        return pb.RegisterVariableResponse(variable=enc.variable_to_proto(snapshot))
+
+    async def get_variable(self, message: pb.GetVariableRequest) -> pb.GetVariableResponse:
+        snapshot = self.store.get_variable(message.session_id, message.variable_identifier)
+        return pb.GetVariableResponse(variable=enc.variable_to_proto(snapshot))
+
+    async def get_variables(self, message: pb.GetVariablesRequest) -> pb.GetVariablesResponse:
+        snapshots = self.store.get_variables(message.session_id, message.variable_identifiers)
+        return pb.GetVariablesResponse(variables=[enc.variable_to_proto(s) for s in snapshots])
+
+    async def list_variables(self, message: pb.ListVariablesRequest) -> pb.ListVariablesResponse:
+        snapshots = self.store.list_variables(message.session_id)
+        return pb.ListVariablesResponse(variables=[enc.variable_to_proto(s) for s in snapshots])
+
+    async def set_variable(self, message: pb.SetVariableRequest) -> pb.SetVariableResponse:
+        write = pb.VariableWrite(
+            variable_identifier=message.variable_identifier,
+            value=message.value,
+            expected_version=message.expected_version,
+        )
+        (snapshot,) = self._apply_writes(
+            message.session_id, [write], source=message.source, metadata=message.metadata
+        )
+        return pb.SetVariableResponse(variable=enc.variable_to_proto(snapshot))
+
+    async def set_variables(self, message: pb.SetVariablesRequest) -> pb.SetVariablesResponse:
+        snapshots = self._apply_writes(
+            message.session_id, message.writes, source=message.source, metadata=message.metadata
+        )
+        return pb.SetVariablesResponse(variables=[enc.variable_to_proto(s) for s in snapshots])
+
+    async def delete_variable(self, message: pb.DeleteVariableRequest) -> pb.DeleteVariableResponse:
+        self.store.delete_variable(message.session_id, message.variable_identifier)
+        return pb.DeleteVariableResponse()
+
+    def _apply_writes(
+        self,
+        session_id: str,
+        writes: list[pb.VariableWrite],
+        *,
+        source: str,
+        metadata: dict[str, str],
+    ) -> list[VariableSnapshot]:
+        # Decoding needs each variable's type; no await separates this read from the write below, so
+        # no other request can change the variables in between.
+        targets = self.store.get_variables(session_id, [w.variable_identifier for w in writes])
+        decoded = [
+            VariableWrite(
+                identifier=write.variable_identifier,
+                value=enc.unpack_value(target.name, target.type, write.value),
+                expected_version=write.expected_version,
+            )
+            for write, target in zip(writes, targets, strict=True)
+        ]
+        return self.store.set_variables(session_id, decoded, source=source, metadata=metadata)
+
+    # ---- streaming -------------------------------------------------------------------------------
+
+    async def _watch_variables(self, stream: Stream[Any, Any]) -> None:
+        await stream.recv_message()
+        raise GRPCError(Status.UNIMPLEMENTED, "WatchVariables is not available in this release yet")

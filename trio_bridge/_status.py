@@ -1,0 +1,65 @@
+"""Status mapping: the one place where an exception becomes the gRPC status a client sees.
+
+==================  =====================
+store error         gRPC status
+==================  =====================
+NotFound            NOT_FOUND
+InvalidArgument     INVALID_ARGUMENT
+AlreadyExists       ALREADY_EXISTS
+VersionConflict     ABORTED
+anything else       INTERNAL (logged here with its traceback; the client gets no traceback)
+==================  =====================
+
+Exception groups (what a Trio nursery raises) are unwrapped to the first error that has a status, so a
+status raised inside a nursery still reaches the client as itself rather than as UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from ._errors import AlreadyExists, BridgeError, InvalidArgument, NotFound, VersionConflict
+
+log = logging.getLogger("trio_bridge")
+
+INTERNAL_MESSAGE = "internal error; the server logged the details"
+
+_STATUS_OF: dict[type[BridgeError], Status] = {
+    NotFound: Status.NOT_FOUND,
+    InvalidArgument: Status.INVALID_ARGUMENT,
+    AlreadyExists: Status.ALREADY_EXISTS,
+    VersionConflict: Status.ABORTED,
+}
+
+
+def status_of(error: BridgeError) -> Status:
+    for cls in type(error).__mro__:
+        status = _STATUS_OF.get(cls)
+        if status is not None:
+            return status
+    return Status.INTERNAL
+
+
+def _first_with_status(exc: BaseException) -> GRPCError | BridgeError | None:
+    if isinstance(exc, GRPCError | BridgeError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_with_status(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def grpc_error_for(exc: Exception, *, method: str) -> GRPCError:
+    """The GRPCError to answer ``exc`` with. Unexpected faults are logged with their traceback."""
+    found = _first_with_status(exc)
+    if isinstance(found, GRPCError):
+        return found
+    if isinstance(found, BridgeError):
+        return GRPCError(status_of(found), found.message)
+    log.error("unexpected fault in %s", method, exc_info=exc)
+    return GRPCError(Status.INTERNAL, INTERNAL_MESSAGE)

@@ -1,0 +1,463 @@
+"""SessionStore: sessions of typed, versioned variables. Pure Trio, no gRPC.
+
+Every method but :meth:`SessionStore.run_expiry` is synchronous: a call runs to completion without a
+checkpoint, so each write is atomic with respect to every other task, and the events it publishes to
+the :class:`~trio_bridge._observers.ObserverManager` leave in version order before the call returns.
+
+Time: idle expiry uses ``clock`` (Trio's clock by default, so tests drive it with ``MockClock``);
+the timestamps a client sees use ``wall_clock``. A session's TTL counts from its last access: every
+read or write of the session or its variables restarts it. An expired session is gone for every
+caller at once, whether or not the background sweep has run yet.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+import trio
+
+from ._errors import AlreadyExists, InvalidArgument, NotFound, VersionConflict
+from ._observers import ObserverManager
+from ._types import Constraints, VariableType, check_constraints, check_value
+
+DEFAULT_SESSION_TTL = 3600.0
+MAX_IDENTIFIER_LENGTH = 128
+_SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]*")
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class VariableSnapshot:
+    """One version of a variable, immutable: a later change makes a new snapshot."""
+
+    id: str
+    session_id: str
+    name: str
+    type: VariableType
+    value: Any
+    constraints: Constraints
+    metadata: Mapping[str, str]
+    version: int
+    created_at: float
+    last_updated_at: float
+    last_update_source: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    session_id: str
+    created_at: float
+    last_accessed_at: float
+    ttl_seconds: float
+    expires_at: float
+    metadata: Mapping[str, str]
+    variable_count: int
+
+
+class EventKind(enum.Enum):
+    REGISTERED = "registered"
+    CHANGED = "changed"
+    DELETED = "deleted"
+    SESSION_ENDED = "session_ended"
+
+
+@dataclass(frozen=True, slots=True)
+class VariableEvent:
+    """What observers receive. ``variable`` is the new snapshot (the last one for DELETED, None for
+    SESSION_ENDED); ``reason`` says why a session ended ("cleanup" or "expired")."""
+
+    kind: EventKind
+    session_id: str
+    variable: VariableSnapshot | None
+    old_value: Any = None
+    source: str = ""
+    metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    timestamp: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VariableWrite:
+    """One write of a batch: ``identifier`` is a variable id or name."""
+
+    identifier: str
+    value: Any
+    expected_version: int | None = None
+
+
+@dataclass(slots=True)
+class _Session:
+    id: str
+    created_at: float
+    metadata: Mapping[str, str]
+    ttl: float
+    last_access: float  # on `clock`
+    last_accessed_at: float  # on `wall_clock`
+    variables: dict[str, VariableSnapshot] = field(default_factory=dict)
+    ids_by_name: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def deadline(self) -> float:
+        return self.last_access + self.ttl
+
+
+def session_key(session_id: str) -> tuple[str, str]:
+    """The observer key under which every event of a session is published."""
+    return ("session", session_id)
+
+
+def variable_key(variable_id: str) -> tuple[str, str]:
+    """The observer key under which the events of one variable are published."""
+    return ("variable", variable_id)
+
+
+def _frozen(mapping: Mapping[str, str] | None) -> Mapping[str, str]:
+    if not mapping:
+        return _EMPTY
+    for key, value in mapping.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidArgument(f"metadata must map strings to strings, got {key!r}: {value!r}")
+    return MappingProxyType(dict(mapping))
+
+
+class SessionStore:
+    """Sessions, their variables, and the events every change publishes to ``observers``."""
+
+    def __init__(
+        self,
+        *,
+        default_ttl: float = DEFAULT_SESSION_TTL,
+        observers: ObserverManager[VariableEvent] | None = None,
+        clock: Callable[[], float] = trio.current_time,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not (default_ttl > 0 and math.isfinite(default_ttl)):
+            raise ValueError("default_ttl must be a positive number of seconds")
+        self.default_ttl = default_ttl
+        self.observers: ObserverManager[VariableEvent] = (
+            observers if observers is not None else ObserverManager()
+        )
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._sessions: dict[str, _Session] = {}
+        self._variable_count = 0
+        self._sessions_changed = trio.Event()
+
+    # ---- counts, for metrics -------------------------------------------------------------------
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def variable_count(self) -> int:
+        return self._variable_count
+
+    # ---- sessions ------------------------------------------------------------------------------
+
+    def create_session(
+        self,
+        session_id: str = "",
+        *,
+        metadata: Mapping[str, str] | None = None,
+        ttl: float | None = None,
+    ) -> SessionInfo:
+        """Create a session; an empty ``session_id`` gets a fresh unique one."""
+        if ttl is None or ttl == 0:
+            ttl = self.default_ttl
+        if not (ttl > 0 and math.isfinite(ttl)):
+            raise InvalidArgument(f"ttl_seconds must be a positive number of seconds, got {ttl!r}")
+        if session_id:
+            _check_identifier("session_id", session_id, _SESSION_ID)
+            self._expire_if_due(session_id)
+            if session_id in self._sessions:
+                raise AlreadyExists(f"session {session_id!r} already exists")
+        else:
+            session_id = uuid.uuid4().hex
+        now = self._wall_clock()
+        session = _Session(
+            id=session_id,
+            created_at=now,
+            metadata=_frozen(metadata),
+            ttl=ttl,
+            last_access=self._clock(),
+            last_accessed_at=now,
+        )
+        self._sessions[session_id] = session
+        self._sessions_changed.set()
+        return self._info(session)
+
+    def get_session(self, session_id: str) -> SessionInfo:
+        return self._info(self._session(session_id))
+
+    def list_sessions(self) -> list[SessionInfo]:
+        """Every live session, oldest first. Listing does not count as an access."""
+        self.expire_due_sessions()
+        return [self._info(s) for s in self._sessions.values()]
+
+    def cleanup_session(self, session_id: str) -> int:
+        """Remove the session and its variables; return how many variables went with it."""
+        session = self._session(session_id)
+        return self._end_session(session, reason="cleanup")
+
+    def expire_due_sessions(self) -> list[str]:
+        """Remove every session whose TTL has run out; return their ids."""
+        now = self._clock()
+        due = [s for s in self._sessions.values() if s.deadline <= now]
+        for session in due:
+            self._end_session(session, reason="expired")
+        return [s.id for s in due]
+
+    async def run_expiry(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Remove sessions as their TTL runs out, for as long as it runs. Cancel it to stop it; a
+        cancellation leaves the store consistent (each removal is a synchronous step)."""
+        task_status.started()
+        while True:
+            self.expire_due_sessions()
+            next_deadline = min((s.deadline for s in self._sessions.values()), default=math.inf)
+            self._sessions_changed = trio.Event()
+            with trio.move_on_at(next_deadline):
+                await self._sessions_changed.wait()
+
+    # ---- variables -----------------------------------------------------------------------------
+
+    def register_variable(
+        self,
+        session_id: str,
+        name: str,
+        vtype: VariableType,
+        value: Any,
+        *,
+        constraints: Constraints | None = None,
+        metadata: Mapping[str, str] | None = None,
+        source: str = "",
+    ) -> VariableSnapshot:
+        session = self._session(session_id)
+        _check_identifier("variable name", name, _VARIABLE_NAME)
+        if name in session.ids_by_name:
+            raise AlreadyExists(f"session {session_id!r} already has a variable named {name!r}")
+        try:
+            vtype = VariableType(vtype)
+        except ValueError:
+            raise InvalidArgument(f"variable {name!r}: unknown type {vtype!r}") from None
+        constraints = constraints or Constraints()
+        check_constraints(name, vtype, constraints)
+        value = check_value(name, vtype, constraints, value)
+        now = self._wall_clock()
+        snapshot = VariableSnapshot(
+            id=f"var_{uuid.uuid4().hex}",
+            session_id=session_id,
+            name=name,
+            type=vtype,
+            value=value,
+            constraints=constraints,
+            metadata=_frozen(metadata),
+            version=1,
+            created_at=now,
+            last_updated_at=now,
+            last_update_source=source,
+        )
+        session.variables[snapshot.id] = snapshot
+        session.ids_by_name[name] = snapshot.id
+        self._variable_count += 1
+        self.observers.publish(
+            (session_key(session_id), variable_key(snapshot.id)),
+            VariableEvent(EventKind.REGISTERED, session_id, snapshot, source=source, timestamp=now),
+        )
+        return snapshot
+
+    def get_variable(self, session_id: str, identifier: str) -> VariableSnapshot:
+        session = self._session(session_id)
+        return self._variable(session, identifier)
+
+    def get_variables(self, session_id: str, identifiers: Sequence[str]) -> list[VariableSnapshot]:
+        """The named variables in the order given; NOT_FOUND names every unknown identifier."""
+        session = self._session(session_id)
+        return self._variables(session, identifiers)
+
+    def list_variables(self, session_id: str) -> list[VariableSnapshot]:
+        """Every variable of the session, in registration order."""
+        return list(self._session(session_id).variables.values())
+
+    def set_variable(
+        self,
+        session_id: str,
+        identifier: str,
+        value: Any,
+        *,
+        expected_version: int | None = None,
+        source: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> VariableSnapshot:
+        """Write one value; with ``expected_version``, only if the variable is at that version."""
+        (result,) = self.set_variables(
+            session_id,
+            [VariableWrite(identifier, value, expected_version)],
+            source=source,
+            metadata=metadata,
+        )
+        return result
+
+    def set_variables(
+        self,
+        session_id: str,
+        writes: Sequence[VariableWrite],
+        *,
+        source: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> list[VariableSnapshot]:
+        """Apply every write, or none: all are checked before the first is applied."""
+        session = self._session(session_id)
+        update_metadata = _frozen(metadata)
+        if not writes:
+            raise InvalidArgument("a batch needs at least one write")
+        targets = self._variables(session, [w.identifier for w in writes])
+        seen: dict[str, str] = {}
+        staged: list[tuple[VariableSnapshot, Any]] = []
+        for write, current in zip(writes, targets, strict=True):
+            if current.id in seen:
+                raise InvalidArgument(
+                    f"variable {current.name!r} is written twice in one batch "
+                    f"(as {seen[current.id]!r} and {write.identifier!r})"
+                )
+            seen[current.id] = write.identifier
+            if write.expected_version is not None and write.expected_version != current.version:
+                raise VersionConflict(current.name, write.expected_version, current.version)
+            staged.append(
+                (current, check_value(current.name, current.type, current.constraints, write.value))
+            )
+        now = self._wall_clock()
+        results = []
+        for current, value in staged:
+            updated = replace(
+                current,
+                value=value,
+                version=current.version + 1,
+                last_updated_at=now,
+                last_update_source=source,
+            )
+            session.variables[updated.id] = updated
+            results.append(updated)
+        for (current, _), updated in zip(staged, results, strict=True):
+            self.observers.publish(
+                (session_key(session_id), variable_key(updated.id)),
+                VariableEvent(
+                    EventKind.CHANGED,
+                    session_id,
+                    updated,
+                    old_value=current.value,
+                    source=source,
+                    metadata=update_metadata,
+                    timestamp=now,
+                ),
+            )
+        return results
+
+    def delete_variable(self, session_id: str, identifier: str, *, source: str = "") -> None:
+        session = self._session(session_id)
+        snapshot = self._variable(session, identifier)
+        del session.variables[snapshot.id]
+        del session.ids_by_name[snapshot.name]
+        self._variable_count -= 1
+        self.observers.publish(
+            (session_key(session_id), variable_key(snapshot.id)),
+            VariableEvent(
+                EventKind.DELETED,
+                session_id,
+                snapshot,
+                old_value=snapshot.value,
+                source=source,
+                timestamp=self._wall_clock(),
+            ),
+        )
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _session(self, session_id: str) -> _Session:
+        """The live session, touched (its TTL restarts); NotFound if unknown or expired."""
+        if not session_id:
+            raise InvalidArgument("session_id is required")
+        self._expire_if_due(session_id)
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"session {session_id!r} not found (it may have expired)")
+        session.last_access = self._clock()
+        session.last_accessed_at = self._wall_clock()
+        return session
+
+    def _expire_if_due(self, session_id: str) -> None:
+        session = self._sessions.get(session_id)
+        if session is not None and session.deadline <= self._clock():
+            self._end_session(session, reason="expired")
+
+    def _end_session(self, session: _Session, *, reason: str) -> int:
+        del self._sessions[session.id]
+        removed = len(session.variables)
+        self._variable_count -= removed
+        keys = [session_key(session.id), *(variable_key(v) for v in session.variables)]
+        self.observers.publish(
+            keys,
+            VariableEvent(
+                EventKind.SESSION_ENDED,
+                session.id,
+                None,
+                timestamp=self._wall_clock(),
+                reason=reason,
+            ),
+        )
+        return removed
+
+    def _variable(self, session: _Session, identifier: str) -> VariableSnapshot:
+        return self._variables(session, [identifier])[0]
+
+    def _variables(self, session: _Session, identifiers: Sequence[str]) -> list[VariableSnapshot]:
+        found: list[VariableSnapshot] = []
+        missing: list[str] = []
+        for identifier in identifiers:
+            if not identifier:
+                raise InvalidArgument("variable identifier is required (an id or a name)")
+            snapshot = session.variables.get(identifier)
+            if snapshot is None:
+                variable_id = session.ids_by_name.get(identifier)
+                snapshot = session.variables.get(variable_id) if variable_id else None
+            if snapshot is None:
+                missing.append(identifier)
+            else:
+                found.append(snapshot)
+        if missing:
+            names = ", ".join(repr(m) for m in missing)
+            noun = "variable" if len(missing) == 1 else "variables"
+            raise NotFound(f"session {session.id!r} has no {noun} {names}")
+        return found
+
+    def _info(self, session: _Session) -> SessionInfo:
+        remaining = max(0.0, session.deadline - self._clock())
+        return SessionInfo(
+            session_id=session.id,
+            created_at=session.created_at,
+            last_accessed_at=session.last_accessed_at,
+            ttl_seconds=session.ttl,
+            expires_at=self._wall_clock() + remaining,
+            metadata=session.metadata,
+            variable_count=len(session.variables),
+        )
+
+
+def _check_identifier(what: str, value: str, pattern: re.Pattern[str]) -> None:
+    if not value:
+        raise InvalidArgument(f"{what} is required")
+    if len(value) > MAX_IDENTIFIER_LENGTH:
+        raise InvalidArgument(
+            f"{what} {value[:40]!r}... is {len(value)} characters; the limit is {MAX_IDENTIFIER_LENGTH}"
+        )
+    if pattern.fullmatch(value) is None:
+        raise InvalidArgument(f"{what} {value!r} must match {pattern.pattern!r}")

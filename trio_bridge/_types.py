@@ -1,0 +1,280 @@
+"""Variable types, their constraints and the checks a value must pass. Pure Python, no I/O.
+
+Native values by type: float → ``float``, integer → ``int`` (64-bit signed), string → ``str``,
+boolean → ``bool``, choice and module → ``str`` (one of the allowed values), embedding →
+``tuple[float, ...]``, tensor → :class:`Tensor`. :func:`check_value` turns an accepted input into that
+form or raises :class:`~trio_bridge._errors.InvalidArgument` naming the variable, the rule and the value.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ._errors import InvalidArgument
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+#: Tensor element types and their size in bytes.
+DTYPE_SIZES: dict[str, int] = {
+    "bool": 1,
+    "int8": 1,
+    "uint8": 1,
+    "int16": 2,
+    "int32": 4,
+    "int64": 8,
+    "float16": 2,
+    "float32": 4,
+    "float64": 8,
+}
+
+
+class VariableType(enum.IntEnum):
+    """The value types a variable can have; the numbers are those of the proto enum."""
+
+    FLOAT = 1
+    INTEGER = 2
+    STRING = 3
+    BOOLEAN = 4
+    CHOICE = 5
+    MODULE = 6
+    EMBEDDING = 7
+    TENSOR = 8
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """A dense array: ``data`` holds the elements row-major, little-endian, with no padding."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Constraints:
+    """The rules a value must keep; each field applies to the types its comment names."""
+
+    minimum: float | None = None  # float, integer
+    maximum: float | None = None  # float, integer
+    min_length: int | None = None  # string
+    max_length: int | None = None  # string
+    pattern: str = ""  # string: the whole value must match
+    allowed_values: tuple[str, ...] = ()  # choice, module (required)
+    dimension: int = 0  # embedding: exact length, 0 for any
+    shape: tuple[int, ...] = ()  # tensor: exact shape, () for any
+    dtype: str = ""  # tensor: exact dtype, "" for any
+
+    def fields_in_use(self) -> list[str]:
+        """Names of the constraint fields that are set (not at their 'no rule' default)."""
+        used = []
+        if self.minimum is not None:
+            used.append("minimum")
+        if self.maximum is not None:
+            used.append("maximum")
+        if self.min_length is not None:
+            used.append("min_length")
+        if self.max_length is not None:
+            used.append("max_length")
+        if self.pattern:
+            used.append("pattern")
+        if self.allowed_values:
+            used.append("allowed_values")
+        if self.dimension:
+            used.append("dimension")
+        if self.shape:
+            used.append("shape")
+        if self.dtype:
+            used.append("dtype")
+        return used
+
+
+_APPLIES_TO: dict[str, frozenset[VariableType]] = {
+    "minimum": frozenset({VariableType.FLOAT, VariableType.INTEGER}),
+    "maximum": frozenset({VariableType.FLOAT, VariableType.INTEGER}),
+    "min_length": frozenset({VariableType.STRING}),
+    "max_length": frozenset({VariableType.STRING}),
+    "pattern": frozenset({VariableType.STRING}),
+    "allowed_values": frozenset({VariableType.CHOICE, VariableType.MODULE}),
+    "dimension": frozenset({VariableType.EMBEDDING}),
+    "shape": frozenset({VariableType.TENSOR}),
+    "dtype": frozenset({VariableType.TENSOR}),
+}
+
+
+@lru_cache(maxsize=1024)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def check_constraints(name: str, vtype: VariableType, constraints: Constraints) -> None:
+    """Refuse constraints that do not apply to ``vtype`` or contradict themselves."""
+    where = f"variable {name!r} ({vtype.label})"
+    for used in constraints.fields_in_use():
+        if vtype not in _APPLIES_TO[used]:
+            allowed = ", ".join(sorted(t.label for t in _APPLIES_TO[used]))
+            raise InvalidArgument(f"{where}: constraint {used!r} applies only to {allowed}")
+    for bound in ("minimum", "maximum"):
+        value = getattr(constraints, bound)
+        if value is not None and math.isnan(value):
+            raise InvalidArgument(f"{where}: constraint {bound!r} is NaN")
+    if (
+        constraints.minimum is not None
+        and constraints.maximum is not None
+        and constraints.minimum > constraints.maximum
+    ):
+        raise InvalidArgument(
+            f"{where}: minimum {constraints.minimum!r} is above maximum {constraints.maximum!r}"
+        )
+    if (
+        constraints.min_length is not None
+        and constraints.max_length is not None
+        and constraints.min_length > constraints.max_length
+    ):
+        raise InvalidArgument(
+            f"{where}: min_length {constraints.min_length} is above max_length {constraints.max_length}"
+        )
+    if constraints.pattern:
+        try:
+            _compiled(constraints.pattern)
+        except re.error as exc:
+            raise InvalidArgument(
+                f"{where}: pattern {constraints.pattern!r} is not a valid regular expression: {exc}"
+            ) from None
+    if vtype in (VariableType.CHOICE, VariableType.MODULE):
+        if not constraints.allowed_values:
+            raise InvalidArgument(f"{where}: needs a non-empty 'allowed_values' constraint")
+        if len(set(constraints.allowed_values)) != len(constraints.allowed_values):
+            raise InvalidArgument(f"{where}: 'allowed_values' lists a value twice")
+    if constraints.dtype and constraints.dtype not in DTYPE_SIZES:
+        raise InvalidArgument(f"{where}: dtype {constraints.dtype!r} is not one of {', '.join(DTYPE_SIZES)}")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_value(name: str, vtype: VariableType, constraints: Constraints, value: object) -> object:
+    """Return ``value`` in its native form for ``vtype``, or raise InvalidArgument.
+
+    The message names the variable, the rule that failed and (shortened) the value.
+    """
+    where = f"variable {name!r} ({vtype.label})"
+    checker = _CHECKERS[vtype]
+    return checker(where, constraints, value)
+
+
+def _check_number_bounds(where: str, c: Constraints, value: float) -> None:
+    if c.minimum is not None and value < c.minimum:
+        raise InvalidArgument(f"{where}: value {value!r} is below minimum {c.minimum!r}")
+    if c.maximum is not None and value > c.maximum:
+        raise InvalidArgument(f"{where}: value {value!r} is above maximum {c.maximum!r}")
+
+
+def _check_float(where: str, c: Constraints, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{where}: expects a number, got {_short(value)}")
+    number = float(value)
+    if math.isnan(number):
+        raise InvalidArgument(f"{where}: NaN is not accepted (it equals nothing, not even itself)")
+    _check_number_bounds(where, c, number)
+    return number
+
+
+def _check_integer(where: str, c: Constraints, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{where}: expects an integer, got {_short(value)}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidArgument(f"{where}: value {value} does not fit in a signed 64-bit integer")
+    _check_number_bounds(where, c, value)
+    return value
+
+
+def _check_string(where: str, c: Constraints, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{where}: expects a string, got {_short(value)}")
+    if c.min_length is not None and len(value) < c.min_length:
+        raise InvalidArgument(f"{where}: value {_short(value)} is shorter than min_length {c.min_length}")
+    if c.max_length is not None and len(value) > c.max_length:
+        raise InvalidArgument(f"{where}: value {_short(value)} is longer than max_length {c.max_length}")
+    if c.pattern and _compiled(c.pattern).fullmatch(value) is None:
+        raise InvalidArgument(f"{where}: value {_short(value)} does not match pattern {c.pattern!r}")
+    return value
+
+
+def _check_boolean(where: str, c: Constraints, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{where}: expects a boolean, got {_short(value)}")
+    return value
+
+
+def _check_allowed(where: str, c: Constraints, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{where}: expects a string, got {_short(value)}")
+    if value not in c.allowed_values:
+        raise InvalidArgument(
+            f"{where}: value {_short(value)} is not one of the allowed values {list(c.allowed_values)!r}"
+        )
+    return value
+
+
+def _check_embedding(where: str, c: Constraints, value: object) -> tuple[float, ...]:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise InvalidArgument(f"{where}: expects a sequence of numbers, got {_short(value)}")
+    numbers: list[float] = []
+    for index, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            raise InvalidArgument(f"{where}: element {index} is not a number: {_short(item)}")
+        if not math.isfinite(item):
+            raise InvalidArgument(f"{where}: element {index} is {item!r}; values must be finite")
+        numbers.append(float(item))
+    if c.dimension and len(numbers) != c.dimension:
+        raise InvalidArgument(
+            f"{where}: has {len(numbers)} values but the dimension constraint is {c.dimension}"
+        )
+    return tuple(numbers)
+
+
+def _check_tensor(where: str, c: Constraints, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise InvalidArgument(f"{where}: expects a Tensor, got {_short(value)}")
+    if value.dtype not in DTYPE_SIZES:
+        raise InvalidArgument(f"{where}: dtype {value.dtype!r} is not one of {', '.join(DTYPE_SIZES)}")
+    if any(d < 0 for d in value.shape):
+        raise InvalidArgument(f"{where}: shape {list(value.shape)} has a negative dimension")
+    count = math.prod(value.shape)
+    expected = count * DTYPE_SIZES[value.dtype]
+    if len(value.data) != expected:
+        raise InvalidArgument(
+            f"{where}: shape {list(value.shape)} of {value.dtype} needs {expected} bytes of data, "
+            f"got {len(value.data)}"
+        )
+    if c.shape and value.shape != c.shape:
+        raise InvalidArgument(
+            f"{where}: shape {list(value.shape)} differs from the shape constraint {list(c.shape)}"
+        )
+    if c.dtype and value.dtype != c.dtype:
+        raise InvalidArgument(f"{where}: dtype {value.dtype!r} differs from the dtype constraint {c.dtype!r}")
+    return value
+
+
+_CHECKERS = {
+    VariableType.FLOAT: _check_float,
+    VariableType.INTEGER: _check_integer,
+    VariableType.STRING: _check_string,
+    VariableType.BOOLEAN: _check_boolean,
+    VariableType.CHOICE: _check_allowed,
+    VariableType.MODULE: _check_allowed,
+    VariableType.EMBEDDING: _check_embedding,
+    VariableType.TENSOR: _check_tensor,
+}
