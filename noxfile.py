@@ -27,6 +27,6 @@ def serve(session: nox.Session) -> None:
 
 @nox.session
 def protos(session: nox.Session) -> None:
-    """Regenerate trio_bridge/_proto from proto/unified_bridge.proto."""
+    """Regenerate trio_bridge/proto from proto/unified_bridge.proto."""
     session.install("-e", ".[codegen]")
     session.run("python", "proto/generate.py")

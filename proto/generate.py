@@ -1,4 +1,4 @@
-"""Regenerate trio_bridge/_proto from proto/unified_bridge.proto with betterproto2.
+"""Regenerate trio_bridge/proto from proto/unified_bridge.proto with betterproto2.
 
 Build time only: needs the ``codegen`` extra (grpcio-tools' protoc and betterproto2-compiler).
 Run it through ``nox -s protos``. ``tests/test_codegen.py`` calls :func:`generate` into a temporary
@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
-PACKAGE_OUT = PROTO_DIR.parent / "trio_bridge" / "_proto"
+PACKAGE_OUT = PROTO_DIR.parent / "trio_bridge" / "proto"
 SOURCES = ["unified_bridge.proto"]
 # Well-known types the value encoding packs into google.protobuf.Any; unified_bridge.proto itself does
 # not import them, so they are named here to have betterproto2 generate them.
@@ -69,7 +69,7 @@ def generate(out_dir: Path) -> list[Path]:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / "_proto"
+        staged = Path(tmp) / "proto"
         generate(staged)
         if PACKAGE_OUT.exists():
             shutil.rmtree(PACKAGE_OUT)

@@ -15,7 +15,7 @@ import trio_asyncio
 from grpclib.client import Channel
 
 from trio_bridge import RunningServer, ServerConfig, SessionStore, serve
-from trio_bridge._proto import unified_bridge as pb
+from trio_bridge.proto import unified_bridge as pb
 
 T = TypeVar("T")
 

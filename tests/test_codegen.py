@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ROOT / "trio_bridge" / "_proto"
+COMMITTED = ROOT / "trio_bridge" / "proto"
 
 
 def _load_generator() -> object:
@@ -27,7 +27,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 def test_generated_code_is_current(tmp_path: Path) -> None:
     generator = _load_generator()
-    fresh = tmp_path / "_proto"
+    fresh = tmp_path / "proto"
     generator.generate(fresh)  # type: ignore[attr-defined]
     committed, regenerated = _tree(COMMITTED), _tree(fresh)
     assert sorted(committed) == sorted(regenerated), "generated files differ: run `nox -s protos`"

@@ -37,6 +37,12 @@ def _port(text: str) -> int:
     return value
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-bridge", description="Session-scoped typed variables over gRPC."
@@ -103,10 +109,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_port=args.metrics_port,
             shutdown_grace=args.shutdown_grace,
         )
+        failure = ""
         try:
             trio.run(run_until_signalled, config)
-        except OSError as exc:
-            print(f"trio-bridge: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        except* OSError as group:
+            # Binding failed (port taken, address not on this machine): one line, no traceback.
+            failure = "; ".join(str(exc) for exc in _leaves(group))
+        if failure:
+            print(f"trio-bridge: cannot serve on {args.host}:{args.port}: {failure}", file=sys.stderr)
             return 1
     return 0
 

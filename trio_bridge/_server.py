@@ -73,7 +73,7 @@ async def serve(
             await nursery.start(store.run_expiry)
             bound = await nursery.start(
                 lambda task_status: serve_grpc(
-                    [service, Health()],
+                    [service, Health({service: []})],
                     host=config.host,
                     port=config.port,
                     drain=service.drain,

@@ -22,10 +22,10 @@ from grpclib.server import Stream
 
 from . import _encoding as enc
 from ._metrics import Metrics
-from ._proto import unified_bridge as pb
 from ._status import grpc_error_for
 from ._store import SessionStore, VariableSnapshot, VariableWrite
 from ._version import __version__
+from .proto import unified_bridge as pb
 
 WATCH_PATH = "/unified_bridge.UnifiedBridge/WatchVariables"
 

@@ -1,0 +1,220 @@
+"""SessionStore and ObserverManager on their own: versions, compare-and-set, atomic batches, TTL, events."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from trio_bridge import (
+    AlreadyExists,
+    Constraints,
+    EventKind,
+    InvalidArgument,
+    NotFound,
+    ObserverManager,
+    SessionStore,
+    VariableEvent,
+    VariableType,
+    VariableWrite,
+    VersionConflict,
+)
+from trio_bridge._store import session_key, variable_key
+
+
+@pytest.fixture
+def store() -> SessionStore:
+    return SessionStore(default_ttl=60.0)
+
+
+def _session_with_counter(store: SessionStore) -> str:
+    session = store.create_session("s1").session_id
+    store.register_variable(session, "counter", VariableType.INTEGER, 0, constraints=Constraints(minimum=0))
+    return session
+
+
+async def test_version_starts_at_one_and_rises_by_one_per_change(store: SessionStore) -> None:
+    session = _session_with_counter(store)
+    assert store.get_variable(session, "counter").version == 1
+    for expected_version in range(2, 7):
+        snapshot = store.set_variable(session, "counter", expected_version * 10, source="test")
+        assert snapshot.version == expected_version
+        assert snapshot.last_update_source == "test"
+    by_id = store.get_variable(session, snapshot.id)
+    assert by_id == store.get_variable(session, "counter")
+    assert by_id.value == 60
+
+
+async def test_refused_value_leaves_value_and_version_unchanged(store: SessionStore) -> None:
+    session = _session_with_counter(store)
+    before = store.get_variable(session, "counter")
+    with pytest.raises(InvalidArgument, match=r"variable 'counter' .*below minimum 0"):
+        store.set_variable(session, "counter", -1)
+    assert store.get_variable(session, "counter") == before
+
+
+async def test_compare_and_set(store: SessionStore) -> None:
+    session = _session_with_counter(store)
+    store.set_variable(session, "counter", 1, expected_version=1)
+    with pytest.raises(VersionConflict, match="expected version 1, but the current version is 2") as caught:
+        store.set_variable(session, "counter", 99, expected_version=1)
+    assert caught.value.current == 2
+    current = store.get_variable(session, "counter")
+    assert (current.value, current.version) == (1, 2)
+
+
+async def test_read_modify_write_cycles_lose_no_update(store: SessionStore) -> None:
+    """Two clients interleave read-modify-write; with CAS every increment lands exactly once."""
+    session = _session_with_counter(store)
+    applied = 0
+    for _ in range(50):
+        a = store.get_variable(session, "counter")
+        b = store.get_variable(session, "counter")
+        store.set_variable(session, "counter", a.value + 1, expected_version=a.version)
+        applied += 1
+        with pytest.raises(VersionConflict):
+            store.set_variable(session, "counter", b.value + 1, expected_version=b.version)
+        fresh = store.get_variable(session, "counter")
+        store.set_variable(session, "counter", fresh.value + 1, expected_version=fresh.version)
+        applied += 1
+    assert store.get_variable(session, "counter").value == applied
+
+
+async def test_batch_is_all_or_nothing(store: SessionStore) -> None:
+    session = _session_with_counter(store)
+    store.register_variable(session, "label", VariableType.STRING, "a", constraints=Constraints(max_length=3))
+    before = store.list_variables(session)
+    for bad_batch, error in [
+        ([VariableWrite("counter", 5), VariableWrite("label", "toolong")], InvalidArgument),
+        ([VariableWrite("counter", 5), VariableWrite("missing", 1)], NotFound),
+        ([VariableWrite("counter", 5), VariableWrite("label", "b", expected_version=7)], VersionConflict),
+        ([VariableWrite("counter", 5), VariableWrite("counter", 6)], InvalidArgument),
+    ]:
+        with pytest.raises(error):
+            store.set_variables(session, bad_batch)
+        assert store.list_variables(session) == before
+    results = store.set_variables(session, [VariableWrite("counter", 5), VariableWrite("label", "b")])
+    assert [(r.name, r.value, r.version) for r in results] == [("counter", 5, 2), ("label", "b", 2)]
+
+
+async def test_unknown_names_are_all_named(store: SessionStore) -> None:
+    session = _session_with_counter(store)
+    with pytest.raises(NotFound, match="has no variables 'a', 'b'"):
+        store.get_variables(session, ["counter", "a", "b"])
+    with pytest.raises(NotFound, match="session 'nope' not found"):
+        store.get_session("nope")
+
+
+async def test_names_and_ids_are_unique(store: SessionStore) -> None:
+    session = _session_with_counter(store)
+    with pytest.raises(AlreadyExists, match="already has a variable named 'counter'"):
+        store.register_variable(session, "counter", VariableType.INTEGER, 1)
+    with pytest.raises(AlreadyExists, match="session 's1' already exists"):
+        store.create_session("s1")
+    with pytest.raises(InvalidArgument, match="variable name 'bad name' must match"):
+        store.register_variable(session, "bad name", VariableType.INTEGER, 1)
+    assert store.create_session().session_id != store.create_session().session_id
+
+
+async def test_delete_and_cleanup_keep_counts(store: SessionStore) -> None:
+    session = _session_with_counter(store)
+    store.register_variable(session, "x", VariableType.BOOLEAN, True)
+    assert (store.session_count, store.variable_count) == (1, 2)
+    store.delete_variable(session, "x")
+    with pytest.raises(NotFound):
+        store.get_variable(session, "x")
+    assert store.variable_count == 1
+    assert store.cleanup_session(session) == 1
+    assert (store.session_count, store.variable_count) == (0, 0)
+    with pytest.raises(NotFound):
+        store.cleanup_session(session)
+
+
+async def test_ttl_expiry_is_driven_by_the_clock(autojump_clock: trio.testing.MockClock) -> None:
+    store = SessionStore(default_ttl=60.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run_expiry)
+        with store.observers.subscribe([session_key("idle")]) as watcher:
+            store.create_session("idle")
+            store.create_session("busy")
+            store.create_session("short", ttl=5.0)
+            await trio.sleep(4.0)
+            assert {s.session_id for s in store.list_sessions()} == {"idle", "busy", "short"}
+            await trio.sleep(1.5)  # "short" has been idle 5.5 s
+            assert {s.session_id for s in store.list_sessions()} == {"idle", "busy"}
+            for _ in range(5):  # every access restarts the TTL
+                await trio.sleep(30.0)
+                store.get_session("busy")
+            assert store.session_count == 1
+            with pytest.raises(NotFound):
+                store.get_session("idle")
+            event = watcher.receive.receive_nowait()
+            assert (event.kind, event.session_id, event.reason) == (
+                EventKind.SESSION_ENDED,
+                "idle",
+                "expired",
+            )
+        nursery.cancel_scope.cancel()
+
+
+async def test_expired_session_is_gone_before_the_sweep_runs(mock_clock: trio.testing.MockClock) -> None:
+    store = SessionStore(default_ttl=10.0)  # no run_expiry task at all
+    store.create_session("s")
+    mock_clock.jump(10.0)
+    with pytest.raises(NotFound, match="may have expired"):
+        store.get_session("s")
+    assert store.session_count == 0
+    store.create_session("s")  # the id is free again
+
+
+async def test_changes_are_published_in_version_order_to_every_observer(store: SessionStore) -> None:
+    session = _session_with_counter(store)
+    counter = store.get_variable(session, "counter")
+    with (
+        store.observers.subscribe([variable_key(counter.id)]) as by_variable,
+        store.observers.subscribe([session_key(session), variable_key(counter.id)]) as by_both,
+    ):
+        assert store.observers.observer_count == 2
+        for value in range(1, 6):
+            store.set_variable(session, "counter", value, metadata={"why": str(value)})
+        store.delete_variable(session, "counter")
+        for watcher in (by_variable, by_both):
+            events: list[VariableEvent] = []
+            while True:
+                try:
+                    events.append(watcher.receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            changes = [e for e in events if e.kind is EventKind.CHANGED]
+            assert [e.variable.version for e in changes if e.variable] == [2, 3, 4, 5, 6]
+            assert [e.old_value for e in changes] == [0, 1, 2, 3, 4]
+            assert changes[-1].metadata == {"why": "5"}
+            assert events[-1].kind is EventKind.DELETED
+    assert store.observers.observer_count == 0
+
+
+async def test_a_full_observer_never_blocks_the_writer() -> None:
+    observers: ObserverManager[VariableEvent] = ObserverManager(default_buffer_size=4)
+    store = SessionStore(observers=observers)
+    session = _session_with_counter(store)
+    counter_id = store.get_variable(session, "counter").id
+    with observers.subscribe([variable_key(counter_id)]) as stalled:
+        for value in range(1, 101):
+            store.set_variable(session, "counter", value)
+        assert stalled.overflowed
+        assert observers.observer_count == 0
+        received = [event async for event in stalled.receive]  # ends: the channel was closed
+        assert [e.variable.version for e in received if e.variable] == [2, 3, 4, 5]
+    assert store.get_variable(session, "counter").version == 101
+
+
+async def test_leaving_the_block_by_cancellation_unregisters() -> None:
+    observers: ObserverManager[int] = ObserverManager()
+    with trio.move_on_after(0) as scope:
+        with observers.subscribe(["k"]) as subscription:
+            assert observers.subscribers_of("k") == 1
+            await subscription.receive.receive()
+    assert scope.cancelled_caught
+    assert observers.observer_count == 0
+    assert observers.subscribers_of("k") == 0
+    observers.publish(["k"], 1)  # nobody left to deliver to; nothing raises
