@@ -14,7 +14,7 @@ import trio.testing
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from tests.conftest import Client, start_server
+from tests.support import Client, start_server
 from trio_bridge import RunningServer
 from trio_bridge._status import INTERNAL_MESSAGE
 from trio_bridge.proto import unified_bridge as pb

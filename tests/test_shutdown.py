@@ -10,7 +10,7 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from tests.conftest import Client, start_server
+from tests.support import Client, start_server
 from trio_bridge import RunningServer
 from trio_bridge.proto import unified_bridge as pb
 
