@@ -477,3 +477,30 @@ async def test_ttl_expiry_over_the_wire(
         assert [s.session_id for s in listed.sessions] == ["kept-alive"]
     finally:
         channel.close()
+
+
+def _raw_call(target: str, path: str, payload: bytes) -> tuple[Any, str]:
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(path)  # no serializers: the payload goes out as given
+        try:
+            call(payload, timeout=10)
+        except grpc.RpcError as error:
+            return error.code(), error.details()
+    raise AssertionError("the server accepted an undecodable request")
+
+
+async def test_undecodable_request_is_invalid_argument(server: RunningServer, client: Client) -> None:
+    import grpc
+
+    code, details = await trio.to_thread.run_sync(
+        _raw_call,
+        f"{server.host}:{server.port}",
+        "/unified_bridge.UnifiedBridge/CreateSession",
+        b"\x0a\x02\xff\xfe",  # session_id with invalid UTF-8
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed CreateSessionRequest message" in details
+    assert server.metrics.rpc_count("CreateSession", "INVALID_ARGUMENT") == 1
+    assert (await client(client.stub.ping(pb.PingRequest(message="ok")))).message == "ok"

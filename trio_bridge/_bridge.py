@@ -27,6 +27,8 @@ import trio
 import trio_asyncio
 from grpclib.protocol import H2Protocol
 
+from ._status import RequestCodec
+
 if TYPE_CHECKING:
     from grpclib._typing import IServable
 
@@ -40,7 +42,7 @@ class _TrackedServer(grpclib.server.Server):
     """A grpclib Server that remembers its connections, so shutdown can close them."""
 
     def __init__(self, handlers: Collection[IServable]) -> None:
-        super().__init__(handlers)
+        super().__init__(handlers, codec=RequestCodec())
         self.connections: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
 
     def _protocol_factory(self) -> H2Protocol:

@@ -10,6 +10,9 @@ VersionConflict     ABORTED
 anything else       INTERNAL (logged here with its traceback; the client gets no traceback)
 ==================  =====================
 
+A request that cannot be decoded at all is INVALID_ARGUMENT too: :class:`RequestCodec` says so before
+any handler runs, instead of letting the decoding error pass for an internal fault.
+
 Exception groups (what a Trio nursery raises) are unwrapped to the first error that has a status, so a
 status raised inside a nursery still reaches the client as itself rather than as UNKNOWN.
 """
@@ -17,8 +20,10 @@ status raised inside a nursery still reaches the client as itself rather than as
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
 from ._errors import AlreadyExists, BridgeError, InvalidArgument, NotFound, VersionConflict
@@ -63,3 +68,15 @@ def grpc_error_for(exc: Exception, *, method: str) -> GRPCError:
         return GRPCError(status_of(found), found.message)
     log.error("unexpected fault in %s", method, exc_info=exc)
     return GRPCError(Status.INTERNAL, INTERNAL_MESSAGE)
+
+
+class RequestCodec(ProtoCodec):
+    """grpclib's protobuf codec, answering an undecodable message with INVALID_ARGUMENT."""
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        try:
+            return super().decode(data, message_type)
+        except Exception as exc:
+            raise GRPCError(
+                Status.INVALID_ARGUMENT, f"malformed {message_type.__name__} message: {exc}"
+            ) from None
