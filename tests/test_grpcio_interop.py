@@ -147,6 +147,24 @@ def _scenario(target: str, pb2: Any, pb2_grpc: Any) -> None:
         assert "above maximum 60" in caught.value.details()
 
         with pytest.raises(grpc.RpcError) as caught:
+            stub.SetVariable(
+                pb2.SetVariableRequest(
+                    session_id=session.session_id,
+                    variable_identifier="temperature",
+                    value=_pack(wrappers_pb2.DoubleValue(value=5.0)),
+                    expected_version=1,
+                ),
+                timeout=10,
+            )
+        assert caught.value.code() == grpc.StatusCode.ABORTED
+        assert "the current version is 3" in caught.value.details()
+        assert dict(caught.value.trailing_metadata()) == {
+            "trio-bridge-variable": "temperature",
+            "trio-bridge-expected-version": "1",
+            "trio-bridge-current-version": "3",
+        }
+
+        with pytest.raises(grpc.RpcError) as caught:
             stub.GetSession(pb2.GetSessionRequest(session_id="missing"), timeout=10)
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import betterproto2
@@ -220,8 +219,3 @@ def session_to_proto(info: SessionInfo) -> pb.Session:
         metadata=dict(info.metadata),
         variable_count=info.variable_count,
     )
-
-
-def string_map(mapping: Mapping[str, str]) -> dict[str, str]:
-    """A plain dict copy of a protobuf map field."""
-    return dict(mapping)

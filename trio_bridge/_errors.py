@@ -14,6 +14,11 @@ class BridgeError(Exception):
         super().__init__(message)
         self.message = message
 
+    @property
+    def trailers(self) -> dict[str, str]:
+        """Machine-readable details, sent to the client as trailing metadata with the status."""
+        return {}
+
 
 class NotFound(BridgeError):
     """An unknown (or expired) session, or an unknown variable."""
@@ -38,3 +43,11 @@ class VersionConflict(BridgeError):
         self.variable = variable
         self.expected = expected
         self.current = current
+
+    @property
+    def trailers(self) -> dict[str, str]:
+        return {
+            "trio-bridge-variable": self.variable,
+            "trio-bridge-expected-version": str(self.expected),
+            "trio-bridge-current-version": str(self.current),
+        }

@@ -88,9 +88,13 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
                 status = Status.CANCELLED.name
                 raise
             except Exception as exc:
-                error = grpc_error_for(exc, method=method)
+                error, trailers = grpc_error_for(exc, method=method)
                 status = error.status.name
-                raise error from None
+                if not trailers:
+                    raise error from None
+                await stream.send_trailing_metadata(
+                    status=error.status, status_message=error.message, metadata=trailers
+                )
             finally:
                 self._in_flight -= 1
                 if not self._in_flight:

@@ -59,15 +59,16 @@ def _first_with_status(exc: BaseException) -> GRPCError | BridgeError | None:
     return None
 
 
-def grpc_error_for(exc: Exception, *, method: str) -> GRPCError:
-    """The GRPCError to answer ``exc`` with. Unexpected faults are logged with their traceback."""
+def grpc_error_for(exc: Exception, *, method: str) -> tuple[GRPCError, dict[str, str]]:
+    """The GRPCError to answer ``exc`` with, and the trailing metadata to send with it (the store
+    error's ``trailers``). Unexpected faults are logged here with their traceback."""
     found = _first_with_status(exc)
     if isinstance(found, GRPCError):
-        return found
+        return found, {}
     if isinstance(found, BridgeError):
-        return GRPCError(status_of(found), found.message)
+        return GRPCError(status_of(found), found.message), found.trailers
     log.error("unexpected fault in %s", method, exc_info=exc)
-    return GRPCError(Status.INTERNAL, INTERNAL_MESSAGE)
+    return GRPCError(Status.INTERNAL, INTERNAL_MESSAGE), {}
 
 
 class RequestCodec(ProtoCodec):
