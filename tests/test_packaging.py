@@ -51,3 +51,28 @@ def test_runtime_imports_are_declared_dependencies() -> None:
         if module in owners and not {canonicalize_name(d) for d in owners[module]} & declared
     }
     assert not undeclared, f"imported at run time but not a dependency of trio-bridge: {undeclared}"
+
+
+PURE_MODULES = {"_store", "_observers", "_types", "_errors"}
+
+
+def test_store_and_observers_import_no_grpc() -> None:
+    """The core is pure Trio: it imports only the standard library, trio and other pure modules."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "trio_bridge"
+    for name in sorted(PURE_MODULES):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: must be another pure module
+                    assert node.module in PURE_MODULES, f"{name} imports .{node.module}"
+                    continue
+                roots = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            for root in roots:
+                assert root in sys.stdlib_module_names or root == "trio", f"{name} imports {root}"
