@@ -25,6 +25,14 @@ async def aio_loop() -> AsyncIterator[trio_asyncio.TrioEventLoop]:
 
 
 @pytest.fixture
+async def nursery(aio_loop: Any) -> AsyncIterator[trio.Nursery]:
+    """Replaces pytest-trio's: tasks in it (servers, watchers) end before the asyncio loop closes."""
+    async with trio.open_nursery() as tasks:
+        yield tasks
+        tasks.cancel_scope.cancel()
+
+
+@pytest.fixture
 async def server(nursery: trio.Nursery, aio_loop: Any) -> RunningServer:
     return await start_server(nursery)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import trio
@@ -39,3 +39,83 @@ class Client:
         """``await client(client.stub.ping(...))``: run one stub call from Trio."""
         result: T = await trio_asyncio.aio_as_trio(call)
         return result
+
+
+class Watcher:
+    """One WatchVariables stream consumed by a Trio task: updates land in ``updates`` as they arrive,
+    the status that ended the stream in ``error``. ``wait_for`` blocks until a condition on them holds.
+    """
+
+    def __init__(self, client: Client, request: pb.WatchVariablesRequest, **call_options: Any) -> None:
+        self.client = client
+        self.request = request
+        self.call_options = call_options
+        self.updates: list[pb.VariableUpdate] = []
+        self.error: BaseException | None = None
+        self.ended = trio.Event()
+        self.cancel_scope = trio.CancelScope()
+        self._changed = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+
+        async def consume() -> None:
+            # The whole loop runs on the asyncio side, so a cancellation closes the stub's async
+            # generator there too (closing it later from Trio's side would run asyncio code in Trio).
+            async for update in self.client.stub.watch_variables(self.request, **self.call_options):
+                self.updates.append(update)
+                self._notify()
+
+        with self.cancel_scope:
+            try:
+                await trio_asyncio.aio_as_trio(consume)()
+            except Exception as exc:
+                self.error = exc
+        self.ended.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, condition: Callable[[Watcher], bool]) -> None:
+        """Wait until ``condition(self)`` holds; fail if the stream ends first without it."""
+        while not condition(self):
+            if self.ended.is_set():
+                raise AssertionError(
+                    f"stream ended ({self.error!r}) before the condition held: {self.kinds()}"
+                )
+            await self._changed.wait()
+
+    async def wait_synced(self) -> None:
+        await self.wait_for(lambda w: "synced" in w.kinds())
+
+    async def wait_ended(self) -> None:
+        await self.ended.wait()
+
+    def kinds(self) -> list[str]:
+        return [u.update_type for u in self.updates]
+
+    def of(self, variable_id: str) -> list[pb.VariableUpdate]:
+        return [u for u in self.updates if u.variable_id == variable_id]
+
+    def versions(self, variable_id: str) -> list[int]:
+        return [u.variable.version for u in self.of(variable_id) if u.variable is not None]
+
+
+async def start_watch(
+    nursery: trio.Nursery, client: Client, request: pb.WatchVariablesRequest, **call_options: Any
+) -> Watcher:
+    watcher = Watcher(client, request, **call_options)
+    await nursery.start(watcher.run)
+    return watcher
+
+
+async def eventually(condition: Callable[[], bool], *, limit: float = 10.0) -> None:
+    """Wait for ``condition`` to hold, e.g. server-side cleanup after a client went away over the network.
+
+    Polls; ``limit`` (seconds of the run's clock) only bounds a failure, it is no timing assertion.
+    """
+    with trio.fail_after(limit):
+        while not condition():  # noqa: ASYNC110 (the condition lives in another process or socket)
+            await trio.sleep(0.005)

@@ -442,14 +442,6 @@ async def test_unexpected_fault_is_internal_without_a_traceback(
     assert (await client(client.stub.ping(pb.PingRequest(message="still here")))).message == "still here"
 
 
-async def test_watch_is_unimplemented_for_now(client: Client) -> None:
-    async def consume() -> None:
-        async for _ in client.stub.watch_variables(pb.WatchVariablesRequest(session_id="s")):
-            pass
-
-    await expect_status(client, consume(), Status.UNIMPLEMENTED, "WatchVariables")
-
-
 async def test_ttl_expiry_over_the_wire(
     mock_clock: trio.testing.MockClock, nursery: trio.Nursery, aio_loop: Any
 ) -> None:

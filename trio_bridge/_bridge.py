@@ -20,7 +20,7 @@ import logging
 import weakref
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import grpclib.server
 import trio
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from grpclib._typing import IServable
 
 log = logging.getLogger("trio_bridge")
+
+T = TypeVar("T")
 
 #: Longest wait for grpclib's handlers to finish after they were cancelled.
 _CLOSE_TIMEOUT = 1.0
@@ -65,6 +67,22 @@ class _TrackedServer(grpclib.server.Server):
             connection.close()
             closed += 1
         return closed
+
+
+def run_in_trio(fn: Callable[..., Awaitable[T]], *args: object) -> Awaitable[T]:
+    """From asyncio (a grpclib handler): run the Trio function ``fn`` and await its result.
+
+    Cancelling the awaiting asyncio task (grpclib does so when the client resets the stream, its
+    deadline passes or its connection drops) cancels the Trio task: that is how Trio code learns that
+    the peer is gone.
+    """
+    return cast(Awaitable[T], trio_asyncio.trio_as_aio(fn)(*args))
+
+
+async def run_in_asyncio(fn: Callable[..., Awaitable[T]], *args: object) -> T:
+    """From Trio: run the asyncio coroutine function ``fn`` on the loop and await its result."""
+    result: T = await trio_asyncio.aio_as_trio(fn)(*args)
+    return result
 
 
 @dataclass(frozen=True)

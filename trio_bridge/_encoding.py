@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import datetime
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import betterproto2
 
 from ._errors import InvalidArgument
-from ._store import SessionInfo, VariableSnapshot
+from ._store import EventKind, SessionInfo, VariableEvent, VariableSnapshot
 from ._types import Constraints, Tensor, VariableType
 from .proto import unified_bridge as pb
 from .proto.google import protobuf as wkt
@@ -219,3 +220,66 @@ def session_to_proto(info: SessionInfo) -> pb.Session:
         metadata=dict(info.metadata),
         variable_count=info.variable_count,
     )
+
+
+# The update_type values of a watch stream's VariableUpdate messages.
+INITIAL_VALUE = "initial_value"
+SYNCED = "synced"
+VALUE_CHANGE = "value_change"
+VARIABLE_REGISTERED = "variable_registered"
+VARIABLE_DELETED = "variable_deleted"
+RESYNC = "resync"
+HEARTBEAT = "heartbeat"
+
+_UPDATE_TYPE_OF_EVENT = {
+    EventKind.CHANGED: VALUE_CHANGE,
+    EventKind.REGISTERED: VARIABLE_REGISTERED,
+    EventKind.DELETED: VARIABLE_DELETED,
+}
+
+
+def snapshot_update(
+    snapshot: VariableSnapshot,
+    update_type: str,
+    *,
+    source: str,
+    when: float,
+    metadata: Mapping[str, str] | None = None,
+) -> pb.VariableUpdate:
+    """An update carrying a variable's current state (initial value, resync)."""
+    return pb.VariableUpdate(
+        variable_id=snapshot.id,
+        variable=variable_to_proto(snapshot),
+        update_source=source,
+        update_metadata=dict(metadata or {}),
+        timestamp=timestamp(when),
+        update_type=update_type,
+    )
+
+
+def event_update(event: VariableEvent) -> pb.VariableUpdate:
+    """The update for a store event about one variable (a change, a registration, a deletion)."""
+    snapshot = event.variable
+    assert snapshot is not None, "session events have no variable update"
+    metadata = dict(event.metadata)
+    if event.replaces:
+        metadata["coalesced_versions"] = str(event.replaces + 1)
+    return pb.VariableUpdate(
+        variable_id=snapshot.id,
+        variable=variable_to_proto(snapshot),
+        old_value=None if event.kind is EventKind.REGISTERED else pack_value(snapshot.type, event.old_value),
+        update_source=event.source,
+        update_metadata=metadata,
+        timestamp=timestamp(event.timestamp),
+        update_type=_UPDATE_TYPE_OF_EVENT[event.kind],
+    )
+
+
+def marker_update(update_type: str, when: float) -> pb.VariableUpdate:
+    """A message about the stream itself ("synced", "heartbeat"): no variable."""
+    return pb.VariableUpdate(timestamp=timestamp(when), update_type=update_type)
+
+
+def gone_update(identifier: str, when: float) -> pb.VariableUpdate:
+    """On resume: a variable the client held is gone (its last state is no longer known)."""
+    return pb.VariableUpdate(variable_id=identifier, timestamp=timestamp(when), update_type=VARIABLE_DELETED)

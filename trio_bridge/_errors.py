@@ -51,3 +51,19 @@ class VersionConflict(BridgeError):
             "trio-bridge-expected-version": str(self.expected),
             "trio-bridge-current-version": str(self.current),
         }
+
+
+class Unavailable(BridgeError):
+    """The server is shutting down."""
+
+
+class ResourceExhausted(BridgeError):
+    """A limit was reached; ``details`` go to the client as trailing metadata."""
+
+    def __init__(self, message: str, details: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.details = dict(details or {})
+
+    @property
+    def trailers(self) -> dict[str, str]:
+        return self.details

@@ -3,14 +3,22 @@
 Pure Trio. An observer is a :class:`Subscription`: a bounded Trio memory channel registered under one or
 more keys (a variable id, or a session id for session-wide events). :meth:`ObserverManager.publish`
 delivers an event to every subscription registered under any of the given keys, once each, with
-``send_nowait``: a writer never waits on an observer. A subscription whose buffer is full is
-*overflowed*: it is unregistered, its channel is closed after the events already queued, and its
-``overflowed`` flag tells the reader that what follows was not delivered.
+``send_nowait``: a writer never waits on an observer.
+
+When a subscription's buffer is full, one of two policies applies:
+
+* default: the subscription is *overflowed*: it is unregistered, its channel is closed after the events
+  already queued, and its ``overflowed`` flag tells the reader that what follows was not delivered;
+* coalesce (a :class:`Coalescer` was given): later events wait outside the channel, at most one per
+  coalescing key, each merged with the one it replaces, until the reader has emptied the channel.
+
+Either way the memory a subscription holds stays bounded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Generic, TypeVar
 
@@ -21,27 +29,88 @@ EventT = TypeVar("EventT")
 DEFAULT_BUFFER_SIZE = 1024
 
 
+@dataclass(frozen=True)
+class Coalescer(Generic[EventT]):
+    """How a full subscription folds events: ``key`` says which events replace each other, and
+    ``merge(older, newer)`` makes the one event that stands for both."""
+
+    key: Callable[[EventT], Hashable]
+    merge: Callable[[EventT, EventT], EventT]
+
+
 class Subscription(Generic[EventT]):
     """One observer. Use it as a context manager: leaving the block, normally, by an exception or by
     cancellation, unregisters it at once, so no observer outlives the task that holds it.
     """
 
-    def __init__(self, manager: ObserverManager[EventT], keys: frozenset[Hashable], buffer_size: int) -> None:
+    def __init__(
+        self,
+        manager: ObserverManager[EventT],
+        keys: frozenset[Hashable],
+        buffer_size: int,
+        coalescer: Coalescer[EventT] | None,
+    ) -> None:
         self._manager = manager
         self.keys = keys
         self._send, self.receive = trio.open_memory_channel[EventT](buffer_size)
+        self._coalescer = coalescer
+        # Coalesced events waiting for room, in arrival order. Invariant, outside a call: events are held
+        # only while the channel is not empty, so a reader waiting on an empty channel misses nothing.
+        self._held: dict[Hashable, EventT] = {}
         self.overflowed = False
         self.closed = False
 
+    @property
+    def pending(self) -> int:
+        """Events queued and not yet taken by the reader."""
+        return self._send.statistics().current_buffer_used + len(self._held)
+
     def _deliver(self, event: EventT) -> None:
+        if self.closed:
+            return
+        if self._held:  # already coalescing: keep per-key order behind what is held
+            self._hold(event)
+            return
         try:
             self._send.send_nowait(event)
         except trio.WouldBlock:
-            self.overflowed = True
-            self.close()
+            if self._coalescer is None:
+                self.overflowed = True
+                self.close()
+            else:
+                self._hold(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The reader went away without closing us; drop the observer instead of the event's writer.
             self.close()
+
+    def _hold(self, event: EventT) -> None:
+        assert self._coalescer is not None
+        key = self._coalescer.key(event)
+        older = self._held.get(key)
+        self._held[key] = event if older is None else self._coalescer.merge(older, event)
+
+    def take_nowait(self, limit: int) -> list[EventT]:
+        """Up to ``limit`` queued events, oldest first, without waiting (maybe none)."""
+        taken: list[EventT] = []
+        while len(taken) < limit:
+            try:
+                taken.append(self.receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        if len(taken) < limit and self._held and self._send.statistics().current_buffer_used == 0:
+            # The channel is empty: what was held back comes next, and the channel takes over again.
+            taken.extend(self._held.values())
+            self._held.clear()
+        return taken
+
+    async def receive_batch(self, limit: int) -> list[EventT]:
+        """Wait for at least one event, then take up to ``limit``. Raises ``trio.EndOfChannel`` once
+        the subscription is closed and emptied. Cancellation loses no event."""
+        taken = self.take_nowait(limit)
+        if taken:
+            return taken
+        first = await self.receive.receive()
+        return [first, *self.take_nowait(limit - 1)]
 
     def close(self) -> None:
         """Unregister; the reader still receives what was queued, then ``EndOfChannel``."""
@@ -62,6 +131,7 @@ class Subscription(Generic[EventT]):
     ) -> None:
         self.close()
         self.receive.close()
+        self._held.clear()
 
 
 class ObserverManager(Generic[EventT]):
@@ -83,12 +153,18 @@ class ObserverManager(Generic[EventT]):
         """How many live subscriptions are registered under ``key``."""
         return len(self._by_key.get(key, ()))
 
-    def subscribe(self, keys: Iterable[Hashable], *, buffer_size: int | None = None) -> Subscription[EventT]:
+    def subscribe(
+        self,
+        keys: Iterable[Hashable],
+        *,
+        buffer_size: int | None = None,
+        coalescer: Coalescer[EventT] | None = None,
+    ) -> Subscription[EventT]:
         """Register a new observer under ``keys``; it hears of every event published from now on."""
         size = self.default_buffer_size if buffer_size is None else buffer_size
         if size < 1:
             raise ValueError("buffer_size must be at least 1")
-        subscription = Subscription(self, frozenset(keys), size)
+        subscription = Subscription(self, frozenset(keys), size, coalescer)
         for key in subscription.keys:
             self._by_key.setdefault(key, set()).add(subscription)
         self._count += 1

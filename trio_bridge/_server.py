@@ -11,7 +11,8 @@ from grpclib.health.service import Health
 from ._bridge import serve_grpc
 from ._metrics import Metrics
 from ._service import UnifiedBridgeService
-from ._store import DEFAULT_SESSION_TTL, SessionStore
+from ._store import DEFAULT_HISTORY_SIZE, DEFAULT_SESSION_TTL, SessionStore
+from ._watch import DEFAULT_MAX_IDENTIFIERS, DEFAULT_QUEUE_SIZE, WatchLimits
 
 log = logging.getLogger("trio_bridge")
 
@@ -31,6 +32,12 @@ class ServerConfig:
     metrics_port: int | None = None
     #: On shutdown, how long running calls get to finish before they are cancelled.
     shutdown_grace: float = 0.5
+    #: Changes each session remembers for watchers that resume.
+    history_size: int = DEFAULT_HISTORY_SIZE
+    #: Updates a watch stream may fall behind before its slow-consumer policy applies.
+    watch_queue_size: int = DEFAULT_QUEUE_SIZE
+    #: Most variables one WatchVariables request may name.
+    max_watch_identifiers: int = DEFAULT_MAX_IDENTIFIERS
 
 
 @dataclass(frozen=True)
@@ -57,13 +64,17 @@ async def serve(
     listening. Passing a ``store`` keeps state across server restarts in one process.
     """
     if store is None:
-        store = SessionStore(default_ttl=config.session_ttl)
+        store = SessionStore(default_ttl=config.session_ttl, history_size=config.history_size)
     metrics = Metrics(
         sessions=lambda: store.session_count,
         variables=lambda: store.variable_count,
         observers=lambda: store.observers.observer_count,
     )
-    service = UnifiedBridgeService(store, metrics)
+    service = UnifiedBridgeService(
+        store,
+        metrics,
+        WatchLimits(max_identifiers=config.max_watch_identifiers, queue_size=config.watch_queue_size),
+    )
     metrics_port = None
     if config.metrics_port is not None:
         metrics_port = metrics.start_http(config.host, config.metrics_port)

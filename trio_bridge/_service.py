@@ -21,10 +21,12 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from . import _encoding as enc
+from ._bridge import run_in_asyncio, run_in_trio
 from ._metrics import Metrics
 from ._status import grpc_error_for
 from ._store import SessionStore, VariableSnapshot, VariableWrite
 from ._version import __version__
+from ._watch import WatchLimits, WatchPlan, WatchStream, plan_watch
 from .proto import unified_bridge as pb
 
 WATCH_PATH = "/unified_bridge.UnifiedBridge/WatchVariables"
@@ -33,9 +35,14 @@ _RawHandler = Callable[[Stream[Any, Any]], Awaitable[None]]
 
 
 class UnifiedBridgeService(pb.UnifiedBridgeBase):
-    def __init__(self, store: SessionStore, metrics: Metrics) -> None:
+    def __init__(
+        self, store: SessionStore, metrics: Metrics, watch_limits: WatchLimits | None = None
+    ) -> None:
         self.store = store
         self.metrics = metrics
+        self.watch_limits = watch_limits or WatchLimits()
+        self._shutting_down = trio.Event()
+        self._open_watches = 0
         self._draining = False
         self._in_flight = 0
         self._idle = trio.Event()
@@ -48,13 +55,20 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         """RPCs being handled right now."""
         return self._in_flight
 
+    @property
+    def open_watches(self) -> int:
+        """WatchVariables streams open right now."""
+        return self._open_watches
+
     async def drain(self) -> None:
-        """Refuse new RPCs with UNAVAILABLE, then wait until the running ones have finished.
+        """Refuse new RPCs with UNAVAILABLE, end every watch stream with UNAVAILABLE, then wait until
+        the running calls have finished.
 
         Cancellation (the shutdown's grace period running out) just stops the wait; the server then
         cancels whatever is still running.
         """
         self._draining = True
+        self._shutting_down.set()
         while self._in_flight:
             await self._idle.wait()
 
@@ -202,6 +216,46 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
 
     # ---- streaming -------------------------------------------------------------------------------
 
-    async def _watch_variables(self, stream: Stream[Any, Any]) -> None:
-        await stream.recv_message()
-        raise GRPCError(Status.UNIMPLEMENTED, "WatchVariables is not available in this release yet")
+    async def _watch_variables(self, stream: Stream[pb.WatchVariablesRequest, pb.VariableUpdate]) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        # Checked before the stream opens: a bad request gets its status and no message.
+        plan = plan_watch(
+            self.store,
+            session_id=request.session_id,
+            identifiers=request.variable_identifiers,
+            include_initial_values=request.include_initial_values,
+            options=request.options,
+            resume_versions=request.resume_versions,
+            limits=self.watch_limits,
+        )
+        await run_in_trio(self._run_watch, stream, plan)
+
+    async def _run_watch(
+        self, stream: Stream[pb.WatchVariablesRequest, pb.VariableUpdate], plan: WatchPlan
+    ) -> None:
+        """The Trio side of one watch stream. Raises the BridgeError that ended it (a status for the
+        client); cancelled when the client goes away."""
+
+        async def send_all(updates: list[pb.VariableUpdate]) -> None:
+            for update in updates:
+                await stream.send_message(update)
+
+        async def send(updates: list[pb.VariableUpdate]) -> None:
+            await run_in_asyncio(send_all, updates)  # one hop for the whole batch
+
+        watch = WatchStream(
+            self.store,
+            plan,
+            send=send,
+            shutdown=self._shutting_down,
+            queue_size=self.watch_limits.queue_size,
+            on_sent=self.metrics.updates_sent.inc,
+        )
+        self._open_watches += 1
+        self.metrics.open_watch_streams.inc()
+        try:
+            await watch.run()
+        finally:
+            self._open_watches -= 1
+            self.metrics.open_watch_streams.dec()

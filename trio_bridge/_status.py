@@ -7,6 +7,8 @@ NotFound            NOT_FOUND
 InvalidArgument     INVALID_ARGUMENT
 AlreadyExists       ALREADY_EXISTS
 VersionConflict     ABORTED
+ResourceExhausted   RESOURCE_EXHAUSTED
+Unavailable         UNAVAILABLE
 anything else       INTERNAL (logged here with its traceback; the client gets no traceback)
 ==================  =====================
 
@@ -26,7 +28,15 @@ from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
-from ._errors import AlreadyExists, BridgeError, InvalidArgument, NotFound, VersionConflict
+from ._errors import (
+    AlreadyExists,
+    BridgeError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    VersionConflict,
+)
 
 log = logging.getLogger("trio_bridge")
 
@@ -37,6 +47,8 @@ _STATUS_OF: dict[type[BridgeError], Status] = {
     InvalidArgument: Status.INVALID_ARGUMENT,
     AlreadyExists: Status.ALREADY_EXISTS,
     VersionConflict: Status.ABORTED,
+    ResourceExhausted: Status.RESOURCE_EXHAUSTED,
+    Unavailable: Status.UNAVAILABLE,
 }
 
 

@@ -4,6 +4,9 @@ Every method but :meth:`SessionStore.run_expiry` is synchronous: a call runs to 
 checkpoint, so each write is atomic with respect to every other task, and the events it publishes to
 the :class:`~trio_bridge._observers.ObserverManager` leave in version order before the call returns.
 
+History: each session keeps its last ``history_size`` accepted changes, so a watcher that reconnects
+can be sent exactly what it missed (:meth:`SessionStore.changes_since`).
+
 Time: idle expiry uses ``clock`` (Trio's clock by default, so tests drive it with ``MockClock``);
 the timestamps a client sees use ``wall_clock``. A session's TTL counts from its last access: every
 read or write of the session or its variables restarts it. An expired session is gone for every
@@ -17,6 +20,7 @@ import math
 import re
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -29,6 +33,7 @@ from ._observers import ObserverManager
 from ._types import Constraints, VariableType, check_constraints, check_value
 
 DEFAULT_SESSION_TTL = 3600.0
+DEFAULT_HISTORY_SIZE = 1000
 MAX_IDENTIFIER_LENGTH = 128
 _SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]*")
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
@@ -83,6 +88,8 @@ class VariableEvent:
     metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     timestamp: float = 0.0
     reason: str = ""
+    #: How many earlier changes this one stands for (a slow watcher's coalesced queue); 0 normally.
+    replaces: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +109,7 @@ class _Session:
     ttl: float
     last_access: float  # on `clock`
     last_accessed_at: float  # on `wall_clock`
+    history: deque[VariableEvent]
     variables: dict[str, VariableSnapshot] = field(default_factory=dict)
     ids_by_name: dict[str, str] = field(default_factory=dict)
 
@@ -136,13 +144,20 @@ class SessionStore:
         self,
         *,
         default_ttl: float = DEFAULT_SESSION_TTL,
+        history_size: int = DEFAULT_HISTORY_SIZE,
         observers: ObserverManager[VariableEvent] | None = None,
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if not (default_ttl > 0 and math.isfinite(default_ttl)):
             raise ValueError("default_ttl must be a positive number of seconds")
+        if history_size < 0:
+            raise ValueError("history_size must not be negative")
         self.default_ttl = default_ttl
+        self.history_size = history_size
+        #: Test hook in the manner of etcd's failpoints: when set, :meth:`checkpoint` calls it with the
+        #: checkpoint's name ("watch.subscribed": a watch has subscribed and not yet read).
+        self.checkpoint_hook: Callable[[str], None] | None = None
         self.observers: ObserverManager[VariableEvent] = (
             observers if observers is not None else ObserverManager()
         )
@@ -191,6 +206,7 @@ class SessionStore:
             ttl=ttl,
             last_access=self._clock(),
             last_accessed_at=now,
+            history=deque(maxlen=self.history_size),
         )
         self._sessions[session_id] = session
         self._sessions_changed.set()
@@ -348,18 +364,17 @@ class SessionStore:
             session.variables[updated.id] = updated
             results.append(updated)
         for (current, _), updated in zip(staged, results, strict=True):
-            self.observers.publish(
-                (session_key(session_id), variable_key(updated.id)),
-                VariableEvent(
-                    EventKind.CHANGED,
-                    session_id,
-                    updated,
-                    old_value=current.value,
-                    source=source,
-                    metadata=update_metadata,
-                    timestamp=now,
-                ),
+            event = VariableEvent(
+                EventKind.CHANGED,
+                session_id,
+                updated,
+                old_value=current.value,
+                source=source,
+                metadata=update_metadata,
+                timestamp=now,
             )
+            session.history.append(event)
+            self.observers.publish((session_key(session_id), variable_key(updated.id)), event)
         return results
 
     def delete_variable(self, session_id: str, identifier: str, *, source: str = "") -> None:
@@ -379,6 +394,37 @@ class SessionStore:
                 timestamp=self._wall_clock(),
             ),
         )
+
+    # ---- watch support ---------------------------------------------------------------------------
+
+    def changes_since(self, session_id: str, variable_id: str, version: int) -> list[VariableEvent] | None:
+        """Every change of the variable after ``version``, oldest first, or None when the history no
+        longer reaches back that far (or ``version`` is not one this variable has had)."""
+        session = self._session(session_id)
+        current = session.variables[variable_id].version
+        if version == current:
+            return []
+        if not 0 < version < current:
+            return None
+        missed = [
+            event
+            for event in session.history
+            if event.variable is not None
+            and event.variable.id == variable_id
+            and event.variable.version > version
+        ]
+        if missed and missed[0].variable is not None and missed[0].variable.version == version + 1:
+            return missed
+        return None
+
+    def touch_session(self, session_id: str) -> None:
+        """Count as an access to the session (its TTL restarts); NotFound if it is gone."""
+        self._session(session_id)
+
+    def checkpoint(self, name: str) -> None:
+        """A named point where a test may step in (see ``checkpoint_hook``); nothing happens otherwise."""
+        if self.checkpoint_hook is not None:
+            self.checkpoint_hook(name)
 
     # ---- internals -----------------------------------------------------------------------------
 

@@ -586,6 +586,11 @@ default_message_pool.register_message("unified_bridge", "Variable", Variable)
 
 @dataclass(eq=False, repr=False)
 class VariableUpdate(betterproto2.Message):
+    """
+    One message of a watch stream. update_type is one of: "initial_value", "synced", "value_change",
+    "variable_registered", "variable_deleted", "resync", "heartbeat".
+    """
+
     variable_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     variable: "Variable | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
@@ -629,14 +634,33 @@ class WatchVariablesRequest(betterproto2.Message):
     session_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     variable_identifiers: "list[str]" = betterproto2.field(2, betterproto2.TYPE_STRING, repeated=True)
+    """
+    Variable ids or names; empty: every variable of the session, including ones registered later.
+    """
 
     include_initial_values: "bool" = betterproto2.field(3, betterproto2.TYPE_BOOL)
+    """
+    Send each watched variable's current value (update_type "initial_value") before "synced".
+    """
 
     options: "dict[str, str]" = betterproto2.field(
         4,
         betterproto2.TYPE_MAP,
         map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
     )
+    """
+    "heartbeat_interval_ms": 100..600000, default 30000. "slow_consumer": "close" (default) or "coalesce".
+    """
+
+    resume_versions: "dict[str, int]" = betterproto2.field(
+        5,
+        betterproto2.TYPE_MAP,
+        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_INT64),
+    )
+    """
+    Resume: variable id or name → the last version the client holds. Missed changes are replayed
+    from the server's history, or the current value is sent as a "resync" update.
+    """
 
 
 default_message_pool.register_message("unified_bridge", "WatchVariablesRequest", WatchVariablesRequest)

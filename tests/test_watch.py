@@ -1,0 +1,538 @@
+"""WatchVariables over a real server, one test (or more) per line of the watch contract."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from grpclib.client import Channel
+from grpclib.config import Configuration
+from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError
+
+from tests.support import Client, start_server, start_watch
+from trio_bridge import RunningServer
+from trio_bridge.proto import unified_bridge as pb
+from trio_bridge.proto.google.protobuf import Any as PbAny
+from trio_bridge.proto.google.protobuf import DoubleValue, Int64Value, StringValue
+
+VT = pb.VariableType
+WATCH = "/unified_bridge.UnifiedBridge/WatchVariables"
+
+
+def number(value: float) -> PbAny:
+    return PbAny.pack(DoubleValue(value=value))
+
+
+def value_of(update: pb.VariableUpdate) -> Any:
+    assert update.variable is not None and update.variable.value is not None
+    return update.variable.value.unpack().value  # type: ignore[union-attr]
+
+
+async def new_session(client: Client, **variables: float) -> tuple[str, dict[str, str]]:
+    response = await client(client.stub.create_session(pb.CreateSessionRequest()))
+    assert response.session is not None
+    session = response.session.session_id
+    ids = {}
+    for name, initial in variables.items():
+        registered = await client(
+            client.stub.register_variable(
+                pb.RegisterVariableRequest(
+                    session_id=session, name=name, type=VT.FLOAT, initial_value=number(initial)
+                )
+            )
+        )
+        assert registered.variable is not None
+        ids[name] = registered.variable.id
+    return session, ids
+
+
+async def write(client: Client, session: str, name: str, value: float, **extra: Any) -> pb.Variable:
+    response = await client(
+        client.stub.set_variable(
+            pb.SetVariableRequest(session_id=session, variable_identifier=name, value=number(value), **extra)
+        )
+    )
+    assert response.variable is not None
+    return response.variable
+
+
+def watch_request(
+    session: str, *names: str, initial: bool = True, **options: str
+) -> pb.WatchVariablesRequest:
+    return pb.WatchVariablesRequest(
+        session_id=session, variable_identifiers=list(names), include_initial_values=initial, options=options
+    )
+
+
+# ---- 1. subscribe, then read ------------------------------------------------------------------------
+
+
+async def test_a_write_between_subscribe_and_read_is_seen_exactly_once(
+    client: Client, server: RunningServer, nursery: trio.Nursery
+) -> None:
+    session, ids = await new_session(client, temperature=20.0)
+    injected = []
+
+    def write_at_the_worst_moment(checkpoint: str) -> None:
+        if checkpoint == "watch.subscribed" and not injected:
+            injected.append(server.store.set_variable(session, "temperature", 99.0, source="racer"))
+
+    server.store.checkpoint_hook = write_at_the_worst_moment
+    watcher = await start_watch(nursery, client, watch_request(session, "temperature"))
+    await watcher.wait_synced()
+    assert injected, "the checkpoint hook did not run"
+    await write(client, session, "temperature", 100.0)
+    await watcher.wait_for(lambda w: 3 in w.versions(ids["temperature"]))
+    updates = watcher.of(ids["temperature"])
+    assert [(u.update_type, value_of(u), u.variable.version) for u in updates if u.variable] == [
+        ("initial_value", 99.0, 2),
+        ("value_change", 100.0, 3),
+    ]
+
+
+# ---- 2. exactly once, in order ------------------------------------------------------------------------
+
+
+async def test_every_change_arrives_once_in_version_order(client: Client, nursery: trio.Nursery) -> None:
+    session, ids = await new_session(client, a=0.0, b=0.0)
+    watcher = await start_watch(nursery, client, watch_request(session, "a", "b"))
+    await watcher.wait_synced()
+    for i in range(1, 51):
+        await write(client, session, "a" if i % 3 else "b", float(i))
+    await watcher.wait_for(lambda w: len(w.of(ids["a"])) + len(w.of(ids["b"])) == 2 + 50)
+    for name in ("a", "b"):
+        versions = watcher.versions(ids[name])
+        assert versions == list(range(1, len(versions) + 1))
+        changes = [u for u in watcher.of(ids[name]) if u.update_type == "value_change"]
+        for previous, change in zip([watcher.of(ids[name])[0], *changes], changes, strict=False):
+            assert change.old_value is not None
+            assert change.old_value.unpack().value == value_of(previous)  # type: ignore[union-attr]
+
+
+# ---- 3. initial values, then a marker ------------------------------------------------------------
+
+
+async def test_initial_values_then_synced_then_full_changes(client: Client, nursery: trio.Nursery) -> None:
+    session, ids = await new_session(client, t=1.0, p=2.0)
+    watcher = await start_watch(nursery, client, watch_request(session, "t", "p"))
+    await watcher.wait_synced()
+    assert watcher.kinds() == ["initial_value", "initial_value", "synced"]
+    assert {u.variable_id: value_of(u) for u in watcher.updates[:2]} == {ids["t"]: 1.0, ids["p"]: 2.0}
+    assert all(u.update_source == "initial" and u.timestamp is not None for u in watcher.updates[:2])
+    synced = watcher.updates[2]
+    assert synced.variable_id == "" and synced.variable is None and synced.timestamp is not None
+
+    await write(client, session, "t", 1.5, source="thermostat", metadata={"reason": "sun"})
+    await watcher.wait_for(lambda w: len(w.updates) == 4)
+    change = watcher.updates[3]
+    assert change.update_type == "value_change"
+    assert change.variable_id == ids["t"]
+    assert change.variable is not None and change.variable.name == "t" and change.variable.version == 2
+    assert value_of(change) == 1.5
+    assert change.old_value is not None and change.old_value.unpack() == DoubleValue(value=1.0)
+    assert change.update_source == "thermostat"
+    assert change.update_metadata == {"reason": "sun"}
+    assert change.timestamp is not None
+
+
+async def test_without_initial_values_synced_comes_first(client: Client, nursery: trio.Nursery) -> None:
+    session, _ = await new_session(client, t=1.0)
+    watcher = await start_watch(nursery, client, watch_request(session, "t", initial=False))
+    await watcher.wait_synced()
+    assert watcher.kinds() == ["synced"]
+    await write(client, session, "t", 2.0)
+    await watcher.wait_for(lambda w: len(w.updates) == 2)
+    assert watcher.kinds() == ["synced", "value_change"]
+
+
+# ---- 4. heartbeats ------------------------------------------------------------------------------------
+
+
+async def test_heartbeats_in_quiet_intervals_none_while_changes_flow(
+    autojump_clock: trio.testing.MockClock, client: Client, nursery: trio.Nursery
+) -> None:
+    session, _ = await new_session(client, t=0.0)
+    watcher = await start_watch(nursery, client, watch_request(session, "t", heartbeat_interval_ms="1000"))
+    await watcher.wait_synced()
+    quiet_start = trio.current_time()
+    await watcher.wait_for(lambda w: w.kinds().count("heartbeat") >= 2)
+    assert trio.current_time() - quiet_start >= 2.0  # one per whole quiet interval, never sooner
+    heartbeat = next(u for u in watcher.updates if u.update_type == "heartbeat")
+    assert heartbeat.variable_id == "" and heartbeat.timestamp is not None
+
+    before = len(watcher.updates)
+    for i in range(20):  # a change every 0.5 s for 10 s
+        await write(client, session, "t", float(i))
+        await trio.sleep(0.5)
+    await watcher.wait_for(lambda w: len(w.updates) >= before + 20)
+    assert watcher.kinds()[before:].count("heartbeat") == 0
+
+
+async def test_default_heartbeat_is_30_seconds(
+    autojump_clock: trio.testing.MockClock, client: Client, nursery: trio.Nursery
+) -> None:
+    session, _ = await new_session(client, t=0.0)
+    watcher = await start_watch(nursery, client, watch_request(session, "t"))
+    await watcher.wait_synced()
+    start = trio.current_time()
+    await watcher.wait_for(lambda w: "heartbeat" in w.kinds())
+    assert trio.current_time() - start == pytest.approx(30.0, abs=0.5)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"heartbeat_interval_ms": "99"}, "heartbeat_interval_ms must be a whole number from 100 to 600000"),
+        ({"heartbeat_interval_ms": "600001"}, "got '600001'"),
+        ({"heartbeat_interval_ms": "soon"}, "got 'soon'"),
+        ({"slow_consumer": "drop"}, "slow_consumer must be 'close' or 'coalesce'"),
+        ({"heartbeat": "1"}, "unknown watch option(s) ['heartbeat']"),
+    ],
+)
+async def test_bad_options_are_invalid_argument_before_any_message(
+    client: Client, nursery: trio.Nursery, options: dict[str, str], fragment: str
+) -> None:
+    session, _ = await new_session(client, t=0.0)
+    watcher = await start_watch(nursery, client, watch_request(session, "t", **options))
+    await watcher.wait_ended()
+    assert watcher.updates == []
+    assert isinstance(watcher.error, GRPCError) and watcher.error.status == Status.INVALID_ARGUMENT
+    assert fragment in (watcher.error.message or "")
+
+
+# ---- 5. bad requests; watching a whole session -------------------------------------------------------------
+
+
+async def test_bad_requests_fail_before_any_message(
+    client: Client, server: RunningServer, nursery: trio.Nursery
+) -> None:
+    session, _ = await new_session(client, t=0.0)
+    too_many = [f"v{i}" for i in range(server.service.watch_limits.max_identifiers + 1)]
+    cases = [
+        (watch_request("no-such-session", "t"), Status.NOT_FOUND, "session 'no-such-session' not found"),
+        (watch_request(session, "t", "x", "y"), Status.NOT_FOUND, "has no variables 'x', 'y'"),
+        (
+            watch_request(session, *too_many),
+            Status.INVALID_ARGUMENT,
+            "names 1001 variables; the limit is 1000",
+        ),
+        (
+            pb.WatchVariablesRequest(
+                session_id=session, variable_identifiers=["t"], resume_versions={"zz": 1}
+            ),
+            Status.NOT_FOUND,
+            "resume_versions names 'zz'",
+        ),
+    ]
+    for request, status, fragment in cases:
+        watcher = await start_watch(nursery, client, request)
+        await watcher.wait_ended()
+        assert watcher.updates == []
+        assert isinstance(watcher.error, GRPCError) and watcher.error.status == status
+        assert fragment in (watcher.error.message or "")
+
+
+async def test_an_empty_list_watches_the_whole_session_including_later_variables(
+    client: Client, nursery: trio.Nursery
+) -> None:
+    session, _ = await new_session(client, a=1.0)
+    watcher = await start_watch(nursery, client, watch_request(session))
+    await watcher.wait_synced()
+    assert watcher.kinds() == ["initial_value", "synced"]
+    later = await client(
+        client.stub.register_variable(
+            pb.RegisterVariableRequest(
+                session_id=session,
+                name="later",
+                type=VT.INTEGER,
+                initial_value=PbAny.pack(Int64Value(value=7)),
+            )
+        )
+    )
+    assert later.variable is not None
+    await client(
+        client.stub.set_variable(
+            pb.SetVariableRequest(
+                session_id=session, variable_identifier="later", value=PbAny.pack(Int64Value(value=8))
+            )
+        )
+    )
+    await write(client, session, "a", 2.0)
+    await watcher.wait_for(lambda w: len(w.updates) == 5)
+    assert [(u.update_type, u.variable.name if u.variable else "") for u in watcher.updates[2:]] == [
+        ("variable_registered", "later"),
+        ("value_change", "later"),
+        ("value_change", "a"),
+    ]
+    assert watcher.updates[2].variable is not None and watcher.updates[2].variable.version == 1
+
+
+# ---- 6. lifecycle ----------------------------------------------------------------------------------------
+
+
+async def test_deleted_variable_then_session_cleanup_ends_with_not_found(
+    client: Client, nursery: trio.Nursery
+) -> None:
+    session, ids = await new_session(client, a=1.0, b=2.0)
+    watcher = await start_watch(nursery, client, watch_request(session, "a", "b"))
+    await watcher.wait_synced()
+    await client(
+        client.stub.delete_variable(pb.DeleteVariableRequest(session_id=session, variable_identifier="a"))
+    )
+    await watcher.wait_for(lambda w: "variable_deleted" in w.kinds())
+    deleted = watcher.updates[-1]
+    assert deleted.variable_id == ids["a"] and deleted.variable is not None and deleted.variable.name == "a"
+    await write(client, session, "b", 3.0)  # the stream goes on for the others
+    await watcher.wait_for(lambda w: w.kinds()[-1] == "value_change")
+    await client(client.stub.cleanup_session(pb.CleanupSessionRequest(session_id=session)))
+    await watcher.wait_ended()
+    assert isinstance(watcher.error, GRPCError) and watcher.error.status == Status.NOT_FOUND
+    assert "was cleaned up" in (watcher.error.message or "")
+
+
+async def test_session_expiry_ends_the_stream_with_not_found(
+    mock_clock: trio.testing.MockClock, nursery: trio.Nursery, aio_loop: Any
+) -> None:
+    server = await start_server(nursery, session_ttl=60.0)
+    channel = Channel(server.host, server.port)
+    client = Client(channel)
+    try:
+        session, _ = await new_session(client, t=0.0)
+        # Heartbeats would keep the session alive; make them rarer than the TTL.
+        watcher = await start_watch(
+            nursery, client, watch_request(session, "t", heartbeat_interval_ms="600000")
+        )
+        await watcher.wait_synced()
+        mock_clock.jump(61.0)
+        await watcher.wait_ended()
+        assert isinstance(watcher.error, GRPCError) and watcher.error.status == Status.NOT_FOUND
+        assert "expired" in (watcher.error.message or "")
+    finally:
+        channel.close()
+
+
+async def test_heartbeats_keep_a_watched_session_alive(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, aio_loop: Any
+) -> None:
+    server = await start_server(nursery, session_ttl=60.0)
+    channel = Channel(server.host, server.port)
+    client = Client(channel)
+    try:
+        session, _ = await new_session(client, t=0.0)
+        watcher = await start_watch(
+            nursery, client, watch_request(session, "t", heartbeat_interval_ms="20000")
+        )
+        await watcher.wait_for(lambda w: w.kinds().count("heartbeat") >= 10)  # 200 s, TTL 60 s
+        assert server.store.session_count == 1
+        assert watcher.error is None
+    finally:
+        channel.close()
+
+
+async def test_server_shutdown_ends_streams_with_unavailable(nursery: trio.Nursery, aio_loop: Any) -> None:
+    async with trio.open_nursery() as server_nursery:
+        server = await start_server(server_nursery)
+        channel = Channel(server.host, server.port)
+        client = Client(channel)
+        session, _ = await new_session(client, t=0.0)
+        watcher = await start_watch(nursery, client, watch_request(session, "t"))
+        await watcher.wait_synced()
+        server_nursery.cancel_scope.cancel()
+    await watcher.wait_ended()
+    channel.close()
+    assert isinstance(watcher.error, GRPCError) and watcher.error.status == Status.UNAVAILABLE
+    assert "shutting down" in (watcher.error.message or "")
+    assert server.store.observers.observer_count == 0 and server.service.open_watches == 0
+
+
+# ---- 7. resume -------------------------------------------------------------------------------------------
+
+
+async def test_resume_replays_exactly_what_was_missed(client: Client, nursery: trio.Nursery) -> None:
+    session, ids = await new_session(client, a=0.0, b=0.0)
+    for i in range(1, 6):
+        await write(client, session, "a", float(i))  # a: versions 2..6
+    await write(client, session, "b", 9.0)  # b: version 2
+    request = watch_request(session, "a", "b", initial=True)
+    request.resume_versions = {"a": 3, ids["b"]: 2}
+    watcher = await start_watch(nursery, client, request)
+    await watcher.wait_synced()
+    assert [(u.update_type, u.variable.version, value_of(u)) for u in watcher.updates if u.variable] == [
+        ("value_change", 4, 3.0),
+        ("value_change", 5, 4.0),
+        ("value_change", 6, 5.0),
+    ]
+    assert watcher.kinds()[-1] == "synced"
+
+
+async def test_resume_beyond_the_history_is_a_resync(nursery: trio.Nursery, aio_loop: Any) -> None:
+    server = await start_server(nursery, history_size=3)
+    channel = Channel(server.host, server.port)
+    client = Client(channel)
+    try:
+        session, ids = await new_session(client, a=0.0)
+        for i in range(1, 11):
+            await write(client, session, "a", float(i))  # versions 2..11; history keeps 9..11
+        request = watch_request(session, "a")
+        request.resume_versions = {"a": 8}
+        replay = await start_watch(nursery, client, request)
+        await replay.wait_synced()
+        assert replay.versions(ids["a"]) == [9, 10, 11]
+
+        request.resume_versions = {"a": 7}
+        resync = await start_watch(nursery, client, request)
+        await resync.wait_synced()
+        assert resync.kinds() == ["resync", "synced"]
+        assert resync.updates[0].variable is not None and resync.updates[0].variable.version == 11
+        assert value_of(resync.updates[0]) == 10.0
+        assert resync.updates[0].update_metadata == {"resume_version": "7"}
+    finally:
+        channel.close()
+
+
+async def test_resume_of_a_session_watch_reports_variables_that_went_away(
+    client: Client, nursery: trio.Nursery
+) -> None:
+    session, ids = await new_session(client, a=0.0, b=0.0)
+    await client(
+        client.stub.delete_variable(pb.DeleteVariableRequest(session_id=session, variable_identifier="b"))
+    )
+    request = watch_request(session)
+    request.resume_versions = {ids["a"]: 1, ids["b"]: 1}
+    watcher = await start_watch(nursery, client, request)
+    await watcher.wait_synced()
+    assert [(u.update_type, u.variable_id) for u in watcher.updates] == [
+        ("variable_deleted", ids["b"]),
+        ("synced", ""),
+    ]
+
+
+# ---- 8. slow consumers -------------------------------------------------------------------------------------
+
+
+async def _stalled_then_drained(
+    server: RunningServer, session: str, names: list[str], writes: int, options: dict[str, str]
+) -> tuple[list[pb.VariableUpdate], GRPCError | None, dict[str, str]]:
+    """Open a watch on a connection with the smallest HTTP/2 window, read nothing while ``writes``
+    changes are made, then read everything; return the updates, the ending status and its trailers."""
+    small_window = Configuration(http2_connection_window_size=2**16 - 1, http2_stream_window_size=2**16 - 1)
+    channel = Channel(server.host, server.port, config=small_window)
+    received: list[pb.VariableUpdate] = []
+    error: GRPCError | None = None
+    trailers: dict[str, str] = {}
+
+    async def scenario() -> None:
+        nonlocal error, trailers
+        request = watch_request(session, *names, **options)
+        stream = channel.request(WATCH, Cardinality.UNARY_STREAM, pb.WatchVariablesRequest, pb.VariableUpdate)
+        try:
+            async with stream:
+                await stream.send_message(request, end=True)
+                first = await stream.recv_message()
+                assert first is not None
+                received.append(first)
+                big = "x" * 4000
+                for i in range(writes):  # the writer never waits on the stalled watcher
+                    server.store.set_variable(session, names[i % len(names)], f"{big}{i}")
+                async for update in stream:
+                    received.append(update)
+                    if final_versions(received) == {name: writes // len(names) + 1 for name in names}:
+                        await stream.cancel()  # caught up; a coalescing stream would go on forever
+                        break
+        except GRPCError as exc:
+            error = exc
+            trailers = {k: str(v) for k, v in (stream.trailing_metadata or {}).items()}
+
+    try:
+        await trio_asyncio_aio(scenario)
+    finally:
+        channel.close()
+    return received, error, trailers
+
+
+def final_versions(updates: list[pb.VariableUpdate]) -> dict[str, int]:
+    return {u.variable.name: u.variable.version for u in updates if u.variable}
+
+
+async def trio_asyncio_aio(fn: Any) -> Any:
+    import trio_asyncio
+
+    return await trio_asyncio.aio_as_trio(fn)()
+
+
+async def _string_session(client: Client, *names: str) -> str:
+    response = await client(client.stub.create_session(pb.CreateSessionRequest()))
+    assert response.session is not None
+    for name in names:
+        await client(
+            client.stub.register_variable(
+                pb.RegisterVariableRequest(
+                    session_id=response.session.session_id,
+                    name=name,
+                    type=VT.STRING,
+                    initial_value=PbAny.pack(StringValue(value="")),
+                )
+            )
+        )
+    return response.session.session_id
+
+
+async def test_a_slow_consumer_is_closed_with_resume_versions_and_loses_nothing(
+    nursery: trio.Nursery, aio_loop: Any
+) -> None:
+    server = await start_server(nursery, watch_queue_size=8, history_size=10_000)
+    channel = Channel(server.host, server.port)
+    client = Client(channel)
+    try:
+        session = await _string_session(client, "s0", "s1")
+        received, error, trailers = await _stalled_then_drained(server, session, ["s0", "s1"], 200, {})
+        assert error is not None and error.status == Status.RESOURCE_EXHAUSTED
+        assert "slow_consumer=coalesce" in (error.message or "")
+        resume = json.loads(trailers["trio-bridge-resume-versions"])
+        got = {u.variable_id: u.variable.version for u in received if u.variable}
+        assert resume == got  # exactly what the client holds
+
+        request = watch_request(session, "s0", "s1")
+        request.resume_versions = resume
+        rest = await start_watch(nursery, client, request)
+        await rest.wait_synced()
+        for variable_id, version in resume.items():
+            versions = [v for v in rest.versions(variable_id)]
+            assert versions == list(range(version + 1, 101 + 1))  # 100 writes each: versions 2..101
+        assert server.store.observers.observer_count == 1  # only `rest` is left
+    finally:
+        channel.close()
+
+
+async def test_coalesce_keeps_the_newest_change_and_says_how_many_it_replaces(
+    nursery: trio.Nursery, aio_loop: Any
+) -> None:
+    server = await start_server(nursery, watch_queue_size=8)
+    channel = Channel(server.host, server.port)
+    client = Client(channel)
+    try:
+        session = await _string_session(client, "s0", "s1")
+        received, error, _ = await _stalled_then_drained(
+            server,
+            session,
+            ["s0", "s1"],
+            200,
+            {"slow_consumer": "coalesce", "heartbeat_interval_ms": "600000"},
+        )
+    finally:
+        channel.close()
+    assert error is None or error.status != Status.RESOURCE_EXHAUSTED
+    for name in ("s0", "s1"):
+        updates = [u for u in received if u.variable and u.variable.name == name]
+        versions = [u.variable.version for u in updates if u.variable]
+        assert versions == sorted(set(versions)) and versions[-1] == 101
+        for before, after in itertools.pairwise(updates):
+            assert after.variable is not None and before.variable is not None
+            gap = after.variable.version - before.variable.version
+            assert gap == 1 or after.update_metadata["coalesced_versions"] == str(gap)
+        assert any("coalesced_versions" in u.update_metadata for u in updates)

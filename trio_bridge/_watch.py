@@ -1,0 +1,351 @@
+"""WatchVariables: the life of one watch stream, in Trio.
+
+:func:`plan_watch` checks a request against the store and the limits before anything is sent, so a bad
+request fails with its status and no message. :class:`WatchStream` then runs the stream:
+
+1. it subscribes to the store's events, and only then reads the current values, so a change accepted
+   after the subscription is either in what it read or in its queue, never in neither;
+2. it opens one nursery with a sender (the only task that sends), a heartbeat task and a task that
+   waits for server shutdown. The sender drains what is queued and sends it as one batch;
+3. per variable it sends strictly increasing versions: a queued change whose version it already sent
+   (made between subscribing and reading) is dropped.
+
+How a stream ends: the client going away cancels the task running it; every other end (session gone,
+queue overflowed, server shutting down) is raised as a :class:`~trio_bridge._errors.BridgeError` after the
+nursery has closed, so it reaches the client as its own status. Either way, leaving :meth:`run` removes
+the subscription: nothing observes on behalf of a stream that has ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import NoReturn
+
+import trio
+
+from . import _encoding as enc
+from ._errors import BridgeError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from ._observers import Coalescer, Subscription
+from ._store import EventKind, SessionStore, VariableEvent, session_key, variable_key
+from .proto.unified_bridge import VariableUpdate
+
+DEFAULT_HEARTBEAT_INTERVAL_MS = 30_000
+MIN_HEARTBEAT_INTERVAL_MS = 100
+MAX_HEARTBEAT_INTERVAL_MS = 600_000
+DEFAULT_MAX_IDENTIFIERS = 1000
+DEFAULT_QUEUE_SIZE = 1024
+#: Most updates sent in one trio→asyncio hop.
+BATCH_LIMIT = 512
+SLOW_CONSUMER_POLICIES = ("close", "coalesce")
+RESUME_TRAILER = "trio-bridge-resume-versions"
+SUBSCRIBED_CHECKPOINT = "watch.subscribed"
+
+
+@dataclass(frozen=True)
+class WatchLimits:
+    max_identifiers: int = DEFAULT_MAX_IDENTIFIERS
+    queue_size: int = DEFAULT_QUEUE_SIZE
+
+
+@dataclass(frozen=True)
+class WatchPlan:
+    """A checked request: what to watch and how."""
+
+    session_id: str
+    variable_ids: tuple[str, ...] | None  # None: every variable of the session, present and future
+    include_initial_values: bool
+    resume: Mapping[str, int]  # variable id → last version the client holds
+    gone: tuple[str, ...]  # resume identifiers of a session-wide watch that no longer exist
+    heartbeat_interval: float  # seconds
+    coalesce: bool
+
+
+def _option_heartbeat(options: Mapping[str, str]) -> float:
+    text = options.get("heartbeat_interval_ms")
+    if text is None:
+        return DEFAULT_HEARTBEAT_INTERVAL_MS / 1000
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not MIN_HEARTBEAT_INTERVAL_MS <= value <= MAX_HEARTBEAT_INTERVAL_MS:
+        raise InvalidArgument(
+            f"option heartbeat_interval_ms must be a whole number from {MIN_HEARTBEAT_INTERVAL_MS} to "
+            f"{MAX_HEARTBEAT_INTERVAL_MS}, got {text!r}"
+        )
+    return value / 1000
+
+
+def plan_watch(
+    store: SessionStore,
+    *,
+    session_id: str,
+    identifiers: Sequence[str],
+    include_initial_values: bool,
+    options: Mapping[str, str],
+    resume_versions: Mapping[str, int],
+    limits: WatchLimits,
+) -> WatchPlan:
+    """Check a watch request; raise InvalidArgument or NotFound naming every problem found."""
+    unknown_options = sorted(set(options) - {"heartbeat_interval_ms", "slow_consumer"})
+    if unknown_options:
+        raise InvalidArgument(
+            f"unknown watch option(s) {unknown_options}; known: heartbeat_interval_ms, slow_consumer"
+        )
+    heartbeat_interval = _option_heartbeat(options)
+    policy = options.get("slow_consumer", "close")
+    if policy not in SLOW_CONSUMER_POLICIES:
+        raise InvalidArgument(f"option slow_consumer must be 'close' or 'coalesce', got {policy!r}")
+    if len(identifiers) > limits.max_identifiers:
+        raise InvalidArgument(
+            f"the watch names {len(identifiers)} variables; the limit is {limits.max_identifiers}"
+        )
+    negative = sorted(k for k, v in resume_versions.items() if v < 0)
+    if negative:
+        raise InvalidArgument(f"resume_versions must not be negative (for {negative})")
+    store.touch_session(session_id)  # NOT_FOUND first, as for every other RPC
+    watched: tuple[str, ...] | None = None
+    if identifiers:
+        snapshots = store.get_variables(session_id, identifiers)
+        watched = tuple(dict.fromkeys(s.id for s in snapshots))
+    resume: dict[str, int] = {}
+    gone: list[str] = []
+    for identifier, version in resume_versions.items():
+        try:
+            (snapshot,) = store.get_variables(session_id, [identifier])
+        except NotFound:
+            if watched is not None:
+                raise NotFound(
+                    f"resume_versions names {identifier!r}, which session {session_id!r} does not have"
+                ) from None
+            gone.append(identifier)
+            continue
+        if watched is not None and snapshot.id not in watched:
+            raise InvalidArgument(f"resume_versions names {identifier!r}, which the watch does not include")
+        resume[snapshot.id] = version
+    return WatchPlan(
+        session_id=session_id,
+        variable_ids=watched,
+        include_initial_values=include_initial_values,
+        resume=resume,
+        gone=tuple(gone),
+        heartbeat_interval=heartbeat_interval,
+        coalesce=policy == "coalesce",
+    )
+
+
+def _coalescing_key(event: VariableEvent) -> object:
+    return event.variable.id if event.variable is not None else ("session", event.session_id)
+
+
+def _merge(older: VariableEvent, newer: VariableEvent) -> VariableEvent:
+    """One event standing for two of the same variable: the newer state, the older old_value."""
+    if older.kind is EventKind.SESSION_ENDED:
+        return older
+    if newer.kind in (EventKind.SESSION_ENDED, EventKind.DELETED):
+        return newer
+    kind = EventKind.REGISTERED if older.kind is EventKind.REGISTERED else newer.kind
+    return replace(newer, kind=kind, old_value=older.old_value, replaces=older.replaces + 1)
+
+
+COALESCER = Coalescer[VariableEvent](key=_coalescing_key, merge=_merge)
+
+SendBatch = Callable[[list[VariableUpdate]], Awaitable[None]]
+
+
+class WatchStream:
+    """One stream. ``send`` delivers a batch of updates to the client, in order; ``shutdown`` is set
+    when the server starts shutting down."""
+
+    def __init__(
+        self,
+        store: SessionStore,
+        plan: WatchPlan,
+        *,
+        send: SendBatch,
+        shutdown: trio.Event,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        on_sent: Callable[[int], object] = lambda count: None,
+    ) -> None:
+        self._store = store
+        self._plan = plan
+        self._send_batch = send
+        self._shutdown = shutdown
+        self._queue_size = queue_size
+        self._on_sent = on_sent
+        self._sent: dict[str, int] = {}  # variable id → highest version put into a batch
+        self._delivered: dict[str, int] = {}  # variable id → highest version whose batch was sent
+        self._known: set[str] = set()  # variables the stream has told the client about
+        self._ending: BridgeError | None = None
+        self._last_sent = 0.0
+        self._heartbeat_due = False
+        self._waiting: trio.CancelScope | None = None
+        self._progress = trio.Event()
+
+    async def run(self) -> NoReturn:
+        """Run until the stream ends; raise the BridgeError saying how. Cancelled when the client goes."""
+        plan = self._plan
+        keys = (
+            [session_key(plan.session_id)]
+            if plan.variable_ids is None
+            else [variable_key(v) for v in plan.variable_ids]
+        )
+        with self._store.observers.subscribe(
+            keys, buffer_size=self._queue_size, coalescer=COALESCER if plan.coalesce else None
+        ) as subscription:
+            self._store.checkpoint(SUBSCRIBED_CHECKPOINT)
+            initial = self._initial_updates()
+            self._last_sent = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sender, subscription, initial, nursery.cancel_scope)
+                nursery.start_soon(self._heartbeats, subscription)
+                nursery.start_soon(self._await_shutdown)
+        assert self._ending is not None
+        raise self._ending
+
+    # ---- the three tasks -----------------------------------------------------------------------
+
+    async def _sender(
+        self,
+        subscription: Subscription[VariableEvent],
+        initial: list[VariableUpdate],
+        nursery_scope: trio.CancelScope,
+    ) -> None:
+        await self._send(initial)
+        while self._ending is None:
+            events = subscription.take_nowait(BATCH_LIMIT)
+            if not events and not self._heartbeat_due:
+                with trio.CancelScope() as self._waiting:
+                    try:
+                        events = await subscription.receive_batch(BATCH_LIMIT)
+                    except trio.EndOfChannel:
+                        if not subscription.overflowed:  # only an overflow closes it under us
+                            raise
+                self._waiting = None
+            if subscription.overflowed:
+                self._end_overflowed()
+            if self._ending is not None:
+                break
+            updates = self._updates_for(events)
+            if not updates and self._heartbeat_due and self._idle_for_interval():
+                updates = [enc.marker_update(enc.HEARTBEAT, time.time())]
+                self._touch_session()
+            self._heartbeat_due = False
+            if updates:
+                await self._send(updates)
+            self._progress.set()
+            self._progress = trio.Event()
+        nursery_scope.cancel()
+
+    async def _heartbeats(self, subscription: Subscription[VariableEvent]) -> None:
+        interval = self._plan.heartbeat_interval
+        while True:
+            await trio.sleep_until(self._last_sent + interval)
+            if not self._idle_for_interval():
+                continue  # something went out meanwhile: the next heartbeat is due later
+            if not subscription.pending:
+                self._heartbeat_due = True
+                self._wake()
+            await self._progress.wait()
+
+    async def _await_shutdown(self) -> None:
+        await self._shutdown.wait()
+        self._end(Unavailable("the server is shutting down; reconnect and resume"))
+        self._wake()
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _initial_updates(self) -> list[VariableUpdate]:
+        plan = self._plan
+        now = time.time()
+        if plan.variable_ids is None:
+            snapshots = self._store.list_variables(plan.session_id)
+        else:
+            snapshots = self._store.get_variables(plan.session_id, plan.variable_ids)
+        updates = [enc.gone_update(identifier, now) for identifier in plan.gone]
+        for snapshot in snapshots:
+            self._known.add(snapshot.id)
+            resume_from = plan.resume.get(snapshot.id)
+            if resume_from is not None:
+                missed = self._store.changes_since(plan.session_id, snapshot.id, resume_from)
+                if missed is None:
+                    updates.append(
+                        enc.snapshot_update(
+                            snapshot,
+                            enc.RESYNC,
+                            source="resync",
+                            when=now,
+                            metadata={"resume_version": str(resume_from)},
+                        )
+                    )
+                else:
+                    updates.extend(enc.event_update(event) for event in missed)
+                self._sent[snapshot.id] = snapshot.version
+            elif plan.include_initial_values:
+                updates.append(enc.snapshot_update(snapshot, enc.INITIAL_VALUE, source="initial", when=now))
+                self._sent[snapshot.id] = snapshot.version
+        updates.append(enc.marker_update(enc.SYNCED, now))
+        return updates
+
+    def _updates_for(self, events: list[VariableEvent]) -> list[VariableUpdate]:
+        updates = []
+        for event in events:
+            snapshot = event.variable
+            if event.kind is EventKind.SESSION_ENDED or snapshot is None:
+                how = "expired" if event.reason == "expired" else "was cleaned up"
+                self._end(NotFound(f"session {event.session_id!r} {how}; the watch has ended"))
+                break
+            if event.kind is EventKind.DELETED:
+                if snapshot.id in self._known:
+                    self._known.discard(snapshot.id)
+                    self._sent.pop(snapshot.id, None)
+                    updates.append(enc.event_update(event))
+                continue
+            if snapshot.version <= self._sent.get(snapshot.id, 0):
+                continue  # already sent: it was made between subscribing and reading
+            self._sent[snapshot.id] = snapshot.version
+            self._known.add(snapshot.id)
+            updates.append(enc.event_update(event))
+        return updates
+
+    async def _send(self, updates: list[VariableUpdate]) -> None:
+        await self._send_batch(updates)
+        self._last_sent = trio.current_time()
+        self._on_sent(len(updates))
+        for update in updates:
+            if update.variable is not None:
+                if update.update_type == enc.VARIABLE_DELETED:
+                    self._delivered.pop(update.variable_id, None)
+                else:
+                    self._delivered[update.variable_id] = update.variable.version
+
+    def _idle_for_interval(self) -> bool:
+        return trio.current_time() >= self._last_sent + self._plan.heartbeat_interval
+
+    def _touch_session(self) -> None:
+        # An open watch keeps its session alive. A session found expired here has already published
+        # its end, which the sender reads next.
+        with contextlib.suppress(NotFound):
+            self._store.touch_session(self._plan.session_id)
+
+    def _end_overflowed(self) -> None:
+        self._end(
+            ResourceExhausted(
+                f"the watch fell {self._queue_size} updates behind (the client reads slower than the "
+                f"variables change) and was closed; resume from the versions in trailing metadata "
+                f"{RESUME_TRAILER!r}, or watch with option slow_consumer=coalesce",
+                {RESUME_TRAILER: json.dumps(self._delivered, sort_keys=True)},
+            )
+        )
+
+    def _end(self, ending: BridgeError) -> None:
+        if self._ending is None:
+            self._ending = ending
+
+    def _wake(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
