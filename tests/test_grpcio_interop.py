@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,13 +17,14 @@ import trio
 from google.protobuf import any_pb2, wrappers_pb2
 from grpc_tools import protoc
 
-from trio_bridge import RunningServer
+from trio_bridge import RunningServer, VariableType
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def stock_stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ModuleType]]:
+def stubs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """grpcio-tools' stubs for unified_bridge.proto, generated into a temporary folder."""
     out = tmp_path_factory.mktemp("grpcio_stubs")
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     status = protoc.main(
@@ -36,14 +38,19 @@ def stock_stubs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Modu
         ]
     )
     assert status == 0
-    sys.path.insert(0, str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stock_stubs(stubs_dir: Path) -> Iterator[tuple[ModuleType, ModuleType]]:
+    sys.path.insert(0, str(stubs_dir))
     try:
         yield (
             importlib.import_module("unified_bridge_pb2"),
             importlib.import_module("unified_bridge_pb2_grpc"),
         )
     finally:
-        sys.path.remove(str(out))
+        sys.path.remove(str(stubs_dir))
         sys.modules.pop("unified_bridge_pb2", None)
         sys.modules.pop("unified_bridge_pb2_grpc", None)
 
@@ -177,3 +184,60 @@ async def test_stock_grpcio_client_runs_every_unary_rpc(
 ) -> None:
     pb2, pb2_grpc = stock_stubs
     await trio.to_thread.run_sync(_scenario, f"{server.host}:{server.port}", pb2, pb2_grpc)
+
+
+AIO_WATCHER = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+import grpc
+import unified_bridge_pb2 as pb2, unified_bridge_pb2_grpc as pb2_grpc
+from google.protobuf import wrappers_pb2
+
+async def main():
+    async with grpc.aio.insecure_channel(sys.argv[2]) as channel:
+        stub = pb2_grpc.UnifiedBridgeStub(channel)
+        request = pb2.WatchVariablesRequest(
+            session_id=sys.argv[3], variable_identifiers=["t"], include_initial_values=True
+        )
+        async for update in stub.WatchVariables(request):
+            value = wrappers_pb2.DoubleValue()
+            if update.HasField("variable"):
+                assert update.variable.value.Unpack(value)
+            print(update.update_type, update.variable.version, value.value, flush=True)
+            if value.value == 3.0:
+                break
+
+asyncio.run(main())
+"""
+
+
+async def test_stock_grpcio_aio_client_consumes_the_watch_stream(
+    server: RunningServer, stubs_dir: Path
+) -> None:
+    """`async for update in stub.WatchVariables(request)` with grpc.aio, in a process of its own
+    (grpc.aio brings its own asyncio loop; this process runs trio-asyncio's)."""
+    session = server.store.create_session().session_id
+    server.store.register_variable(session, "t", VariableType.FLOAT, 0.5)
+    target = f"{server.host}:{server.port}"
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", AIO_WATCHER, str(stubs_dir), target, session], stdout=subprocess.PIPE
+    )
+    assert process.stdout is not None
+    output = b""
+    with trio.fail_after(60):
+        while b"synced" not in output:
+            chunk = await process.stdout.receive_some()
+            assert chunk, f"the grpc.aio client ended early: {output!r}"
+            output += chunk
+        for value in (1.0, 2.0, 3.0):
+            server.store.set_variable(session, "t", value)
+        async for chunk in process.stdout:
+            output += chunk
+        assert await process.wait() == 0
+    assert output.decode().splitlines() == [
+        "initial_value 1 0.5",
+        "synced 0 0.0",
+        "value_change 2 1.0",
+        "value_change 3 2.0",
+        "value_change 4 3.0",
+    ]

@@ -1,0 +1,204 @@
+"""Contract line 10: however a stream ends, its observers are gone and the open-stream count drops back."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import trio
+import trio_asyncio
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from tests.support import Client, eventually, start_server, start_watch
+from trio_bridge import RunningServer
+from trio_bridge.proto import unified_bridge as pb
+from trio_bridge.proto.google.protobuf import Any as PbAny
+from trio_bridge.proto.google.protobuf import DoubleValue
+
+
+async def _session(client: Client) -> str:
+    response = await client(client.stub.create_session(pb.CreateSessionRequest()))
+    assert response.session is not None
+    await client(
+        client.stub.register_variable(
+            pb.RegisterVariableRequest(
+                session_id=response.session.session_id,
+                name="t",
+                type=pb.VariableType.FLOAT,
+                initial_value=PbAny.pack(DoubleValue(value=0.0)),
+            )
+        )
+    )
+    return response.session.session_id
+
+
+def _request(session: str) -> pb.WatchVariablesRequest:
+    return pb.WatchVariablesRequest(
+        session_id=session, variable_identifiers=["t"], include_initial_values=True
+    )
+
+
+class Counts:
+    """The server's observer and open-stream counts before a stream opened."""
+
+    def __init__(self, server: RunningServer) -> None:
+        self.server = server
+        self.observers = server.store.observers.observer_count
+        self.streams = server.service.open_watches
+
+    def opened(self) -> bool:
+        return (
+            self.server.store.observers.observer_count == self.observers + 1
+            and self.server.service.open_watches == self.streams + 1
+        )
+
+    def back(self) -> bool:
+        gauge = self.server.metrics.registry.get_sample_value("trio_bridge_watch_streams_open")
+        return (
+            self.server.store.observers.observer_count == self.observers
+            and self.server.service.open_watches == self.streams
+            and gauge == self.streams
+        )
+
+
+@pytest.fixture
+async def baseline(client: Client, server: RunningServer, nursery: trio.Nursery) -> tuple[str, Counts]:
+    """A session, and one stream left open throughout so "back to previous" is not just "back to 0"."""
+    session = await _session(client)
+    other = await start_watch(nursery, client, _request(await _session(client)))
+    await other.wait_synced()
+    return session, Counts(server)
+
+
+async def test_client_cancels(client: Client, nursery: trio.Nursery, baseline: tuple[str, Counts]) -> None:
+    session, counts = baseline
+    watcher = await start_watch(nursery, client, _request(session))
+    await watcher.wait_synced()
+    assert counts.opened()
+    watcher.cancel_scope.cancel()
+    await eventually(counts.back)
+
+
+async def test_client_breaks_out_of_its_loop(client: Client, baseline: tuple[str, Counts]) -> None:
+    session, counts = baseline
+
+    async def first_two() -> list[str]:
+        seen = []
+        async for update in client.stub.watch_variables(_request(session)):
+            seen.append(update.update_type)
+            if update.update_type == "synced":
+                break  # what users write; the stub's generator is finalized afterwards
+        return seen
+
+    assert await trio_asyncio.aio_as_trio(first_two)() == ["initial_value", "synced"]
+    await eventually(counts.back)
+
+
+async def test_client_deadline(client: Client, nursery: trio.Nursery, baseline: tuple[str, Counts]) -> None:
+    session, counts = baseline
+    watcher = await start_watch(nursery, client, _request(session), timeout=0.5)
+    await watcher.wait_synced()
+    await watcher.wait_ended()
+    assert isinstance(watcher.error, (GRPCError, TimeoutError))
+    await eventually(counts.back)
+
+
+async def test_client_closes_its_channel(
+    server: RunningServer, nursery: trio.Nursery, baseline: tuple[str, Counts]
+) -> None:
+    session, counts = baseline
+    channel = Channel(server.host, server.port)
+    watcher = await start_watch(nursery, Client(channel), _request(session))
+    await watcher.wait_synced()
+    assert counts.opened()
+    channel.close()
+    await eventually(counts.back)
+
+
+CLIENT_PROCESS = """
+import asyncio, sys
+from grpclib.client import Channel
+from trio_bridge.proto import unified_bridge as pb
+
+async def main():
+    channel = Channel("127.0.0.1", int(sys.argv[1]))
+    request = pb.WatchVariablesRequest(session_id=sys.argv[2], variable_identifiers=["t"])
+    async for update in pb.UnifiedBridgeStub(channel).watch_variables(request):
+        print(update.update_type, flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_client_process_is_killed(server: RunningServer, baseline: tuple[str, Counts]) -> None:
+    session, counts = baseline
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", CLIENT_PROCESS, str(server.port), session], stdout=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        seen = b""
+        with trio.fail_after(30):
+            while b"synced" not in seen:
+                chunk = await process.stdout.receive_some()
+                assert chunk, "the client process ended before it was synced"
+                seen += chunk
+        assert counts.opened()
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    await eventually(counts.back)
+
+
+async def test_server_shuts_down(nursery: trio.Nursery, aio_loop: Any) -> None:
+    async with trio.open_nursery() as server_nursery:
+        server = await start_server(server_nursery)
+        channel = Channel(server.host, server.port)
+        client = Client(channel)
+        session = await _session(client)
+        watchers = [await start_watch(nursery, client, _request(session)) for _ in range(3)]
+        for watcher in watchers:
+            await watcher.wait_synced()
+        assert server.service.open_watches == 3
+        server_nursery.cancel_scope.cancel()
+    channel.close()
+    for watcher in watchers:
+        await watcher.wait_ended()
+        assert isinstance(watcher.error, GRPCError) and watcher.error.status == Status.UNAVAILABLE
+    assert server.store.observers.observer_count == 0
+    assert server.service.open_watches == 0
+
+
+async def test_handler_error(
+    client: Client,
+    server: RunningServer,
+    nursery: trio.Nursery,
+    baseline: tuple[str, Counts],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    session, counts = baseline
+    watcher = await start_watch(nursery, client, _request(session))
+    await watcher.wait_synced()
+    import trio_bridge._watch as watch_module
+
+    real = watch_module.enc.event_update
+
+    def fail_on_13(event: Any) -> pb.VariableUpdate:
+        if event.variable is not None and event.variable.value == 13.0:
+            raise RuntimeError("injected fault while encoding")
+        return real(event)
+
+    monkeypatch.setattr(watch_module.enc, "event_update", fail_on_13)
+    server.store.set_variable(session, "t", 13.0)
+    await watcher.wait_ended()
+    assert isinstance(watcher.error, GRPCError) and watcher.error.status == Status.INTERNAL
+    assert "injected" not in (watcher.error.message or "")
+    await eventually(counts.back)
