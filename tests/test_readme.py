@@ -28,3 +28,16 @@ async def test_quickstart_runs_as_written(server: RunningServer) -> None:
     )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode() == "temperature = 22.0 (version 2)\n"
+
+
+async def test_watch_example_runs_as_written(server: RunningServer) -> None:
+    code = _example("watch").replace("50051", str(server.port))
+    result = await trio.run_process(
+        [sys.executable, "-c", code], capture_stdout=True, capture_stderr=True, check=False
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode() == (
+        "initial_value temperature=21.5 v1\nsynced\nvalue_change temperature=22.0 v2\n"
+        "value_change temperature=23.0 v3\n"
+    )
+    assert "initial_value temperature=21.5 v1" in README.read_text()

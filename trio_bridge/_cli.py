@@ -27,6 +27,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -82,6 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=ServerConfig.shutdown_grace,
         help="seconds running calls get to finish on shutdown (default %(default)s)",
     )
+    serve_cmd.add_argument(
+        "--history-size",
+        type=_positive_int,
+        default=ServerConfig.history_size,
+        help="changes each session keeps for watchers that resume (default %(default)s)",
+    )
+    serve_cmd.add_argument(
+        "--watch-queue-size",
+        type=_positive_int,
+        default=ServerConfig.watch_queue_size,
+        help="updates a watch may fall behind before its slow-consumer policy applies (default %(default)s)",
+    )
+    serve_cmd.add_argument(
+        "--max-watch-identifiers",
+        type=_positive_int,
+        default=ServerConfig.max_watch_identifiers,
+        help="most variables one watch request may name (default %(default)s)",
+    )
     return parser
 
 
@@ -108,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             session_ttl=args.session_ttl,
             metrics_port=args.metrics_port,
             shutdown_grace=args.shutdown_grace,
+            history_size=args.history_size,
+            watch_queue_size=args.watch_queue_size,
+            max_watch_identifiers=args.max_watch_identifiers,
         )
         failure = ""
         try:
