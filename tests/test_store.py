@@ -218,3 +218,17 @@ async def test_leaving_the_block_by_cancellation_unregisters() -> None:
     assert observers.observer_count == 0
     assert observers.subscribers_of("k") == 0
     observers.publish(["k"], 1)  # nobody left to deliver to; nothing raises
+
+
+async def test_a_coalescing_observer_holds_at_most_one_event_per_key_beyond_its_buffer() -> None:
+    from trio_bridge._observers import Coalescer
+
+    observers: ObserverManager[tuple[str, int]] = ObserverManager()
+    merged = Coalescer[tuple[str, int]](key=lambda e: e[0], merge=lambda older, newer: newer)
+    with observers.subscribe(["k"], buffer_size=4, coalescer=merged) as slow:
+        for i in range(1000):
+            observers.publish(["k"], ("abc"[i % 3], i))  # the writer never waits
+        assert not slow.overflowed
+        assert slow.pending == 4 + 3  # the buffer, plus the newest event of each of 3 keys
+        taken = slow.take_nowait(100)
+    assert taken == [("a", 0), ("b", 1), ("c", 2), ("a", 3), ("b", 997), ("c", 998), ("a", 999)]
