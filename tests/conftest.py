@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 import trio
 import trio_asyncio
-from grpclib.client import Channel
 
-from tests.support import Client, start_server
+from tests.support import Client, connect, start_server
 from trio_bridge import RunningServer
 
 
@@ -39,8 +38,5 @@ async def server(nursery: trio.Nursery, aio_loop: Any) -> RunningServer:
 
 @pytest.fixture
 async def client(server: RunningServer, aio_loop: Any) -> AsyncIterator[Client]:
-    channel = Channel(server.host, server.port)
-    try:
-        yield Client(channel)
-    finally:
-        channel.close()
+    with connect(server) as connected:
+        yield connected

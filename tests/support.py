@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import trio
@@ -15,6 +16,16 @@ from trio_bridge.proto import unified_bridge as pb
 T = TypeVar("T")
 
 LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def connect(server: RunningServer, **channel_options: Any) -> Iterator[Client]:
+    """A client on a new connection to ``server``, closed when the block ends."""
+    channel = Channel(server.host, server.port, **channel_options)
+    try:
+        yield Client(channel)
+    finally:
+        channel.close()
 
 
 async def start_server(

@@ -7,12 +7,11 @@ from typing import Any
 
 import pytest
 import trio
-from grpclib.client import Channel
 from grpclib.exceptions import GRPCError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
-from tests.support import Client, start_server
+from tests.support import Client, connect, start_server
 from trio_bridge.proto import unified_bridge as pb
 from trio_bridge.proto.google.protobuf import Any as PbAny
 from trio_bridge.proto.google.protobuf import BoolValue
@@ -26,9 +25,7 @@ def _scrape(port: int) -> str:
 async def test_metrics_endpoint_reports_state_and_rpcs(nursery: trio.Nursery, aio_loop: Any) -> None:
     server = await start_server(nursery, metrics_port=0)
     assert server.metrics_port
-    channel = Channel(server.host, server.port)
-    client = Client(channel)
-    try:
+    with connect(server) as client:
         session = (await client(client.stub.create_session(pb.CreateSessionRequest()))).session
         assert session is not None
         await client(
@@ -44,8 +41,6 @@ async def test_metrics_endpoint_reports_state_and_rpcs(nursery: trio.Nursery, ai
         for _ in range(2):
             with pytest.raises(GRPCError):
                 await client(client.stub.get_session(pb.GetSessionRequest(session_id="missing")))
-    finally:
-        channel.close()
     text = await trio.to_thread.run_sync(_scrape, server.metrics_port)
     for line in [
         "trio_bridge_sessions 1.0",

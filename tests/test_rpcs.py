@@ -14,7 +14,7 @@ import trio.testing
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from tests.support import Client, start_server
+from tests.support import Client, connect, start_server
 from trio_bridge import RunningServer
 from trio_bridge._status import INTERNAL_MESSAGE
 from trio_bridge.proto import unified_bridge as pb
@@ -446,11 +446,8 @@ async def test_ttl_expiry_over_the_wire(
     mock_clock: trio.testing.MockClock, nursery: trio.Nursery, aio_loop: Any
 ) -> None:
     server = await start_server(nursery, session_ttl=30.0)
-    from grpclib.client import Channel
 
-    channel = Channel(server.host, server.port)
-    client = Client(channel)
-    try:
+    with connect(server) as client:
         await new_session(client, "short-lived")
         await new_session(client, "kept-alive")
         for _ in range(3):
@@ -467,8 +464,6 @@ async def test_ttl_expiry_over_the_wire(
         )
         listed = await client(client.stub.list_sessions(pb.ListSessionsRequest()))
         assert [s.session_id for s in listed.sessions] == ["kept-alive"]
-    finally:
-        channel.close()
 
 
 def _raw_call(target: str, path: str, payload: bytes) -> tuple[Any, str]:

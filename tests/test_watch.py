@@ -14,7 +14,7 @@ from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 
-from tests.support import Client, start_server, start_watch
+from tests.support import Client, connect, start_server, start_watch
 from trio_bridge import RunningServer
 from trio_bridge.proto import unified_bridge as pb
 from trio_bridge.proto.google.protobuf import Any as PbAny
@@ -299,9 +299,7 @@ async def test_session_expiry_ends_the_stream_with_not_found(
     mock_clock: trio.testing.MockClock, nursery: trio.Nursery, aio_loop: Any
 ) -> None:
     server = await start_server(nursery, session_ttl=60.0)
-    channel = Channel(server.host, server.port)
-    client = Client(channel)
-    try:
+    with connect(server) as client:
         session, _ = await new_session(client, t=0.0)
         # Heartbeats would keep the session alive; make them rarer than the TTL.
         watcher = await start_watch(
@@ -312,17 +310,13 @@ async def test_session_expiry_ends_the_stream_with_not_found(
         await watcher.wait_ended()
         assert isinstance(watcher.error, GRPCError) and watcher.error.status == Status.NOT_FOUND
         assert "expired" in (watcher.error.message or "")
-    finally:
-        channel.close()
 
 
 async def test_heartbeats_keep_a_watched_session_alive(
     autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, aio_loop: Any
 ) -> None:
     server = await start_server(nursery, session_ttl=60.0)
-    channel = Channel(server.host, server.port)
-    client = Client(channel)
-    try:
+    with connect(server) as client:
         session, _ = await new_session(client, t=0.0)
         watcher = await start_watch(
             nursery, client, watch_request(session, "t", heartbeat_interval_ms="20000")
@@ -330,8 +324,6 @@ async def test_heartbeats_keep_a_watched_session_alive(
         await watcher.wait_for(lambda w: w.kinds().count("heartbeat") >= 10)  # 200 s, TTL 60 s
         assert server.store.session_count == 1
         assert watcher.error is None
-    finally:
-        channel.close()
 
 
 async def test_server_shutdown_ends_streams_with_unavailable(nursery: trio.Nursery, aio_loop: Any) -> None:
@@ -372,9 +364,7 @@ async def test_resume_replays_exactly_what_was_missed(client: Client, nursery: t
 
 async def test_resume_beyond_the_history_is_a_resync(nursery: trio.Nursery, aio_loop: Any) -> None:
     server = await start_server(nursery, history_size=3)
-    channel = Channel(server.host, server.port)
-    client = Client(channel)
-    try:
+    with connect(server) as client:
         session, ids = await new_session(client, a=0.0)
         for i in range(1, 11):
             await write(client, session, "a", float(i))  # versions 2..11; history keeps 9..11
@@ -391,8 +381,6 @@ async def test_resume_beyond_the_history_is_a_resync(nursery: trio.Nursery, aio_
         assert resync.updates[0].variable is not None and resync.updates[0].variable.version == 11
         assert value_of(resync.updates[0]) == 10.0
         assert resync.updates[0].update_metadata == {"resume_version": "7"}
-    finally:
-        channel.close()
 
 
 async def test_resume_of_a_session_watch_reports_variables_that_went_away(
@@ -486,9 +474,7 @@ async def test_a_slow_consumer_is_closed_with_resume_versions_and_loses_nothing(
     nursery: trio.Nursery, aio_loop: Any
 ) -> None:
     server = await start_server(nursery, watch_queue_size=8, history_size=10_000)
-    channel = Channel(server.host, server.port)
-    client = Client(channel)
-    try:
+    with connect(server) as client:
         session = await _string_session(client, "s0", "s1")
         received, error, trailers = await _stalled_then_drained(server, session, ["s0", "s1"], 200, {})
         assert error is not None and error.status == Status.RESOURCE_EXHAUSTED
@@ -505,17 +491,13 @@ async def test_a_slow_consumer_is_closed_with_resume_versions_and_loses_nothing(
             versions = [v for v in rest.versions(variable_id)]
             assert versions == list(range(version + 1, 101 + 1))  # 100 writes each: versions 2..101
         assert server.store.observers.observer_count == 1  # only `rest` is left
-    finally:
-        channel.close()
 
 
 async def test_coalesce_keeps_the_newest_change_and_says_how_many_it_replaces(
     nursery: trio.Nursery, aio_loop: Any
 ) -> None:
     server = await start_server(nursery, watch_queue_size=8)
-    channel = Channel(server.host, server.port)
-    client = Client(channel)
-    try:
+    with connect(server) as client:
         session = await _string_session(client, "s0", "s1")
         received, error, _ = await _stalled_then_drained(
             server,
@@ -524,8 +506,6 @@ async def test_coalesce_keeps_the_newest_change_and_says_how_many_it_replaces(
             200,
             {"slow_consumer": "coalesce", "heartbeat_interval_ms": "600000"},
         )
-    finally:
-        channel.close()
     assert error is None or error.status != Status.RESOURCE_EXHAUSTED
     for name in ("s0", "s1"):
         updates = [u for u in received if u.variable and u.variable.name == name]
