@@ -32,7 +32,7 @@ async def start_server(
     nursery: trio.Nursery, *, store: SessionStore | None = None, **config: Any
 ) -> RunningServer:
     """Start a server on a free loopback port in ``nursery``; return once it is listening."""
-    settings = ServerConfig(host=LOOPBACK, port=0, **config)
+    settings = ServerConfig(**{"host": LOOPBACK, "port": 0, **config})
     running: RunningServer = await nursery.start(
         lambda task_status: serve(settings, store=store, task_status=task_status)
     )
@@ -130,3 +130,46 @@ async def eventually(condition: Callable[[], bool], *, limit: float = 10.0) -> N
     with trio.fail_after(limit):
         while not condition():  # noqa: ASYNC110 (the condition lives in another process or socket)
             await trio.sleep(0.005)
+
+
+class DroppingProxy:
+    """A loopback TCP proxy in front of a server that can cut every connection through it at once."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.connections_made = 0
+        self._pipes: set[trio.CancelScope] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, downstream: trio.SocketStream) -> None:
+        self.connections_made += 1
+        with trio.CancelScope() as scope:
+            self._pipes.add(scope)
+            try:
+                upstream = await trio.open_tcp_stream(LOOPBACK, self.target_port)
+                async with downstream, upstream, trio.open_nursery() as nursery:
+                    nursery.start_soon(self._pump, downstream, upstream)
+                    nursery.start_soon(self._pump, upstream, downstream)
+            finally:
+                self._pipes.discard(scope)
+
+    @staticmethod
+    async def _pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async for chunk in source:
+                await sink.send_all(chunk)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await sink.send_eof()
+
+    def drop_all(self) -> int:
+        """Cut every open connection (both sides see it closed); return how many were cut."""
+        cut = len(self._pipes)
+        for scope in list(self._pipes):
+            scope.cancel()
+        return cut

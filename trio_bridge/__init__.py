@@ -1,8 +1,22 @@
-"""trio_bridge: a gRPC server of session-scoped, typed variables that clients watch in real time."""
+"""trio_bridge: a gRPC server of session-scoped, typed variables that clients watch in real time.
 
-from ._errors import AlreadyExists, BridgeError, InvalidArgument, NotFound, VersionConflict
+The server side (``serve``, ``ServerConfig``, ``RunningServer``) is imported on first use: it brings in
+trio-asyncio, which changes asyncio's event loop policy for the whole process, and a program that only
+uses :mod:`trio_bridge.client` should not pay for that.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from ._errors import (
+    AlreadyExists,
+    BridgeError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    VersionConflict,
+)
 from ._observers import ObserverManager, Subscription
-from ._server import RunningServer, ServerConfig, serve
 from ._store import (
     EventKind,
     SessionInfo,
@@ -14,6 +28,20 @@ from ._store import (
 from ._types import Constraints, Tensor, VariableType
 from ._version import __version__
 
+if TYPE_CHECKING:
+    from ._server import RunningServer, ServerConfig, serve
+
+_SERVER_NAMES = ("RunningServer", "ServerConfig", "serve")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SERVER_NAMES:
+        from . import _server
+
+        return getattr(_server, name)
+    raise AttributeError(f"module 'trio_bridge' has no attribute {name!r}")
+
+
 __all__ = [
     "AlreadyExists",
     "BridgeError",
@@ -22,12 +50,14 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "ObserverManager",
+    "ResourceExhausted",
     "RunningServer",
     "ServerConfig",
     "SessionInfo",
     "SessionStore",
     "Subscription",
     "Tensor",
+    "Unavailable",
     "VariableEvent",
     "VariableSnapshot",
     "VariableType",

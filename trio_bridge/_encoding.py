@@ -210,6 +210,41 @@ def variable_to_proto(snapshot: VariableSnapshot) -> pb.Variable:
     )
 
 
+def seconds(moment: datetime.datetime | None) -> float:
+    """Seconds since the epoch of a Timestamp field (0.0 when unset)."""
+    return moment.timestamp() if moment is not None else 0.0
+
+
+def variable_from_proto(message: pb.Variable) -> VariableSnapshot:
+    """A Variable from the wire, with its value decoded to the native type."""
+    vtype = variable_type_from_proto(message.name, message.type)
+    return VariableSnapshot(
+        id=message.id,
+        session_id=message.session_id,
+        name=message.name,
+        type=vtype,
+        value=unpack_value(message.name, vtype, message.value),
+        constraints=constraints_from_proto(message.constraints),
+        metadata=dict(message.metadata),
+        version=message.version,
+        created_at=seconds(message.created_at),
+        last_updated_at=seconds(message.last_updated_at),
+        last_update_source=message.last_update_source,
+    )
+
+
+def session_from_proto(message: pb.Session) -> SessionInfo:
+    return SessionInfo(
+        session_id=message.session_id,
+        created_at=seconds(message.created_at),
+        last_accessed_at=seconds(message.last_accessed_at),
+        ttl_seconds=message.ttl_seconds,
+        expires_at=seconds(message.expires_at),
+        metadata=dict(message.metadata),
+        variable_count=message.variable_count,
+    )
+
+
 def session_to_proto(info: SessionInfo) -> pb.Session:
     return pb.Session(
         session_id=info.session_id,

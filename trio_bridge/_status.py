@@ -15,6 +15,9 @@ anything else       INTERNAL (logged here with its traceback; the client gets no
 A request that cannot be decoded at all is INVALID_ARGUMENT too: :class:`RequestCodec` says so before
 any handler runs, instead of letting the decoding error pass for an internal fault.
 
+The client side reads statuses back into the same errors (:func:`error_from_status`), so a caller of
+:mod:`trio_bridge.client` catches ``NotFound`` whether the store is local or remote.
+
 Exception groups (what a Trio nursery raises) are unwrapped to the first error that has a status, so a
 status raised inside a nursery still reaches the client as itself rather than as UNKNOWN.
 """
@@ -93,3 +96,31 @@ class RequestCodec(ProtoCodec):
             raise GRPCError(
                 Status.INVALID_ARGUMENT, f"malformed {message_type.__name__} message: {exc}"
             ) from None
+
+
+class RemoteError(BridgeError):
+    """A status with no more specific error class (INTERNAL, PERMISSION_DENIED, ...)."""
+
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(f"{status.name}: {message}")
+        self.status = status
+
+
+def error_from_status(status: Status, message: str | None, trailers: dict[str, str]) -> BridgeError:
+    """The client side of the mapping above: the error a status and its trailing metadata stand for."""
+    text = message or status.name
+    if status is Status.ABORTED and "trio-bridge-current-version" in trailers:
+        try:
+            return VersionConflict(
+                trailers.get("trio-bridge-variable", ""),
+                int(trailers["trio-bridge-expected-version"]),
+                int(trailers["trio-bridge-current-version"]),
+            )
+        except (KeyError, ValueError):
+            pass
+    if status is Status.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(text, trailers)
+    for cls, mapped in _STATUS_OF.items():
+        if mapped is status and cls not in (VersionConflict, ResourceExhausted):
+            return cls(text)
+    return RemoteError(status, text)

@@ -1,0 +1,442 @@
+"""The Python client: plain asyncio (no Trio needed), native values in and out, and a watch that
+survives reconnects.
+
+>>> async with BridgeClient("127.0.0.1", 50051) as client:
+...     session = await client.create_session()
+...     await client.register_variable(session.session_id, "temperature", "float", 21.5)
+...     async for event in client.watch(session.session_id, ["temperature"]):
+...         print(event.kind, event.variable.value if event.variable else "")
+
+Errors are the same classes the server's store raises (``NotFound``, ``InvalidArgument``,
+``AlreadyExists``, ``VersionConflict``, ...), carrying the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+import betterproto2
+from grpclib.client import Channel
+from grpclib.config import Configuration
+from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+
+from . import _encoding as enc
+from ._errors import BridgeError, ResourceExhausted, Unavailable
+from ._status import error_from_status
+from ._store import SessionInfo, VariableSnapshot
+from ._types import Constraints, VariableType
+from .proto import unified_bridge as pb
+
+__all__ = ["BridgeClient", "Reconnect", "Variable", "WatchEvent"]
+
+log = logging.getLogger("trio_bridge.client")
+
+#: A variable as the client returns it: its value already decoded to the native Python type.
+Variable = VariableSnapshot
+
+ReplyT = TypeVar("ReplyT", bound=betterproto2.Message)
+
+_SERVICE = "/unified_bridge.UnifiedBridge/"
+#: Below h2's default of 100 concurrent streams per connection, which would block the 101st silently.
+MAX_STREAMS_PER_CONNECTION = 90
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One decoded watch update. ``kind`` is one of ``initial_value``, ``value_change``,
+    ``variable_registered``, ``variable_deleted``, ``resync``, ``synced`` or ``heartbeat``."""
+
+    kind: str
+    variable: Variable | None
+    variable_id: str = ""
+    old_value: Any = None
+    source: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    timestamp: float = 0.0
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    """How a watch reconnects: exponential backoff with full jitter, and when a silent connection
+    counts as dead (``liveness_factor`` heartbeat intervals without any message)."""
+
+    initial_delay: float = 0.1
+    max_delay: float = 5.0
+    liveness_factor: float = 3.0
+    #: Give up after this many failed attempts in a row (None: never).
+    max_attempts: int | None = None
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0, min(self.max_delay, self.initial_delay * 2**attempt))
+
+
+_RETRYABLE_STATUSES = (Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED)
+
+
+class _DeadConnection(Exception):
+    """No message for longer than the liveness window."""
+
+
+class BridgeClient:
+    """A connection pool to one server. Use it as ``async with BridgeClient(host, port) as client``.
+
+    Unary calls share the first connection; watch streams are spread over as many connections as
+    needed to keep each below h2's limit of concurrent streams.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 50051,
+        *,
+        timeout: float | None = 30.0,
+        reconnect: Reconnect | None = None,
+        config: Configuration | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.reconnect = reconnect or Reconnect()
+        self._config = config
+        self._channels: list[Channel] = []
+        self._streams: dict[int, int] = {}  # id(channel) → open watch streams on it
+        self._types: dict[tuple[str, str], VariableType] = {}  # (session, id or name) → type
+        self._rng = random.Random()
+
+    async def __aenter__(self) -> BridgeClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        self._channels.clear()
+        self._streams.clear()
+
+    # ---- connections ---------------------------------------------------------------------------
+
+    def _new_channel(self) -> Channel:
+        channel = Channel(self.host, self.port, config=self._config)
+        self._channels.append(channel)
+        self._streams[id(channel)] = 0
+        return channel
+
+    def _unary_channel(self) -> Channel:
+        return self._channels[0] if self._channels else self._new_channel()
+
+    def _watch_channel(self) -> Channel:
+        for channel in self._channels:
+            if self._streams[id(channel)] < MAX_STREAMS_PER_CONNECTION:
+                return channel
+        return self._new_channel()
+
+    @property
+    def connections(self) -> int:
+        """How many HTTP/2 connections the client has opened."""
+        return len(self._channels)
+
+    async def _unary(self, method: str, request: betterproto2.Message, reply_type: type[ReplyT]) -> ReplyT:
+        stream = self._unary_channel().request(
+            _SERVICE + method, Cardinality.UNARY_UNARY, type(request), reply_type, timeout=self.timeout
+        )
+        try:
+            async with stream:
+                await stream.send_message(request, end=True)
+                reply = await stream.recv_message()
+        except GRPCError as exc:
+            raise _error(exc, stream.trailing_metadata) from None
+        assert reply is not None
+        return reply
+
+    # ---- sessions ------------------------------------------------------------------------------
+
+    async def ping(self, message: str = "") -> str:
+        """The server's version; raises if it does not answer."""
+        reply = await self._unary("Ping", pb.PingRequest(message=message), pb.PingResponse)
+        return reply.server_version
+
+    async def create_session(
+        self, session_id: str = "", *, metadata: Mapping[str, str] | None = None, ttl: float | None = None
+    ) -> SessionInfo:
+        request = pb.CreateSessionRequest(
+            session_id=session_id, metadata=dict(metadata or {}), ttl_seconds=ttl or 0
+        )
+        reply = await self._unary("CreateSession", request, pb.CreateSessionResponse)
+        assert reply.session is not None
+        return enc.session_from_proto(reply.session)
+
+    async def get_session(self, session_id: str) -> SessionInfo:
+        reply = await self._unary(
+            "GetSession", pb.GetSessionRequest(session_id=session_id), pb.GetSessionResponse
+        )
+        assert reply.session is not None
+        return enc.session_from_proto(reply.session)
+
+    async def list_sessions(self) -> list[SessionInfo]:
+        reply = await self._unary("ListSessions", pb.ListSessionsRequest(), pb.ListSessionsResponse)
+        return [enc.session_from_proto(s) for s in reply.sessions]
+
+    async def cleanup_session(self, session_id: str) -> int:
+        """Remove the session; return how many variables went with it."""
+        reply = await self._unary(
+            "CleanupSession", pb.CleanupSessionRequest(session_id=session_id), pb.CleanupSessionResponse
+        )
+        return reply.variables_removed
+
+    # ---- variables -----------------------------------------------------------------------------
+
+    async def register_variable(
+        self,
+        session_id: str,
+        name: str,
+        vtype: VariableType | str,
+        value: Any,
+        *,
+        constraints: Constraints | None = None,
+        metadata: Mapping[str, str] | None = None,
+        source: str = "",
+    ) -> Variable:
+        """Register a variable; ``vtype`` is a VariableType or its name ("float", "tensor", ...)."""
+        vtype = _variable_type(vtype)
+        request = pb.RegisterVariableRequest(
+            session_id=session_id,
+            name=name,
+            type=pb.VariableType(int(vtype)),
+            initial_value=enc.pack_value(vtype, _native(vtype, value)),
+            constraints=enc.constraints_to_proto(constraints or Constraints()),
+            metadata=dict(metadata or {}),
+            source=source,
+        )
+        reply = await self._unary("RegisterVariable", request, pb.RegisterVariableResponse)
+        assert reply.variable is not None
+        return self._remember(reply.variable)
+
+    async def get(self, session_id: str, identifier: str) -> Variable:
+        """One variable, by id or name."""
+        request = pb.GetVariableRequest(session_id=session_id, variable_identifier=identifier)
+        reply = await self._unary("GetVariable", request, pb.GetVariableResponse)
+        assert reply.variable is not None
+        return self._remember(reply.variable)
+
+    async def get_many(self, session_id: str, identifiers: Sequence[str]) -> list[Variable]:
+        """Several variables, in the order asked; NotFound names every unknown one."""
+        request = pb.GetVariablesRequest(session_id=session_id, variable_identifiers=list(identifiers))
+        reply = await self._unary("GetVariables", request, pb.GetVariablesResponse)
+        return [self._remember(v) for v in reply.variables]
+
+    async def list_variables(self, session_id: str) -> list[Variable]:
+        reply = await self._unary(
+            "ListVariables", pb.ListVariablesRequest(session_id=session_id), pb.ListVariablesResponse
+        )
+        return [self._remember(v) for v in reply.variables]
+
+    async def set(
+        self,
+        session_id: str,
+        identifier: str,
+        value: Any,
+        *,
+        expected_version: int | None = None,
+        source: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> Variable:
+        """Write one value; with ``expected_version`` only if the variable is still at that version
+        (else ``VersionConflict``, whose ``current`` is the version to read again)."""
+        (result,) = await self.set_many(
+            session_id, [(identifier, value, expected_version)], source=source, metadata=metadata
+        )
+        return result
+
+    async def set_many(
+        self,
+        session_id: str,
+        writes: Mapping[str, Any] | Iterable[tuple[str, Any, int | None]],
+        *,
+        source: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> list[Variable]:
+        """Write several values atomically: all are applied or none. ``writes`` maps identifiers to
+        values, or lists ``(identifier, value, expected_version or None)``."""
+        items = [(k, v, None) for k, v in writes.items()] if isinstance(writes, Mapping) else list(writes)
+        unknown = [identifier for identifier, _, _ in items if (session_id, identifier) not in self._types]
+        if unknown:
+            await self.get_many(session_id, unknown)  # learn their types, to encode the values
+        proto_writes = []
+        for identifier, value, expected_version in items:
+            vtype = self._types[(session_id, identifier)]
+            proto_writes.append(
+                pb.VariableWrite(
+                    variable_identifier=identifier,
+                    value=enc.pack_value(vtype, _native(vtype, value)),
+                    expected_version=expected_version,
+                )
+            )
+        request = pb.SetVariablesRequest(
+            session_id=session_id, writes=proto_writes, source=source, metadata=dict(metadata or {})
+        )
+        reply = await self._unary("SetVariables", request, pb.SetVariablesResponse)
+        return [self._remember(v) for v in reply.variables]
+
+    async def delete_variable(self, session_id: str, identifier: str) -> None:
+        request = pb.DeleteVariableRequest(session_id=session_id, variable_identifier=identifier)
+        await self._unary("DeleteVariable", request, pb.DeleteVariableResponse)
+
+    def _remember(self, message: pb.Variable) -> Variable:
+        variable = enc.variable_from_proto(message)
+        self._types[(variable.session_id, variable.id)] = variable.type
+        self._types[(variable.session_id, variable.name)] = variable.type
+        return variable
+
+    # ---- watch ---------------------------------------------------------------------------------
+
+    async def watch(
+        self,
+        session_id: str,
+        identifiers: Sequence[str] = (),
+        *,
+        include_initial_values: bool = True,
+        include_heartbeats: bool = False,
+        heartbeat_interval: float | None = None,
+        coalesce: bool = False,
+        resume_versions: Mapping[str, int] | None = None,
+    ) -> AsyncIterator[WatchEvent]:
+        """Decoded watch events, for as long as you iterate; an empty ``identifiers`` watches the
+        whole session.
+
+        On UNAVAILABLE, RESOURCE_EXHAUSTED, a dropped connection, or silence for longer than
+        ``liveness_factor`` heartbeat intervals, it reconnects with backoff and resumes from the last
+        version it yielded of each variable: across reconnects you still see every version exactly once,
+        or an explicit ``resync`` event (then ``synced`` again). Any other status raises its error.
+
+        Leaving the loop ends the server stream (at once with ``contextlib.aclosing``, else when the
+        generator is finalized); so does cancelling the task that iterates.
+        """
+        interval = heartbeat_interval if heartbeat_interval is not None else 30.0
+        options = {"heartbeat_interval_ms": str(round(interval * 1000))}
+        if coalesce:
+            options["slow_consumer"] = "coalesce"
+        delivered: dict[str, int] = dict(resume_versions or {})
+        failures = 0
+        while True:
+            request = pb.WatchVariablesRequest(
+                session_id=session_id,
+                variable_identifiers=list(identifiers),
+                include_initial_values=include_initial_values,
+                options=options,
+                resume_versions=delivered,
+            )
+            try:
+                async for update in self._one_stream(
+                    request, liveness=interval * self.reconnect.liveness_factor
+                ):
+                    event = _event(update)
+                    if event.kind == enc.SYNCED:
+                        failures = 0
+                    if event.variable is not None:
+                        if event.kind == enc.VARIABLE_DELETED:
+                            delivered.pop(event.variable.id, None)
+                        else:
+                            delivered[event.variable.id] = event.variable.version
+                    elif event.kind == enc.VARIABLE_DELETED:
+                        delivered.pop(event.variable_id, None)
+                    if event.kind != enc.HEARTBEAT or include_heartbeats:
+                        yield event
+            except (Unavailable, ResourceExhausted, _DeadConnection, StreamTerminatedError, OSError) as exc:
+                failures += 1
+                if self.reconnect.max_attempts is not None and failures > self.reconnect.max_attempts:
+                    raise
+                delay = self.reconnect.delay(failures - 1, self._rng)
+                log.info("watch of %s interrupted (%s); resuming in %.2fs", session_id, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            return  # the server ended the stream with OK (it never does today)
+
+    async def _one_stream(
+        self, request: pb.WatchVariablesRequest, *, liveness: float
+    ) -> AsyncIterator[pb.VariableUpdate]:
+        channel = self._watch_channel()
+        self._streams[id(channel)] += 1
+        stream = channel.request(
+            _SERVICE + "WatchVariables", Cardinality.UNARY_STREAM, pb.WatchVariablesRequest, pb.VariableUpdate
+        )
+        try:
+            async with stream:
+                await stream.send_message(request, end=True)
+                while True:
+                    try:
+                        update = await asyncio.wait_for(stream.recv_message(), liveness)
+                    except TimeoutError:
+                        raise _DeadConnection(f"no message for {liveness:.1f}s") from None
+                    if update is None:
+                        return
+                    yield update
+        except GRPCError as exc:
+            raise _error(exc, stream.trailing_metadata) from None
+        finally:
+            if id(channel) in self._streams:
+                self._streams[id(channel)] -= 1
+            if _connection_lost(channel):
+                self._drop(channel)
+
+    def _drop(self, channel: Channel) -> None:
+        """Forget a connection that died, so the next stream opens a fresh one."""
+        if channel in self._channels and self._streams.get(id(channel), 0) == 0:
+            self._channels.remove(channel)
+            del self._streams[id(channel)]
+            channel.close()
+
+
+def _connection_lost(channel: Channel) -> bool:
+    protocol = channel._protocol
+    return protocol is not None and bool(getattr(protocol.handler, "connection_lost", False))
+
+
+def _error(exc: GRPCError, trailing: Any) -> BridgeError:
+    trailers = {str(k): str(v) for k, v in (trailing or {}).items()}
+    return error_from_status(exc.status, exc.message, trailers)
+
+
+def _event(update: pb.VariableUpdate) -> WatchEvent:
+    variable = enc.variable_from_proto(update.variable) if update.variable is not None else None
+    old_value = None
+    if variable is not None and update.old_value is not None and update.old_value.type_url:
+        old_value = enc.unpack_value(variable.name, variable.type, update.old_value)
+    return WatchEvent(
+        kind=update.update_type,
+        variable=variable,
+        variable_id=update.variable_id,
+        old_value=old_value,
+        source=update.update_source,
+        metadata=dict(update.update_metadata),
+        timestamp=enc.seconds(update.timestamp),
+    )
+
+
+def _variable_type(vtype: VariableType | str) -> VariableType:
+    if isinstance(vtype, VariableType):
+        return vtype
+    try:
+        return VariableType[vtype.upper()]
+    except KeyError:
+        known = ", ".join(t.label for t in VariableType)
+        raise ValueError(f"unknown variable type {vtype!r}; known: {known}") from None
+
+
+def _native(vtype: VariableType, value: Any) -> Any:
+    """Accept the obvious Python spellings of a value (an int for a float, a list for an embedding)."""
+    if vtype is VariableType.FLOAT and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if vtype is VariableType.EMBEDDING and not isinstance(value, tuple):
+        return tuple(value)
+    return value
