@@ -133,13 +133,14 @@ async def eventually(condition: Callable[[], bool], *, limit: float = 10.0) -> N
 
 
 class DroppingProxy:
-    """A loopback TCP proxy in front of a server that can cut every connection through it at once."""
+    """A loopback TCP proxy in front of a server that can cut, or silence, every connection through it."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
         self.connections_made = 0
         self._pipes: set[trio.CancelScope] = set()
+        self._pumps: set[trio.CancelScope] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
@@ -153,9 +154,15 @@ class DroppingProxy:
             self._pipes.add(scope)
             try:
                 upstream = await trio.open_tcp_stream(LOOPBACK, self.target_port)
-                async with downstream, upstream, trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump, downstream, upstream)
-                    nursery.start_soon(self._pump, upstream, downstream)
+                async with downstream, upstream:
+                    with trio.CancelScope() as pumping:
+                        self._pumps.add(pumping)
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(self._pump, downstream, upstream)
+                            nursery.start_soon(self._pump, upstream, downstream)
+                    self._pumps.discard(pumping)
+                    if pumping.cancelled_caught:  # frozen: silent, but open, until dropped
+                        await trio.sleep_forever()
             finally:
                 self._pipes.discard(scope)
 
@@ -166,6 +173,13 @@ class DroppingProxy:
                 await sink.send_all(chunk)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await sink.send_eof()
+
+    def freeze_all(self) -> int:
+        """Stop forwarding on every open connection, leaving it open: a peer that went silent."""
+        frozen = len(self._pumps)
+        for scope in list(self._pumps):
+            scope.cancel()
+        return frozen
 
     def drop_all(self) -> int:
         """Cut every open connection (both sides see it closed); return how many were cut."""

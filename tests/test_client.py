@@ -167,6 +167,7 @@ async def _watch_across(
     write: Callable[[int], None],
     config: Configuration | None = None,
     pause_while_writing: bool = False,
+    heartbeat_interval: float | None = None,
 ) -> list[WatchEvent]:
     """Watch variable "t" through an interruption until it reaches version ``last``; return every
     event the client yielded."""
@@ -178,7 +179,9 @@ async def _watch_across(
         reconnect = Reconnect(initial_delay=0.01, max_delay=0.05)
         async with (
             BridgeClient("127.0.0.1", server_port, reconnect=reconnect, config=config) as client,
-            contextlib.aclosing(client.watch(session, ["t"])) as stream,
+            contextlib.aclosing(
+                client.watch(session, ["t"], heartbeat_interval=heartbeat_interval)
+            ) as stream,
         ):
             async for event in stream:
                 events.append(event)
@@ -306,3 +309,27 @@ async def test_many_watches_are_spread_over_connections(server: RunningServer, a
 
     assert await in_asyncio(scenario) == 3  # 90 streams per connection at most
     await eventually(lambda: server.store.observers.observer_count == 0)
+
+
+async def test_a_silent_connection_counts_as_dead_and_the_watch_resumes(
+    server: RunningServer, nursery: trio.Nursery
+) -> None:
+    session = server.store.create_session().session_id
+    server.store.register_variable(session, "t", VariableType.INTEGER, 0)
+    proxy = DroppingProxy(server.port)
+    await nursery.start(proxy.run)
+
+    async def go_silent() -> None:
+        assert proxy.freeze_all() >= 1  # no FIN, no RST: only heartbeats stop coming
+
+    events = await _watch_across(
+        proxy.port,
+        session,
+        go_silent,
+        writes=10,
+        last=11,
+        write=lambda i: server.store.set_variable(session, "t", i),
+        heartbeat_interval=0.2,  # dead after 3 x 0.2 s of silence
+    )
+    _assert_every_version_once(events, 11)
+    assert proxy.connections_made >= 2

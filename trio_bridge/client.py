@@ -370,6 +370,7 @@ class BridgeClient:
         stream = channel.request(
             _SERVICE + "WatchVariables", Cardinality.UNARY_STREAM, pb.WatchVariablesRequest, pb.VariableUpdate
         )
+        silent = False
         try:
             async with stream:
                 await stream.send_message(request, end=True)
@@ -377,6 +378,7 @@ class BridgeClient:
                     try:
                         update = await asyncio.wait_for(stream.recv_message(), liveness)
                     except TimeoutError:
+                        silent = True
                         raise _DeadConnection(f"no message for {liveness:.1f}s") from None
                     if update is None:
                         return
@@ -386,12 +388,13 @@ class BridgeClient:
         finally:
             if id(channel) in self._streams:
                 self._streams[id(channel)] -= 1
-            if _connection_lost(channel):
+            if silent or _connection_lost(channel):
                 self._drop(channel)
 
     def _drop(self, channel: Channel) -> None:
-        """Forget a connection that died, so the next stream opens a fresh one."""
-        if channel in self._channels and self._streams.get(id(channel), 0) == 0:
+        """Forget a connection that died (or went silent: every stream on it is as dead), so the next
+        stream opens a fresh one."""
+        if channel in self._channels:
             self._channels.remove(channel)
             del self._streams[id(channel)]
             channel.close()
