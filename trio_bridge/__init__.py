@@ -1,12 +1,13 @@
 """trio_bridge: a gRPC server of session-scoped, typed variables that clients watch in real time.
 
-The server side (``serve``, ``ServerConfig``, ``RunningServer``) is imported on first use: it brings in
+The server side (``serve``, ``RunningServer``) is imported on first use: it brings in
 trio-asyncio, which changes asyncio's event loop policy for the whole process, and a program that only
 uses :mod:`trio_bridge.client` should not pay for that.
 """
 
 from typing import TYPE_CHECKING, Any
 
+from ._config import ServerConfig
 from ._errors import (
     AlreadyExists,
     BridgeError,
@@ -29,9 +30,9 @@ from ._types import Constraints, Tensor, VariableType
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from ._server import RunningServer, ServerConfig, serve
+    from ._server import RunningServer, serve
 
-_SERVER_NAMES = ("RunningServer", "ServerConfig", "serve")
+_SERVER_NAMES = ("RunningServer", "serve")
 
 
 def __getattr__(name: str) -> Any:

@@ -1,8 +1,10 @@
-"""``trio-bridge``: the command line. ``serve`` runs the server until SIGINT or SIGTERM."""
+"""``trio-bridge``: the command line. ``serve`` runs the server until SIGINT or SIGTERM; ``session``,
+``var`` and ``watch`` talk to a running one. Errors print one line to stderr and exit non-zero."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 import sys
@@ -10,7 +12,10 @@ from collections.abc import Sequence
 
 import trio
 
-from ._server import DEFAULT_HOST, DEFAULT_PORT, ServerConfig, serve
+from ._commands import add_client_commands
+from ._config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
+from ._errors import BridgeError
+from ._status import RemoteError, status_of
 from ._store import DEFAULT_SESSION_TTL
 from ._version import __version__
 
@@ -59,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"trio-bridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    connection = argparse.ArgumentParser(add_help=False)
+    connection.add_argument("--host", default=DEFAULT_HOST, help="server address (default %(default)s)")
+    connection.add_argument(
+        "--port", type=_port, default=DEFAULT_PORT, help="server port (default %(default)s)"
+    )
+    connection.add_argument("--json", action="store_true", help="print JSON (one object per line)")
+    add_client_commands(commands, connection)
     serve_cmd = commands.add_parser("serve", help="run the server until SIGINT or SIGTERM")
     serve_cmd.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s)")
     serve_cmd.add_argument(
@@ -115,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run_until_signalled(config: ServerConfig) -> None:
     """Serve until SIGINT or SIGTERM arrives, then shut down gracefully."""
+    from ._server import serve  # brings in trio-asyncio: only the server needs it
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             running = await nursery.start(serve, config)
@@ -128,27 +142,48 @@ async def run_until_signalled(config: ServerConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        config = ServerConfig(
-            host=args.host,
-            port=args.port,
-            session_ttl=args.session_ttl,
-            metrics_port=args.metrics_port,
-            shutdown_grace=args.shutdown_grace,
-            history_size=args.history_size,
-            watch_queue_size=args.watch_queue_size,
-            max_watch_identifiers=args.max_watch_identifiers,
-        )
-        failure = ""
-        try:
-            trio.run(run_until_signalled, config)
-        except* OSError as group:
-            # Binding failed (port taken, address not on this machine): one line, no traceback.
-            failure = "; ".join(str(exc) for exc in _leaves(group))
-        if failure:
-            print(f"trio-bridge: cannot serve on {args.host}:{args.port}: {failure}", file=sys.stderr)
-            return 1
+        return _serve(args)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from . import _commands
+
+    try:
+        return asyncio.run(_commands.run(args))
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how `watch` is meant to end
+    except RemoteError as exc:
+        print(f"trio-bridge: {exc}", file=sys.stderr)
+    except BridgeError as exc:
+        print(f"trio-bridge: {status_of(exc).name}: {exc}", file=sys.stderr)
+    except ValueError as exc:
+        print(f"trio-bridge: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"trio-bridge: cannot reach {args.host}:{args.port}: {exc}", file=sys.stderr)
+    return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        session_ttl=args.session_ttl,
+        metrics_port=args.metrics_port,
+        shutdown_grace=args.shutdown_grace,
+        history_size=args.history_size,
+        watch_queue_size=args.watch_queue_size,
+        max_watch_identifiers=args.max_watch_identifiers,
+    )
+    failure = ""
+    try:
+        trio.run(run_until_signalled, config)
+    except* OSError as group:
+        # Binding failed (port taken, address not on this machine): one line, no traceback.
+        failure = "; ".join(str(exc) for exc in _leaves(group))
+    if failure:
+        print(f"trio-bridge: cannot serve on {args.host}:{args.port}: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 
