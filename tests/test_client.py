@@ -333,3 +333,25 @@ async def test_a_silent_connection_counts_as_dead_and_the_watch_resumes(
     )
     _assert_every_version_once(events, 11)
     assert proxy.connections_made >= 2
+
+
+async def test_watch_raises_typed_errors_for_statuses_it_cannot_resume_from(
+    server: RunningServer, aio_loop: Any
+) -> None:
+    session = server.store.create_session().session_id
+    server.store.register_variable(session, "t", VariableType.FLOAT, 1.0)
+
+    async def scenario() -> list[str]:
+        kinds = []
+        async with BridgeClient(server.host, server.port) as client:
+            with pytest.raises(NotFound, match="has no variable 'nope'"):
+                async for _ in client.watch(session, ["nope"]):
+                    pass
+            with pytest.raises(NotFound, match="was cleaned up"):
+                async for event in client.watch(session, ["t"]):
+                    kinds.append(event.kind)
+                    if event.kind == "synced":
+                        await client.cleanup_session(session)
+        return kinds
+
+    assert await in_asyncio(scenario) == ["initial_value", "synced"]

@@ -50,7 +50,9 @@ async def test_client_example_runs_as_written(server: RunningServer) -> None:
         [sys.executable, "-c", code], capture_stdout=True, capture_stderr=True, check=False
     )
     assert result.returncode == 0, result.stderr.decode()
-    shown = README.read_text().split("<!-- example: client -->", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    shown = (
+        README.read_text().split("<!-- example: client -->", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    )
     assert result.stdout.decode() == shown
 
 
