@@ -341,17 +341,20 @@ async def test_watch_raises_typed_errors_for_statuses_it_cannot_resume_from(
     session = server.store.create_session().session_id
     server.store.register_variable(session, "t", VariableType.FLOAT, 1.0)
 
+    kinds: list[str] = []
+
+    async def watch(client: BridgeClient, names: list[str]) -> None:
+        async for event in client.watch(session, names):
+            kinds.append(event.kind)
+            if event.kind == "synced":
+                await client.cleanup_session(session)
+
     async def scenario() -> list[str]:
-        kinds = []
         async with BridgeClient(server.host, server.port) as client:
             with pytest.raises(NotFound, match="has no variable 'nope'"):
-                async for _ in client.watch(session, ["nope"]):
-                    pass
+                await watch(client, ["nope"])
             with pytest.raises(NotFound, match="was cleaned up"):
-                async for event in client.watch(session, ["t"]):
-                    kinds.append(event.kind)
-                    if event.kind == "synced":
-                        await client.cleanup_session(session)
+                await watch(client, ["t"])
         return kinds
 
     assert await in_asyncio(scenario) == ["initial_value", "synced"]
