@@ -30,3 +30,10 @@ def protos(session: nox.Session) -> None:
     """Regenerate trio_bridge/proto from proto/unified_bridge.proto."""
     session.install("-e", ".[codegen]")
     session.run("python", "proto/generate.py")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks (never part of `tests`): `nox -s bench -- --quick`, `-- --json figures.json`."""
+    session.install("-e", ".")
+    session.run("python", "-m", "bench.run", *session.posargs)

@@ -1,0 +1,552 @@
+"""Benchmarks of what users feel: throughput, fan-out latency, idle streams, writer isolation, growth.
+
+Run with ``nox -s bench`` (``-- --quick`` for a short run, ``-- --json PATH`` to keep the figures).
+The server under test and the load generators are separate processes on loopback; the plain-asyncio
+baseline (bench/baseline_server.py) runs the same single-stream and fan-out scenarios in the same run.
+Figures depend on the machine: the JSON records it. Targets are printed as PASS/MISS, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from grpclib.client import Channel
+from grpclib.config import Configuration
+from grpclib.const import Cardinality
+
+from trio_bridge.proto import unified_bridge as pb
+from trio_bridge.proto.google.protobuf import Any as PbAny
+from trio_bridge.proto.google.protobuf import DoubleValue
+
+ROOT = Path(__file__).resolve().parent.parent
+PER_CONNECTION = 90
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+# ---- the server under test --------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class ServerProcess:
+    """trio_bridge (``kind="trio_bridge"``) or the baseline, in a process of its own."""
+
+    def __init__(self, kind: str, *extra: str) -> None:
+        self.kind = kind
+        self.metrics_port = _free_port() if kind == "trio_bridge" else None
+        if kind == "trio_bridge":
+            command = [sys.executable, "-m", "trio_bridge", "serve", "--port", "0", "--log-level", "WARNING"]
+            command += ["--metrics-port", str(self.metrics_port), *extra]
+        else:
+            command = [sys.executable, str(ROOT / "bench" / "baseline_server.py"), "--port", "0"]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if "serving on" not in line:
+            raise RuntimeError(f"{kind} did not start: {line!r}")
+        self.port = int(line.rsplit(":", 1)[1])
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def metric(self, name: str) -> float:
+        assert self.metrics_port is not None
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        return math.nan
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextlib.contextmanager
+def server(kind: str, *extra: str) -> Iterator[ServerProcess]:
+    running = ServerProcess(kind, *extra)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+# ---- load generators ---------------------------------------------------------------------------------
+
+
+def _number(value: float) -> PbAny:
+    return PbAny.pack(DoubleValue(value=value))
+
+
+async def _setup(port: int, sessions: int = 1, variables: int = 1) -> list[str]:
+    """Create sessions with float variables v0..v{n-1}; return the session ids."""
+    async with Channel("127.0.0.1", port) as channel:
+        stub = pb.UnifiedBridgeStub(channel)
+        ids = []
+        for index in range(sessions):
+            reply = await stub.create_session(pb.CreateSessionRequest(session_id=f"bench-{index}"))
+            assert reply.session is not None
+            ids.append(reply.session.session_id)
+        semaphore = asyncio.Semaphore(64)
+
+        async def register(session: str, name: str) -> None:
+            async with semaphore:
+                request = pb.RegisterVariableRequest(
+                    session_id=session, name=name, type=pb.VariableType.FLOAT, initial_value=_number(0.0)
+                )
+                await stub.register_variable(request)
+
+        await asyncio.gather(*(register(s, f"v{i}") for s in ids for i in range(variables)))
+        return ids
+
+
+async def _write(
+    port: int,
+    session: str,
+    name: str,
+    count: int,
+    *,
+    concurrency: int = 1,
+    pause: float = 0.0,
+    value: Callable[[int], float] = float,
+) -> list[float]:
+    """Make ``count`` writes; return each call's latency in seconds."""
+    latencies: list[float] = []
+    async with Channel("127.0.0.1", port) as channel:
+        stub = pb.UnifiedBridgeStub(channel)
+        next_index = 0
+
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < count:
+                index = next_index
+                next_index += 1
+                started = time.monotonic()
+                request = pb.SetVariableRequest(
+                    session_id=session, variable_identifier=name, value=_number(value(index))
+                )
+                await stub.set_variable(request)
+                latencies.append(time.monotonic() - started)
+                if pause:
+                    await asyncio.sleep(pause)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
+
+
+def watcher_process(
+    port: int,
+    session: str,
+    name: str,
+    streams: int,
+    expect: int,
+    mode: str,
+    ready: Any,
+    stop: Any,
+    results: Any,
+) -> None:
+    """A load-generator process holding ``streams`` watch streams (at most 90 per connection)."""
+    asyncio.run(_watchers(port, session, name, streams, expect, mode, ready, stop, results))
+
+
+async def _watchers(
+    port: int,
+    session: str,
+    name: str,
+    streams: int,
+    expect: int,
+    mode: str,
+    ready: Any,
+    stop: Any,
+    results: Any,
+) -> None:
+    cpu_start = time.process_time()
+    channels = [Channel("127.0.0.1", port) for _ in range(math.ceil(streams / PER_CONNECTION))]
+    latencies: list[float] = []
+    received = 0
+    synced = 0
+    all_synced = asyncio.Event()
+    last_receipt = 0.0
+    request = pb.WatchVariablesRequest(
+        session_id=session, variable_identifiers=[name], include_initial_values=True
+    )
+
+    async def one(index: int) -> None:
+        nonlocal received, synced, last_receipt
+        seen = 0
+        async for update in pb.UnifiedBridgeStub(channels[index // PER_CONNECTION]).watch_variables(request):
+            if update.update_type == "synced":
+                synced += 1
+                if synced == streams:
+                    all_synced.set()
+            elif update.update_type == "value_change":
+                now = time.monotonic()
+                if mode == "latency":
+                    latencies.append(now - update.variable.value.unpack().value)  # type: ignore[union-attr]
+                received += 1
+                last_receipt = now
+                seen += 1
+                if seen >= expect:
+                    return
+
+    tasks = [asyncio.create_task(one(i)) for i in range(streams)]
+    await all_synced.wait()
+    ready.set()
+    while not stop.is_set() and not all(t.done() for t in tasks):  # noqa: ASYNC110 (stop is a process Event)
+        await asyncio.sleep(0.02)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for channel in channels:
+        channel.close()
+    results.put(
+        {
+            "latencies": latencies,
+            "received": received,
+            "last": last_receipt,
+            "cpu": time.process_time() - cpu_start,
+        }
+    )
+
+
+def stalled_process(port: int, session: str, name: str, ready: Any, stop: Any) -> None:
+    """A watcher that reads up to ``synced``, then never again (on the smallest HTTP/2 window)."""
+
+    async def run() -> None:
+        small = Configuration(http2_connection_window_size=2**16 - 1, http2_stream_window_size=2**16 - 1)
+        async with Channel("127.0.0.1", port, config=small) as channel:
+            stream = channel.request(
+                "/unified_bridge.UnifiedBridge/WatchVariables",
+                Cardinality.UNARY_STREAM,
+                pb.WatchVariablesRequest,
+                pb.VariableUpdate,
+            )
+            async with stream:
+                await stream.send_message(
+                    pb.WatchVariablesRequest(session_id=session, variable_identifiers=[name]), end=True
+                )
+                while (await stream.recv_message()).update_type != "synced":  # type: ignore[union-attr]
+                    pass
+                ready.set()
+                while not stop.is_set():  # noqa: ASYNC110 (stop is a process Event)
+                    await asyncio.sleep(0.05)
+                await stream.cancel()
+
+    asyncio.run(run())
+
+
+class Watchers:
+    """Watcher processes, started together; ``wait_ready`` returns once every stream is synced."""
+
+    def __init__(
+        self, port: int, session: str, name: str, streams: int, *, expect: int, mode: str, processes: int
+    ):
+        context = mp.get_context("spawn")
+        self.stop = context.Event()
+        self.results: Any = context.Queue()
+        self.readies = []
+        self.processes = []
+        base, extra = divmod(streams, processes)
+        for index in range(processes):
+            share = base + (1 if index < extra else 0)
+            ready = context.Event()
+            process = context.Process(
+                target=watcher_process,
+                args=(port, session, name, share, expect, mode, ready, self.stop, self.results),
+            )
+            process.start()
+            self.readies.append(ready)
+            self.processes.append(process)
+
+    def wait_ready(self, limit: float = 600) -> None:
+        for ready in self.readies:
+            if not ready.wait(limit):
+                raise RuntimeError("watchers did not get synced in time")
+
+    def finish(self, limit: float = 600) -> list[dict[str, Any]]:
+        """Collect every process's result (they end when they have what they expect, or on stop)."""
+        collected = [self.results.get(timeout=limit) for _ in self.processes]
+        for process in self.processes:
+            process.join(30)
+        return collected
+
+    def halt(self) -> list[dict[str, Any]]:
+        self.stop.set()
+        return self.finish()
+
+
+# ---- scenarios ---------------------------------------------------------------------------------------
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
+
+
+def single_stream(kind: str, updates: int) -> dict[str, Any]:
+    with server(kind, "--watch-queue-size", str(updates * 2)) as srv:
+        (session,) = asyncio.run(_setup(srv.port))
+        watchers = Watchers(srv.port, session, "v0", 1, expect=updates, mode="count", processes=1)
+        watchers.wait_ready()
+        cpu0, started, client_cpu0 = srv.cpu_seconds(), time.monotonic(), time.process_time()
+        asyncio.run(_write(srv.port, session, "v0", updates, concurrency=32))
+        (result,) = watchers.finish()
+        elapsed = result["last"] - started
+        server_cpu = srv.cpu_seconds() - cpu0
+    clients_cpu = result["cpu"] + time.process_time() - client_cpu0
+    return {
+        "server": kind,
+        "updates": updates,
+        "updates_per_second": round(updates / elapsed),
+        "server_cpu_us_per_update": round(server_cpu / updates * 1e6, 1),
+        "cores_busy": round((server_cpu + clients_cpu) / elapsed, 2),
+    }
+
+
+def fan_out(kind: str, watchers_count: int, writes: int) -> dict[str, Any]:
+    with server(kind) as srv:
+        (session,) = asyncio.run(_setup(srv.port))
+        processes = max(1, min(4, math.ceil(watchers_count / 250)))
+        watchers = Watchers(
+            srv.port, session, "v0", watchers_count, expect=writes, mode="latency", processes=processes
+        )
+        watchers.wait_ready()
+        cpu0, started = srv.cpu_seconds(), time.monotonic()
+        asyncio.run(_write(srv.port, session, "v0", writes, pause=0.05, value=lambda i: time.monotonic()))
+        results = watchers.finish()
+        elapsed = time.monotonic() - started
+        server_cpu = srv.cpu_seconds() - cpu0
+    latencies = [x for r in results for x in r["latencies"]]
+    return {
+        "server": kind,
+        "watchers": watchers_count,
+        "writes": writes,
+        "received": len(latencies),
+        "p50_ms": round(_percentile(latencies, 0.50) * 1000, 2),
+        "p99_ms": round(_percentile(latencies, 0.99) * 1000, 2),
+        "max_ms": round(max(latencies) * 1000, 2),
+        "cores_busy": round((server_cpu + sum(r["cpu"] for r in results)) / elapsed, 2),
+        "client_processes": processes,
+    }
+
+
+def idle_streams(streams: int, idle_seconds: float) -> dict[str, Any]:
+    with server("trio_bridge") as srv:
+        (session,) = asyncio.run(_setup(srv.port))
+        rss0 = srv.rss_bytes()
+        started = time.monotonic()
+        processes = max(1, math.ceil(streams / 2500))
+        watchers = Watchers(srv.port, session, "v0", streams, expect=10**9, mode="count", processes=processes)
+        watchers.wait_ready()
+        opened = time.monotonic() - started
+        rss1 = srv.rss_bytes()
+        cpu0 = srv.cpu_seconds()
+        time.sleep(idle_seconds)
+        idle_cpu = (srv.cpu_seconds() - cpu0) / idle_seconds
+        observers_open = srv.metric("trio_bridge_observers")
+        started = time.monotonic()
+        watchers.halt()
+        deadline = time.monotonic() + 60
+        while srv.metric("trio_bridge_observers") > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        torn_down = time.monotonic() - started
+        left = srv.metric("trio_bridge_observers")
+    return {
+        "streams": streams,
+        "open_seconds": round(opened, 2),
+        "rss_bytes_per_stream": round((rss1 - rss0) / streams),
+        "idle_cpu_percent": round(idle_cpu * 100, 1),
+        "observers_while_open": observers_open,
+        "teardown_seconds": round(torn_down, 2),
+        "observers_after_teardown": left,
+    }
+
+
+def writer_isolation(writes: int) -> dict[str, Any]:
+    cases: dict[str, Any] = {}
+    context = mp.get_context("spawn")
+    for case in ("no watchers", "100 healthy watchers", "1 stalled watcher"):
+        with server("trio_bridge") as srv:
+            (session,) = asyncio.run(_setup(srv.port))
+            watchers = stalled = None
+            stop = context.Event()
+            if case.startswith("100"):
+                watchers = Watchers(srv.port, session, "v0", 100, expect=10**9, mode="count", processes=1)
+                watchers.wait_ready()
+            elif case.startswith("1 stalled"):
+                ready = context.Event()
+                stalled = context.Process(target=stalled_process, args=(srv.port, session, "v0", ready, stop))
+                stalled.start()
+                ready.wait(60)
+            memory: list[int] = []
+            latencies: list[float] = []
+            for _ in range(10):
+                latencies += asyncio.run(_write(srv.port, session, "v0", writes // 10))
+                memory.append(srv.rss_bytes())
+            if watchers is not None:
+                watchers.halt()
+            if stalled is not None:
+                stop.set()
+                stalled.join(30)
+        cases[case] = {
+            "p50_ms": round(_percentile(latencies, 0.5) * 1000, 3),
+            "p99_ms": round(_percentile(latencies, 0.99) * 1000, 3),
+            "rss_mb_samples": [round(m / 2**20, 1) for m in memory],
+        }
+    return cases
+
+
+def growth(updates: int, big: int) -> list[dict[str, Any]]:
+    rows = []
+    for variables, sessions in ((1, 1), (100, 1), (big, 1), (1, 100)):
+        with server("trio_bridge") as srv:
+            session = asyncio.run(_setup(srv.port, sessions=sessions, variables=variables))[0]
+            watchers = Watchers(srv.port, session, "v0", 1, expect=updates, mode="count", processes=1)
+            watchers.wait_ready()
+            cpu0 = srv.cpu_seconds()
+            asyncio.run(_write(srv.port, session, "v0", updates, concurrency=16))
+            watchers.finish()
+            rows.append(
+                {
+                    "variables_per_session": variables,
+                    "sessions": sessions,
+                    "server_cpu_us_per_update": round((srv.cpu_seconds() - cpu0) / updates * 1e6, 1),
+                }
+            )
+    return rows
+
+
+# ---- report ------------------------------------------------------------------------------------------
+
+
+def _table(title: str, rows: list[dict[str, Any]]) -> None:
+    print(f"\n## {title}")
+    if not rows:
+        return
+    columns = list(rows[0])
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
+    sys.stdout.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a first look")
+    args = parser.parse_args()
+    quick = args.quick
+    report: dict[str, Any] = {
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "quick": quick,
+    }
+    print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}")
+
+    updates = 5_000 if quick else 20_000
+    report["single_stream"] = [single_stream(kind, updates) for kind in ("trio_bridge", "baseline")]
+    _table("1. single stream throughput (and 6. baseline)", report["single_stream"])
+
+    sizes = (1, 10, 100, 1000)
+    writes = 10 if quick else 40
+    report["fan_out"] = [fan_out(kind, w, writes) for w in sizes for kind in ("trio_bridge", "baseline")]
+    _table("2. fan-out latency, write call to receipt (and 6. baseline)", report["fan_out"])
+
+    idle_sizes = (1000, 2000) if quick else (1000, 5000, 10000)
+    report["idle_streams"] = [idle_streams(s, 2.0 if quick else 5.0) for s in idle_sizes]
+    _table("3. idle streams", report["idle_streams"])
+
+    isolation = writer_isolation(500 if quick else 2000)
+    report["writer_isolation"] = isolation
+    _table(
+        "4. writer isolation: SetVariable latency",
+        [
+            {
+                "case": case,
+                **{k: v for k, v in figures.items() if k != "rss_mb_samples"},
+                "server_rss_mb_over_time": " ".join(map(str, figures["rss_mb_samples"])),
+            }
+            for case, figures in isolation.items()
+        ],
+    )
+
+    report["growth"] = growth(2_000 if quick else 5_000, 1_000 if quick else 10_000)
+    _table("5. growth: server CPU per delivered update", report["growth"])
+
+    report["targets"] = _targets(report)
+    print()
+    for line in report["targets"]:
+        print(line)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+        print(f"\nfigures written to {args.json}")
+
+
+def _targets(report: dict[str, Any]) -> list[str]:
+    lines = []
+    ours, base = report["single_stream"]
+    ratio = ours["updates_per_second"] / base["updates_per_second"]
+    verdict = "PASS" if ratio >= 1.0 else "MISS"
+    lines.append(f"{verdict} single stream: {ratio:.2f}x the plain-asyncio baseline (target >= 1.0x)")
+    thousand = [r for r in report["fan_out"] if r["server"] == "trio_bridge" and r["watchers"] == 1000]
+    if thousand:
+        p99 = thousand[0]["p99_ms"]
+        lines.append(
+            f"{'PASS' if p99 <= 100 else 'MISS'} fan-out to 1,000 watchers: p99 {p99} ms (target <= 100 ms)"
+        )
+    largest = report["idle_streams"][-1]
+    per_stream_kb = largest["rss_bytes_per_stream"] / 1024
+    ok = per_stream_kb <= 20 and largest["observers_after_teardown"] == 0
+    lines.append(
+        f"{'PASS' if ok else 'MISS'} {largest['streams']:,} idle streams: {per_stream_kb:.1f} KB RSS per "
+        f"stream, {largest['observers_after_teardown']:.0f} observers after teardown (target <= 20 KB, 0)"
+    )
+    isolation = report["writer_isolation"]
+    moved = isolation["1 stalled watcher"]["p99_ms"] / isolation["no watchers"]["p99_ms"]
+    samples = isolation["1 stalled watcher"]["rss_mb_samples"]
+    flat = max(samples[len(samples) // 2 :]) - min(samples[len(samples) // 2 :]) <= 2.0
+    lines.append(
+        f"{'PASS' if moved <= 1.2 and flat else 'MISS'} stalled watcher: writer p99 x{moved:.2f} "
+        f"(target <= 1.2), server memory {'flat' if flat else 'growing'} ({samples[0]} .. {samples[-1]} MB)"
+    )
+    return lines
+
+
+if __name__ == "__main__":
+    main()
