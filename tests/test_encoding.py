@@ -92,3 +92,18 @@ def test_missing_and_mistyped_values() -> None:
         unpack_value("v", VariableType.FLOAT, None)
     with pytest.raises(InvalidArgument, match=r"expects an Any of .*DoubleValue', got .*StringValue'"):
         unpack_value("v", VariableType.FLOAT, pack_value(VariableType.STRING, "1.0"))
+
+
+def test_the_server_codec_serializes_a_fanned_out_message_once() -> None:
+    from trio_bridge._status import RequestCodec
+    from trio_bridge.proto import unified_bridge as pb
+
+    codec = RequestCodec()
+    update = pb.VariableUpdate(variable_id="v", update_type="value_change")
+    first = codec.encode(update, pb.VariableUpdate)
+    assert codec.encode(update, pb.VariableUpdate) is first  # reused, not re-serialized
+    assert pb.VariableUpdate.parse(first) == update
+    other = pb.VariableUpdate(variable_id="w")
+    assert pb.VariableUpdate.parse(codec.encode(other, pb.VariableUpdate)) == other
+    del update, other
+    assert codec._encoded == {}  # entries go with their messages

@@ -25,6 +25,7 @@ status raised inside a nursery still reaches the client as itself rather than as
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 from grpclib.const import Status
@@ -87,7 +88,29 @@ def grpc_error_for(exc: Exception, *, method: str) -> tuple[GRPCError, dict[str,
 
 
 class RequestCodec(ProtoCodec):
-    """grpclib's protobuf codec, answering an undecodable message with INVALID_ARGUMENT."""
+    """grpclib's protobuf codec, answering an undecodable message with INVALID_ARGUMENT.
+
+    It also serializes each outgoing message object once: an update fanned out to many watch streams
+    is the same object on each, so its bytes are reused (kept as long as the message lives).
+    """
+
+    def __init__(self) -> None:
+        # id(message) → (weak reference to it, its bytes); an entry goes when its message is collected.
+        # (betterproto2 messages are unhashable, so a WeakKeyDictionary cannot hold them.)
+        self._encoded: dict[int, tuple[weakref.ref[Any], bytes]] = {}
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        key = id(message)
+        entry = self._encoded.get(key)
+        if entry is not None and entry[0]() is message:
+            return entry[1]
+        data = super().encode(message, message_type)
+        try:
+            ref = weakref.ref(message, lambda _, key=key: self._encoded.pop(key, None))  # type: ignore[misc]
+        except TypeError:  # not weak-referenceable: just not cached
+            return data
+        self._encoded[key] = (ref, data)
+        return data
 
     def decode(self, data: bytes, message_type: Any) -> Any:
         try:

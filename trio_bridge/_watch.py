@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NoReturn
@@ -153,6 +154,28 @@ def _merge(older: VariableEvent, newer: VariableEvent) -> VariableEvent:
 
 
 COALESCER = Coalescer[VariableEvent](key=_coalescing_key, merge=_merge)
+
+
+class _RecentUpdates:
+    """The wire update of each of the last few events, so a change fanned out to a thousand streams
+    is encoded once, not a thousand times. Holding the event keeps its id from being reused."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._entries: OrderedDict[int, tuple[VariableEvent, VariableUpdate]] = OrderedDict()
+
+    def update_for(self, event: VariableEvent) -> VariableUpdate:
+        entry = self._entries.get(id(event))
+        if entry is not None and entry[0] is event:
+            return entry[1]
+        update = enc.event_update(event)
+        self._entries[id(event)] = (event, update)
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return update
+
+
+_RECENT_UPDATES = _RecentUpdates()
 
 SendBatch = Callable[[list[VariableUpdate]], Awaitable[None]]
 
@@ -303,13 +326,13 @@ class WatchStream:
                 if snapshot.id in self._known:
                     self._known.discard(snapshot.id)
                     self._sent.pop(snapshot.id, None)
-                    updates.append(enc.event_update(event))
+                    updates.append(_RECENT_UPDATES.update_for(event))
                 continue
             if snapshot.version <= self._sent.get(snapshot.id, 0):
                 continue  # already sent: it was made between subscribing and reading
             self._sent[snapshot.id] = snapshot.version
             self._known.add(snapshot.id)
-            updates.append(enc.event_update(event))
+            updates.append(_RECENT_UPDATES.update_for(event))
         return updates
 
     async def _send(self, updates: list[VariableUpdate]) -> None:
