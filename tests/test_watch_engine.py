@@ -32,7 +32,7 @@ async def test_a_burst_queued_during_a_slow_send_goes_out_as_one_batch() -> None
             await slow_send.wait()  # the client is slow to take the first change
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(WatchStream(store, plan, send=send, shutdown=trio.Event()).run)
+        nursery.start_soon(WatchStream(store, plan, send=send).run)
         await trio.testing.wait_all_tasks_blocked()
         store.set_variable(session, "n", 1)
         await trio.testing.wait_all_tasks_blocked()

@@ -41,8 +41,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         self.store = store
         self.metrics = metrics
         self.watch_limits = watch_limits or WatchLimits()
-        self._shutting_down = trio.Event()
-        self._open_watches = 0
+        self._watches: set[WatchStream] = set()
         self._draining = False
         self._in_flight = 0
         self._idle = trio.Event()
@@ -58,7 +57,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
     @property
     def open_watches(self) -> int:
         """WatchVariables streams open right now."""
-        return self._open_watches
+        return len(self._watches)
 
     async def drain(self) -> None:
         """Refuse new RPCs with UNAVAILABLE, end every watch stream with UNAVAILABLE, then wait until
@@ -68,7 +67,8 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         cancels whatever is still running.
         """
         self._draining = True
-        self._shutting_down.set()
+        for watch in list(self._watches):
+            watch.shut_down()
         while self._in_flight:
             await self._idle.wait()
 
@@ -248,14 +248,15 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             self.store,
             plan,
             send=send,
-            shutdown=self._shutting_down,
             queue_size=self.watch_limits.queue_size,
             on_sent=self.metrics.updates_sent.inc,
         )
-        self._open_watches += 1
+        self._watches.add(watch)
         self.metrics.open_watch_streams.inc()
+        if self._draining:  # began while the server started to drain
+            watch.shut_down()
         try:
             await watch.run()
         finally:
-            self._open_watches -= 1
+            self._watches.discard(watch)
             self.metrics.open_watch_streams.dec()

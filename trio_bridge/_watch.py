@@ -5,8 +5,8 @@ request fails with its status and no message. :class:`WatchStream` then runs the
 
 1. it subscribes to the store's events, and only then reads the current values, so a change accepted
    after the subscription is either in what it read or in its queue, never in neither;
-2. it opens one nursery with a sender (the only task that sends), a heartbeat task and a task that
-   waits for server shutdown. The sender drains what is queued and sends it as one batch;
+2. it opens one nursery with a sender (the only task that sends) and a heartbeat task. The sender
+   drains what is queued and sends it as one batch;
 3. per variable it sends strictly increasing versions: a queued change whose version it already sent
    (made between subscribing and reading) is dropped.
 
@@ -181,8 +181,8 @@ SendBatch = Callable[[list[VariableUpdate]], Awaitable[None]]
 
 
 class WatchStream:
-    """One stream. ``send`` delivers a batch of updates to the client, in order; ``shutdown`` is set
-    when the server starts shutting down."""
+    """One stream. ``send`` delivers a batch of updates to the client, in order; :meth:`shut_down`
+    ends the stream with UNAVAILABLE once what is being sent has gone out."""
 
     def __init__(
         self,
@@ -190,14 +190,12 @@ class WatchStream:
         plan: WatchPlan,
         *,
         send: SendBatch,
-        shutdown: trio.Event,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         on_sent: Callable[[int], object] = lambda count: None,
     ) -> None:
         self._store = store
         self._plan = plan
         self._send_batch = send
-        self._shutdown = shutdown
         self._queue_size = queue_size
         self._on_sent = on_sent
         self._sent: dict[str, int] = {}  # variable id → highest version put into a batch
@@ -226,7 +224,6 @@ class WatchStream:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sender, subscription, initial, nursery.cancel_scope)
                 nursery.start_soon(self._heartbeats, subscription)
-                nursery.start_soon(self._await_shutdown)
         assert self._ending is not None
         raise self._ending
 
@@ -275,8 +272,8 @@ class WatchStream:
                 self._wake()
             await self._progress.wait()
 
-    async def _await_shutdown(self) -> None:
-        await self._shutdown.wait()
+    def shut_down(self) -> None:
+        """End the stream with UNAVAILABLE (server shutdown); safe before, during or after ``run``."""
         self._end(Unavailable("the server is shutting down; reconnect and resume"))
         self._wake()
 
