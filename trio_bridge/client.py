@@ -381,8 +381,13 @@ class BridgeClient:
                         silent = True
                         raise _DeadConnection(f"no message for {liveness:.1f}s") from None
                     if update is None:
-                        return
+                        break
                     yield update
+            # grpclib skips the trailers' status when the connection closed right after them (as a
+            # server that shuts down does): read it here, so an UNAVAILABLE is not taken for an OK.
+            stream._maybe_raise()
+            if not _ended_ok(stream):
+                raise _DeadConnection("the stream ended without a status")
         except GRPCError as exc:
             raise _error(exc, stream.trailing_metadata) from None
         finally:
@@ -398,6 +403,11 @@ class BridgeClient:
             self._channels.remove(channel)
             del self._streams[id(channel)]
             channel.close()
+
+
+def _ended_ok(stream: Any) -> bool:
+    trailers = dict(stream._stream.trailers or stream._stream.headers or [])
+    return bool(trailers.get("grpc-status") == "0")
 
 
 def _connection_lost(channel: Channel) -> bool:
