@@ -206,6 +206,7 @@ class WatchStream:
         self._heartbeat_due = False
         self._waiting: trio.CancelScope | None = None
         self._progress = trio.Event()
+        self._initial: list[VariableUpdate] = []
 
     async def run(self) -> NoReturn:
         """Run until the stream ends; raise the BridgeError saying how. Cancelled when the client goes."""
@@ -219,10 +220,10 @@ class WatchStream:
             keys, buffer_size=self._queue_size, coalescer=COALESCER if plan.coalesce else None
         ) as subscription:
             self._store.checkpoint(SUBSCRIBED_CHECKPOINT)
-            initial = self._initial_updates()
+            self._initial = self._initial_updates()
             self._last_sent = trio.current_time()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._sender, subscription, initial, nursery.cancel_scope)
+                nursery.start_soon(self._sender, subscription, nursery.cancel_scope)
                 nursery.start_soon(self._heartbeats, subscription)
         assert self._ending is not None
         raise self._ending
@@ -230,12 +231,11 @@ class WatchStream:
     # ---- the three tasks -----------------------------------------------------------------------
 
     async def _sender(
-        self,
-        subscription: Subscription[VariableEvent],
-        initial: list[VariableUpdate],
-        nursery_scope: trio.CancelScope,
+        self, subscription: Subscription[VariableEvent], nursery_scope: trio.CancelScope
     ) -> None:
+        initial, self._initial = self._initial, []
         await self._send(initial)
+        del initial  # an idle stream keeps no message alive
         while self._ending is None:
             events = subscription.take_nowait(BATCH_LIMIT)
             if not events and not self._heartbeat_due:
