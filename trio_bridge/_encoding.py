@@ -200,7 +200,10 @@ def variable_to_proto(snapshot: VariableSnapshot) -> pb.Variable:
         name=snapshot.name,
         type=pb.VariableType(int(snapshot.type)),
         value=pack_value(snapshot.type, snapshot.value),
-        constraints=constraints_to_proto(snapshot.constraints),
+        # No rules: no message (smaller, and cheaper to serialize on every update).
+        constraints=constraints_to_proto(snapshot.constraints)
+        if snapshot.constraints.fields_in_use()
+        else None,
         metadata=dict(snapshot.metadata),
         version=snapshot.version,
         created_at=timestamp(snapshot.created_at),
