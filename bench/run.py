@@ -166,19 +166,9 @@ async def _write(
     return latencies
 
 
-def watcher_process(
-    port: int,
-    session: str,
-    name: str,
-    streams: int,
-    expect: int,
-    mode: str,
-    ready: Any,
-    stop: Any,
-    results: Any,
-) -> None:
-    """A load-generator process holding ``streams`` watch streams (at most 90 per connection)."""
-    asyncio.run(_watchers(port, session, name, streams, expect, mode, ready, stop, results))
+def watcher_process(*arguments: Any) -> None:
+    """A load-generator process holding watch streams: see ``_watchers`` for the arguments."""
+    asyncio.run(_watchers(*arguments))
 
 
 async def _watchers(
@@ -192,6 +182,9 @@ async def _watchers(
     stop: Any,
     results: Any,
 ) -> None:
+    """Hold ``streams`` streams on ``name`` (at most 90 per connection); ``mode`` "latency" reads each
+    value as the monotonic time of its write. Set ``ready`` once all are synced; end when each stream
+    has ``expect`` changes or ``stop`` is set; put the figures on ``results``."""
     cpu_start = time.process_time()
     channels = [Channel("127.0.0.1", port) for _ in range(math.ceil(streams / PER_CONNECTION))]
     latencies: list[float] = []
