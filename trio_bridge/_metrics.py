@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 
 class Metrics:
@@ -28,9 +28,11 @@ class Metrics:
         Gauge("trio_bridge_observers", "Live observer subscriptions.", registry=self.registry).set_function(
             observers
         )
+        # Read from the service at scrape time: the service is built after the metrics it reports to.
         self.open_watch_streams = Gauge(
             "trio_bridge_watch_streams_open", "Open WatchVariables streams.", registry=self.registry
         )
+        self.open_watch_streams.set_function(lambda: 0)
         self.updates_sent = Counter(
             "trio_bridge_updates_sent", "VariableUpdate messages sent.", registry=self.registry
         )
@@ -48,10 +50,6 @@ class Metrics:
     def rpc_count(self, method: str, status: str) -> float:
         value = self.registry.get_sample_value("trio_bridge_rpcs_total", {"method": method, "status": status})
         return value or 0.0
-
-    def exposition(self) -> bytes:
-        """The metrics in Prometheus' text format, as the HTTP endpoint serves them."""
-        return generate_latest(self.registry)
 
     def start_http(self, host: str, port: int) -> int:
         """Serve /metrics on a background thread; return the bound port."""

@@ -55,6 +55,7 @@ async def serve(
         metrics,
         WatchLimits(max_identifiers=config.max_watch_identifiers, queue_size=config.watch_queue_size),
     )
+    metrics.open_watch_streams.set_function(lambda: service.open_watches)
     metrics_port = None
     if config.metrics_port is not None:
         metrics_port = metrics.start_http(config.host, config.metrics_port)

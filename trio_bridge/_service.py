@@ -50,11 +50,6 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
     # ---- lifecycle -------------------------------------------------------------------------------
 
     @property
-    def in_flight(self) -> int:
-        """RPCs being handled right now."""
-        return self._in_flight
-
-    @property
     def open_watches(self) -> int:
         """WatchVariables streams open right now."""
         return len(self._watches)
@@ -252,11 +247,9 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             on_sent=self.metrics.updates_sent.inc,
         )
         self._watches.add(watch)
-        self.metrics.open_watch_streams.inc()
         if self._draining:  # began while the server started to drain
             watch.shut_down()
         try:
             await watch.run()
         finally:
             self._watches.discard(watch)
-            self.metrics.open_watch_streams.dec()
