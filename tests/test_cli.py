@@ -162,6 +162,7 @@ async def test_watch_prints_a_change_made_by_set(server: RunningServer) -> None:
         await cli(server, "var", "set", "lab", "temperature", "23.5")
         await until("value_change")
         change = lines[-1]
+        assert change["variable_type"] == "float"
         assert (
             change["name"],
             change["value"],

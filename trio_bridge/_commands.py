@@ -145,6 +145,7 @@ def _event_json(event: WatchEvent) -> dict[str, Any]:
     data: dict[str, Any] = {"type": event.kind, "timestamp": _when(event.timestamp)}
     if event.variable is not None:
         data.update(_variable_json(event.variable))
+        data["variable_type"] = data["type"]  # "type" names the event; keep the variable's type too
         data["type"] = event.kind
         if event.old_value is not None:
             data["old_value"] = plain_value(event.variable.type, event.old_value)
