@@ -11,6 +11,10 @@ grpclib's ``Server.close()`` alone sends nothing and leaves accepted connections
    streams to end with UNAVAILABLE, and waits for running calls to finish;
 2. the listening socket closes and grpclib cancels the handlers still running;
 3. every accepted connection gets an HTTP/2 GOAWAY and is closed, so no client waits on a dead peer.
+
+Writes: grpclib writes every frame to its socket at once. When a change fans out to many streams of
+one connection, that is one system call per stream; :class:`_CoalescingTransport` gathers the frames
+written in one turn of the event loop and sends them in one call at the end of the turn.
 """
 
 from __future__ import annotations
@@ -40,15 +44,84 @@ T = TypeVar("T")
 _CLOSE_TIMEOUT = 1.0
 
 
+class _CoalescingTransport(asyncio.Transport):
+    """Wraps a connection's transport: bytes written during one turn of the event loop leave in a
+    single ``write`` at the end of that turn, in the order they were written.
+
+    Closing sends what is gathered first; aborting drops it, as aborting the socket would.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self._transport = transport
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(bytes(data))
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self._transport.get_extra_info(name, default)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+
+class _CoalescingProtocol(H2Protocol):
+    """grpclib's HTTP/2 protocol on a :class:`_CoalescingTransport`."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(_CoalescingTransport(cast(asyncio.Transport, transport)))
+
+
 class _TrackedServer(grpclib.server.Server):
-    """A grpclib Server that remembers its connections, so shutdown can close them."""
+    """A grpclib Server that remembers its connections, so shutdown can close them, and whose
+    connections coalesce their writes."""
 
     def __init__(self, handlers: Collection[IServable]) -> None:
         super().__init__(handlers, codec=RequestCodec())
         self.connections: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
 
     def _protocol_factory(self) -> H2Protocol:
-        protocol = super()._protocol_factory()
+        made = super()._protocol_factory()  # registers the connection's handler with the server
+        protocol = _CoalescingProtocol(made.handler, made.config, made.h2_config)
         self.connections.add(protocol)
         return protocol
 
