@@ -35,5 +35,5 @@ def protos(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks (never part of `tests`): `nox -s bench -- --quick`, `-- --json figures.json`."""
-    session.install("-e", ".")
+    session.install("-e", ".[bench]")
     session.run("python", "-m", "bench.run", *session.posargs)

@@ -26,10 +26,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import any_pb2, wrappers_pb2
 from grpclib.client import Channel
 from grpclib.config import Configuration
 from grpclib.const import Cardinality
 
+from bench import stock_client
 from trio_bridge.proto import unified_bridge as pb
 from trio_bridge.proto.google.protobuf import Any as PbAny
 from trio_bridge.proto.google.protobuf import DoubleValue
@@ -144,11 +146,12 @@ async def _write(
     value: Callable[[int], float] = float,
     after: Callable[[int], Awaitable[None]] | None = None,
 ) -> list[float]:
-    """Make ``count`` writes; return each call's latency in seconds. ``after(index)`` is awaited once
-    write ``index`` has returned, before the worker makes its next one."""
+    """Make ``count`` writes with the stock client; return each call's latency in seconds.
+    ``after(index)`` is awaited once write ``index`` has returned, before the worker's next one."""
+    pb2, pb2_grpc = stock_client.stubs()
     latencies: list[float] = []
-    async with Channel("127.0.0.1", port) as channel:
-        stub = pb.UnifiedBridgeStub(channel)
+    async with stock_client.channel(port) as channel:
+        stub = pb2_grpc.UnifiedBridgeStub(channel)
         next_index = 0
 
         async def worker() -> None:
@@ -157,10 +160,11 @@ async def _write(
                 index = next_index
                 next_index += 1
                 started = time.monotonic()
-                request = pb.SetVariableRequest(
-                    session_id=session, variable_identifier=name, value=_number(value(index))
+                packed = any_pb2.Any()
+                packed.Pack(wrappers_pb2.DoubleValue(value=value(index)))
+                await stub.SetVariable(
+                    pb2.SetVariableRequest(session_id=session, variable_identifier=name, value=packed)
                 )
-                await stub.set_variable(request)
                 latencies.append(time.monotonic() - started)
                 if after is not None:
                     await after(index)
@@ -191,22 +195,25 @@ async def _watchers(
     """Hold ``streams`` streams on ``name`` (at most 90 per connection); ``mode`` "latency" reads each
     value as the monotonic time of its write. Set ``ready`` once all are synced; count every change
     received in ``counter`` (a shared value only this process writes); end when each stream has
-    ``expect`` changes or ``stop`` is set; put the figures on ``results``."""
+    ``expect`` changes or ``stop`` is set; put the figures on ``results``. Uses the stock client."""
     cpu_start = time.process_time()
-    channels = [Channel("127.0.0.1", port) for _ in range(math.ceil(streams / PER_CONNECTION))]
+    pb2, pb2_grpc = stock_client.stubs()
+    channels = [stock_client.channel(port) for _ in range(math.ceil(streams / PER_CONNECTION))]
+    stubs = [pb2_grpc.UnifiedBridgeStub(channel) for channel in channels]
     latencies: list[float] = []
     received = 0
     synced = 0
     all_synced = asyncio.Event()
     last_receipt = 0.0
-    request = pb.WatchVariablesRequest(
+    request = pb2.WatchVariablesRequest(
         session_id=session, variable_identifiers=[name], include_initial_values=True
     )
 
     async def one(index: int) -> None:
         nonlocal received, synced, last_receipt
         seen = 0
-        async for update in pb.UnifiedBridgeStub(channels[index // PER_CONNECTION]).watch_variables(request):
+        written = wrappers_pb2.DoubleValue()
+        async for update in stubs[index // PER_CONNECTION].WatchVariables(request):
             if update.update_type == "synced":
                 synced += 1
                 if synced == streams:
@@ -214,7 +221,8 @@ async def _watchers(
             elif update.update_type == "value_change":
                 now = time.monotonic()
                 if mode == "latency":
-                    latencies.append(now - update.variable.value.unpack().value)  # type: ignore[union-attr]
+                    update.variable.value.Unpack(written)
+                    latencies.append(now - written.value)
                 received += 1
                 counter.value = received
                 last_receipt = now
@@ -232,7 +240,7 @@ async def _watchers(
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     for channel in channels:
-        channel.close()
+        await channel.close()
     results.put(
         {
             "latencies": latencies,
