@@ -28,6 +28,7 @@ import logging
 import weakref
 from typing import Any
 
+import betterproto2
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
@@ -41,6 +42,7 @@ from ._errors import (
     Unavailable,
     VersionConflict,
 )
+from ._wire import serialize
 
 log = logging.getLogger("trio_bridge")
 
@@ -91,7 +93,8 @@ class RequestCodec(ProtoCodec):
     """grpclib's protobuf codec, answering an undecodable message with INVALID_ARGUMENT.
 
     It also serializes each outgoing message object once: an update fanned out to many watch streams
-    is the same object on each, so its bytes are reused (kept as long as the message lives).
+    is the same object on each, so its bytes are reused (kept as long as the message lives); and it
+    serializes betterproto2 messages with :func:`._wire.serialize` (same bytes, less CPU).
     """
 
     def __init__(self) -> None:
@@ -104,7 +107,10 @@ class RequestCodec(ProtoCodec):
         entry = self._encoded.get(key)
         if entry is not None and entry[0]() is message:
             return entry[1]
-        data = super().encode(message, message_type)
+        if isinstance(message, betterproto2.Message) and isinstance(message, message_type):
+            data = serialize(message)
+        else:
+            data = super().encode(message, message_type)  # checks the type; protobuf's own messages
         try:
             ref = weakref.ref(message, lambda _, key=key: self._encoded.pop(key, None))  # type: ignore[misc]
         except TypeError:  # not weak-referenceable: just not cached
