@@ -232,3 +232,36 @@ async def test_a_coalescing_observer_holds_at_most_one_event_per_key_beyond_its_
         assert slow.pending == 4 + 3  # the buffer, plus the newest event of each of 3 keys
         taken = slow.take_nowait(100)
     assert taken == [("a", 0), ("b", 1), ("c", 2), ("a", 3), ("b", 997), ("c", 998), ("a", 999)]
+
+
+async def test_interrupt_wakes_a_waiting_reader_with_an_empty_batch_and_queues_nothing() -> None:
+    observers: ObserverManager[int] = ObserverManager(default_buffer_size=2)
+    with observers.subscribe(["k"]) as subscription:
+        batches: list[list[int]] = []
+        async with trio.open_nursery() as nursery:
+
+            async def read_twice() -> None:
+                batches.append(await subscription.receive_batch(10))
+                batches.append(await subscription.receive_batch(10))
+
+            nursery.start_soon(read_twice)
+            await trio.testing.wait_all_tasks_blocked()
+            subscription.interrupt()
+            await trio.testing.wait_all_tasks_blocked()
+            assert batches == [[]]
+            assert subscription.pending == 0
+            observers.publish(["k"], 1)  # handed to the waiting reader
+            observers.publish(["k"], 2)  # queued
+        assert batches == [[], [1, 2]]
+        assert not subscription.overflowed
+
+
+async def test_interrupt_without_a_waiting_reader_does_nothing() -> None:
+    observers: ObserverManager[int] = ObserverManager(default_buffer_size=1)
+    with observers.subscribe(["k"]) as subscription:
+        subscription.interrupt()
+        assert subscription.pending == 0
+        observers.publish(["k"], 7)
+        assert not subscription.overflowed  # the one slot was still free
+        assert await subscription.receive_batch(10) == [7]
+    subscription.interrupt()  # closed: still nothing, and no error

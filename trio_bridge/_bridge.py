@@ -41,13 +41,17 @@ log = logging.getLogger("trio_bridge")
 
 T = TypeVar("T")
 
+#: Bytes a connection gathers before it writes them without waiting for the loop's next turn.
+_FLUSH_AT = 4096
+
 #: Longest wait for grpclib's handlers to finish after they were cancelled.
 _CLOSE_TIMEOUT = 1.0
 
 
 class _CoalescingTransport(asyncio.Transport):
-    """Wraps a connection's transport: bytes written during one turn of the event loop leave in a
-    single ``write`` at the end of that turn, in the order they were written.
+    """Wraps a connection's transport: bytes written before the event loop's next turn leave in one
+    ``write`` then, in the order they were written, or as soon as ``_FLUSH_AT`` bytes are gathered
+    (so the first streams of a large fan-out need not wait for the last).
 
     Closing sends what is gathered first; aborting drops it, as aborting the socket would.
     """
@@ -56,6 +60,7 @@ class _CoalescingTransport(asyncio.Transport):
         super().__init__()
         self._transport = transport
         self._pending: list[bytes] = []
+        self._pending_size = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
@@ -63,11 +68,15 @@ class _CoalescingTransport(asyncio.Transport):
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._flush)
         self._pending.append(bytes(data))
+        self._pending_size += len(data)
+        if self._pending_size >= _FLUSH_AT:
+            self._flush()
 
     def _flush(self) -> None:
         if self._pending:
             data = b"".join(self._pending)
             self._pending.clear()
+            self._pending_size = 0
             if not self._transport.is_closing():
                 self._transport.write(data)
 

@@ -20,13 +20,20 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 import trio
 
 EventT = TypeVar("EventT")
 
 DEFAULT_BUFFER_SIZE = 1024
+
+
+class _Interrupted:
+    """What :meth:`Subscription.interrupt` hands straight to a waiting reader; never queued."""
+
+
+_INTERRUPTED = _Interrupted()
 
 
 @dataclass(frozen=True)
@@ -52,13 +59,19 @@ class Subscription(Generic[EventT]):
     ) -> None:
         self._manager = manager
         self.keys = keys
-        self._send, self.receive = trio.open_memory_channel[EventT](buffer_size)
+        self._send, self._receive = trio.open_memory_channel[EventT | _Interrupted](buffer_size)
         self._coalescer = coalescer
         # Coalesced events waiting for room, in arrival order. Invariant, outside a call: events are held
         # only while the channel is not empty, so a reader waiting on an empty channel misses nothing.
         self._held: dict[Hashable, EventT] = {}
         self.overflowed = False
         self.closed = False
+
+    @property
+    def receive(self) -> trio.MemoryReceiveChannel[EventT]:
+        """The channel itself, for a reader that neither uses :meth:`receive_batch` nor calls
+        :meth:`interrupt` (which are made for each other)."""
+        return cast("trio.MemoryReceiveChannel[EventT]", self._receive)
 
     @property
     def pending(self) -> int:
@@ -94,7 +107,7 @@ class Subscription(Generic[EventT]):
         taken: list[EventT] = []
         while len(taken) < limit:
             try:
-                taken.append(self.receive.receive_nowait())
+                taken.append(cast(EventT, self._receive.receive_nowait()))
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
         if len(taken) < limit and self._held and self._send.statistics().current_buffer_used == 0:
@@ -104,13 +117,22 @@ class Subscription(Generic[EventT]):
         return taken
 
     async def receive_batch(self, limit: int) -> list[EventT]:
-        """Wait for at least one event, then take up to ``limit``. Raises ``trio.EndOfChannel`` once
-        the subscription is closed and emptied. Cancellation loses no event."""
+        """Wait for at least one event, then take up to ``limit``; return ``[]`` at once when
+        :meth:`interrupt` is called meanwhile. Raises ``trio.EndOfChannel`` once the subscription is
+        closed and emptied. Cancellation loses no event."""
         taken = self.take_nowait(limit)
         if taken:
             return taken
-        first = await self.receive.receive()
+        first = await self._receive.receive()
+        if isinstance(first, _Interrupted):
+            return []
         return [first, *self.take_nowait(limit - 1)]
+
+    def interrupt(self) -> None:
+        """Make a reader waiting in :meth:`receive_batch` return now, with no events (a cheaper way to
+        wake it than a cancel scope around every wait). Without a waiting reader, nothing happens."""
+        if not self.closed and self._send.statistics().tasks_waiting_receive:
+            self._send.send_nowait(_INTERRUPTED)  # handed to the waiter, never put in the buffer
 
     def close(self) -> None:
         """Unregister; the reader still receives what was queued, then ``EndOfChannel``."""
@@ -130,7 +152,7 @@ class Subscription(Generic[EventT]):
         tb: TracebackType | None,
     ) -> None:
         self.close()
-        self.receive.close()
+        self._receive.close()
         self._held.clear()
 
 

@@ -205,7 +205,7 @@ class WatchStream:
         self._ending: BridgeError | None = None
         self._last_sent = 0.0
         self._heartbeat_due = False
-        self._waiting: trio.CancelScope | None = None
+        self._subscription: Subscription[VariableEvent] | None = None
         self._progress = trio.Event()
         self._initial: list[VariableUpdate] = []
 
@@ -220,6 +220,7 @@ class WatchStream:
         with self._store.observers.subscribe(
             keys, buffer_size=self._queue_size, coalescer=COALESCER if plan.coalesce else None
         ) as subscription:
+            self._subscription = subscription
             self._store.checkpoint(SUBSCRIBED_CHECKPOINT)
             self._initial = self._initial_updates()
             self._last_sent = trio.current_time()
@@ -241,13 +242,11 @@ class WatchStream:
         while self._ending is None:
             events = subscription.take_nowait(BATCH_LIMIT)
             if not events and not self._heartbeat_due:
-                with trio.CancelScope() as self._waiting:
-                    try:
-                        events = await subscription.receive_batch(BATCH_LIMIT)
-                    except trio.EndOfChannel:
-                        if not subscription.overflowed:  # only an overflow closes it under us
-                            raise
-                self._waiting = None
+                try:  # until an event comes, or _wake interrupts the wait
+                    events = await subscription.receive_batch(BATCH_LIMIT)
+                except trio.EndOfChannel:
+                    if not subscription.overflowed:  # only an overflow closes it under us
+                        raise
             if subscription.overflowed:
                 self._end_overflowed()
             if self._ending is not None:
@@ -369,5 +368,5 @@ class WatchStream:
             self._ending = ending
 
     def _wake(self) -> None:
-        if self._waiting is not None:
-            self._waiting.cancel()
+        if self._subscription is not None:
+            self._subscription.interrupt()
