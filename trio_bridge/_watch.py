@@ -240,11 +240,13 @@ class WatchStream:
         await self._send(initial)
         del initial  # an idle stream keeps no message alive
         while self._ending is None:
-            events = subscription.take_nowait(BATCH_LIMIT)
-            if not events and not self._heartbeat_due:
-                try:  # until an event comes, or _wake interrupts the wait
+            if self._heartbeat_due:
+                events = subscription.take_nowait(BATCH_LIMIT)
+            else:
+                try:  # what is queued, else wait until an event comes or _wake interrupts the wait
                     events = await subscription.receive_batch(BATCH_LIMIT)
                 except trio.EndOfChannel:
+                    events = []
                     if not subscription.overflowed:  # only an overflow closes it under us
                         raise
             if subscription.overflowed:
