@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -10,7 +11,7 @@ import trio
 import trio_asyncio
 from grpclib.client import Channel
 
-from trio_bridge import RunningServer, ServerConfig, SessionStore, serve
+from trio_bridge import Limits, RunningServer, ServerConfig, SessionStore, serve
 from trio_bridge.proto import unified_bridge as pb
 
 T = TypeVar("T")
@@ -31,8 +32,12 @@ def connect(server: RunningServer, **channel_options: Any) -> Iterator[Client]:
 async def start_server(
     nursery: trio.Nursery, *, store: SessionStore | None = None, **config: Any
 ) -> RunningServer:
-    """Start a server on a free loopback port in ``nursery``; return once it is listening."""
-    settings = ServerConfig(**{"host": LOOPBACK, "port": 0, **config})
+    """Start a server on a free loopback port in ``nursery``; return once it is listening. ``config``
+    holds ServerConfig fields and Limits fields alike."""
+    limit_names = {field.name for field in dataclasses.fields(Limits)}
+    limits = Limits(**{k: v for k, v in config.items() if k in limit_names})
+    others = {k: v for k, v in config.items() if k not in limit_names}
+    settings = ServerConfig(**{"host": LOOPBACK, "port": 0, "limits": limits, **others})
     running: RunningServer = await nursery.start(
         lambda task_status: serve(settings, store=store, task_status=task_status)
     )

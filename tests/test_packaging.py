@@ -53,7 +53,7 @@ def test_runtime_imports_are_declared_dependencies() -> None:
     assert not undeclared, f"imported at run time but not a dependency of trio-bridge: {undeclared}"
 
 
-PURE_MODULES = {"_store", "_observers", "_types", "_errors"}
+PURE_MODULES = {"_store", "_observers", "_types", "_errors", "_limits"}
 
 
 def test_store_and_observers_import_no_grpc() -> None:

@@ -187,7 +187,10 @@ async def test_default_heartbeat_is_30_seconds(
 @pytest.mark.parametrize(
     ("options", "fragment"),
     [
-        ({"heartbeat_interval_ms": "99"}, "heartbeat_interval_ms must be a whole number from 100 to 600000"),
+        (
+            {"heartbeat_interval_ms": "99"},
+            "heartbeat_interval_ms must be a whole number from 100 (limit min_heartbeat_interval_ms) to 600000",
+        ),
         ({"heartbeat_interval_ms": "600001"}, "got '600001'"),
         ({"heartbeat_interval_ms": "soon"}, "got 'soon'"),
         ({"slow_consumer": "drop"}, "slow_consumer must be 'close' or 'coalesce'"),
@@ -212,14 +215,14 @@ async def test_bad_requests_fail_before_any_message(
     client: Client, server: RunningServer, nursery: trio.Nursery
 ) -> None:
     session, _ = await new_session(client, t=0.0)
-    too_many = [f"v{i}" for i in range(server.service.watch_limits.max_identifiers + 1)]
+    too_many = [f"v{i}" for i in range(server.service.limits.max_watch_identifiers + 1)]
     cases = [
         (watch_request("no-such-session", "t"), Status.NOT_FOUND, "session 'no-such-session' not found"),
         (watch_request(session, "t", "x", "y"), Status.NOT_FOUND, "has no variables 'x', 'y'"),
         (
             watch_request(session, *too_many),
             Status.INVALID_ARGUMENT,
-            "names 1001 variables; the limit is 1000",
+            "names 1001 variables, more than its limit max_watch_identifiers=1000",
         ),
         (
             pb.WatchVariablesRequest(

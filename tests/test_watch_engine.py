@@ -6,7 +6,8 @@ import trio
 import trio.testing
 
 from trio_bridge import SessionStore, VariableType
-from trio_bridge._watch import WatchLimits, WatchStream, plan_watch
+from trio_bridge._limits import Limits
+from trio_bridge._watch import WatchStream, plan_watch
 from trio_bridge.proto.unified_bridge import VariableUpdate
 
 
@@ -21,7 +22,7 @@ async def test_a_burst_queued_during_a_slow_send_goes_out_as_one_batch() -> None
         include_initial_values=True,
         options={},
         resume_versions={},
-        limits=WatchLimits(),
+        limits=Limits(),
     )
     batches: list[list[VariableUpdate]] = []
     slow_send = trio.Event()

@@ -17,6 +17,7 @@ from ._errors import (
     Unavailable,
     VersionConflict,
 )
+from ._limits import Limits
 from ._observers import ObserverManager, Subscription
 from ._store import (
     EventKind,
@@ -49,6 +50,7 @@ __all__ = [
     "Constraints",
     "EventKind",
     "InvalidArgument",
+    "Limits",
     "NotFound",
     "ObserverManager",
     "ResourceExhausted",

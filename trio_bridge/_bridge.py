@@ -31,7 +31,9 @@ import grpclib.server
 import trio
 import trio_asyncio
 from grpclib.protocol import H2Protocol
+from h2.settings import SettingCodes
 
+from ._errors import ResourceExhausted
 from ._status import RequestCodec
 
 if TYPE_CHECKING:
@@ -115,23 +117,30 @@ class _CoalescingTransport(asyncio.Transport):
 
 
 class _CoalescingProtocol(H2Protocol):
-    """grpclib's HTTP/2 protocol on a :class:`_CoalescingTransport`."""
+    """grpclib's HTTP/2 protocol on a :class:`_CoalescingTransport`, allowing ``max_streams``
+    concurrent streams (h2's default, 100, would make the 101st call wait without a word)."""
+
+    max_streams = 100
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(_CoalescingTransport(cast(asyncio.Transport, transport)))
+        self.connection._connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
+        self.connection.flush()
 
 
 class _TrackedServer(grpclib.server.Server):
     """A grpclib Server that remembers its connections, so shutdown can close them, and whose
     connections coalesce their writes."""
 
-    def __init__(self, handlers: Collection[IServable]) -> None:
+    def __init__(self, handlers: Collection[IServable], max_streams: int) -> None:
         super().__init__(handlers, codec=RequestCodec())
         self.connections: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+        self._max_streams = max_streams
 
     def _protocol_factory(self) -> H2Protocol:
         made = super()._protocol_factory()  # registers the connection's handler with the server
         protocol = _CoalescingProtocol(made.handler, made.config, made.h2_config)
+        protocol.max_streams = self._max_streams
         self.connections.add(protocol)
         return protocol
 
@@ -150,6 +159,23 @@ class _TrackedServer(grpclib.server.Server):
             connection.close()
             closed += 1
         return closed
+
+
+def bound_request_size(stream: grpclib.server.Stream[Any, Any], max_bytes: int, limit_name: str) -> None:
+    """Make ``stream`` refuse a request message longer than ``max_bytes`` before reading it, with
+    :class:`ResourceExhausted` naming ``limit_name``: grpclib would otherwise buffer whatever length
+    the message's 5-byte gRPC prefix claims (up to 4 GiB)."""
+    inner = stream._stream
+    read = inner.recv_data
+
+    async def recv_data(size: int) -> bytes:
+        if size > max_bytes:
+            raise ResourceExhausted(
+                f"the request message is {size} bytes, more than its limit {limit_name}={max_bytes}"
+            )
+        return await read(size)
+
+    inner.recv_data = recv_data  # type: ignore[method-assign]
 
 
 def run_in_trio(fn: Callable[..., Awaitable[T]], *args: object) -> Awaitable[T]:
@@ -233,6 +259,7 @@ async def serve_grpc(
     port: int,
     drain: Callable[[], Awaitable[None]],
     grace: float,
+    max_streams_per_connection: int = 100,
     task_status: trio.TaskStatus[BoundAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``services`` on ``host:port`` until cancelled, then shut down in steps (module doc).
@@ -241,7 +268,7 @@ async def serve_grpc(
     shielded from the cancellation that triggers it and takes at most ``grace`` plus about a second.
     """
     async with trio_asyncio.open_loop():
-        server = _TrackedServer(services)
+        server = _TrackedServer(services, max_streams_per_connection)
         await trio_asyncio.aio_as_trio(server.start)(host, port)
         listener = cast(asyncio.Server, server._server)
         bound = listener.sockets[0].getsockname()

@@ -15,6 +15,8 @@ import trio
 from ._commands import add_client_commands
 from ._config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
 from ._errors import BridgeError
+from ._limits import Limits
+from ._limits import describe as describe_limits
 from ._status import RemoteError, status_of
 from ._store import DEFAULT_SESSION_TTL
 from ._version import __version__
@@ -104,24 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=ServerConfig.shutdown_grace,
         help="seconds running calls get to finish on shutdown (default %(default)s)",
     )
-    serve_cmd.add_argument(
-        "--history-size",
-        type=_positive_int,
-        default=ServerConfig.history_size,
-        help="changes each session keeps for watchers that resume (default %(default)s)",
-    )
-    serve_cmd.add_argument(
-        "--watch-queue-size",
-        type=_positive_int,
-        default=ServerConfig.watch_queue_size,
-        help="updates a watch may fall behind before its slow-consumer policy applies (default %(default)s)",
-    )
-    serve_cmd.add_argument(
-        "--max-watch-identifiers",
-        type=_positive_int,
-        default=ServerConfig.max_watch_identifiers,
-        help="most variables one watch request may name (default %(default)s)",
-    )
+    limits = serve_cmd.add_argument_group("limits (see the README's Limits table)")
+    for name, default, what in describe_limits():
+        limits.add_argument(
+            "--" + name.replace("_", "-"),
+            type=_positive_int,
+            default=default,
+            metavar="N",
+            help=f"{what} (default %(default)s)",
+        )
     return parser
 
 
@@ -171,9 +164,7 @@ def _serve(args: argparse.Namespace) -> int:
         session_ttl=args.session_ttl,
         metrics_port=args.metrics_port,
         shutdown_grace=args.shutdown_grace,
-        history_size=args.history_size,
-        watch_queue_size=args.watch_queue_size,
-        max_watch_identifiers=args.max_watch_identifiers,
+        limits=Limits(**{name: getattr(args, name) for name, _, _ in describe_limits()}),
     )
     failure = ""
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._store import DEFAULT_HISTORY_SIZE, DEFAULT_SESSION_TTL
-from ._watch import DEFAULT_MAX_IDENTIFIERS, DEFAULT_QUEUE_SIZE
+from ._limits import DEFAULT_LIMITS, Limits
+from ._store import DEFAULT_SESSION_TTL
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
@@ -23,9 +23,5 @@ class ServerConfig:
     metrics_port: int | None = None
     #: On shutdown, how long running calls get to finish before they are cancelled.
     shutdown_grace: float = 0.5
-    #: Changes each session remembers for watchers that resume.
-    history_size: int = DEFAULT_HISTORY_SIZE
-    #: Updates a watch stream may fall behind before its slow-consumer policy applies.
-    watch_queue_size: int = DEFAULT_QUEUE_SIZE
-    #: Most variables one WatchVariables request may name.
-    max_watch_identifiers: int = DEFAULT_MAX_IDENTIFIERS
+    #: What the server accepts (see ``_limits``).
+    limits: Limits = DEFAULT_LIMITS

@@ -13,7 +13,6 @@ from ._config import ServerConfig
 from ._metrics import Metrics
 from ._service import UnifiedBridgeService
 from ._store import SessionStore
-from ._watch import WatchLimits
 
 log = logging.getLogger("trio_bridge")
 
@@ -43,18 +42,20 @@ async def serve(
     Start it with ``await nursery.start(serve, config)`` to get a :class:`RunningServer` once it is
     listening. Passing a ``store`` keeps state across server restarts in one process.
     """
+    limits = config.limits
     if store is None:
-        store = SessionStore(default_ttl=config.session_ttl, history_size=config.history_size)
+        store = SessionStore(
+            default_ttl=config.session_ttl,
+            history_size=limits.history_size,
+            max_sessions=limits.max_sessions,
+            max_variables_per_session=limits.max_variables_per_session,
+        )
     metrics = Metrics(
         sessions=lambda: store.session_count,
         variables=lambda: store.variable_count,
         observers=lambda: store.observers.observer_count,
     )
-    service = UnifiedBridgeService(
-        store,
-        metrics,
-        WatchLimits(max_identifiers=config.max_watch_identifiers, queue_size=config.watch_queue_size),
-    )
+    service = UnifiedBridgeService(store, metrics, limits)
     metrics.open_watch_streams.set_function(lambda: service.open_watches)
     metrics_port = None
     if config.metrics_port is not None:
@@ -70,6 +71,8 @@ async def serve(
                     port=config.port,
                     drain=service.drain,
                     grace=config.shutdown_grace,
+                    # room for unary calls beside a full quota of watch streams
+                    max_streams_per_connection=limits.max_watch_streams_per_connection + 100,
                     task_status=task_status,
                 )
             )

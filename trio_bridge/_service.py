@@ -21,12 +21,15 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from . import _encoding as enc
-from ._bridge import run_in_asyncio, run_in_trio
+from ._bridge import bound_request_size, run_in_asyncio, run_in_trio
+from ._errors import InvalidArgument, ResourceExhausted
+from ._limits import DEFAULT_LIMITS, Limits
 from ._metrics import Metrics
 from ._status import grpc_error_for
 from ._store import SessionStore, VariableSnapshot, VariableWrite
+from ._types import VariableType
 from ._version import __version__
-from ._watch import WatchLimits, WatchPlan, WatchStream, plan_watch
+from ._watch import WatchPlan, WatchStream, plan_watch
 from .proto import unified_bridge as pb
 
 WATCH_PATH = "/unified_bridge.UnifiedBridge/WatchVariables"
@@ -35,13 +38,15 @@ _RawHandler = Callable[[Stream[Any, Any]], Awaitable[None]]
 
 
 class UnifiedBridgeService(pb.UnifiedBridgeBase):
-    def __init__(
-        self, store: SessionStore, metrics: Metrics, watch_limits: WatchLimits | None = None
-    ) -> None:
+    def __init__(self, store: SessionStore, metrics: Metrics, limits: Limits = DEFAULT_LIMITS) -> None:
         self.store = store
         self.metrics = metrics
-        self.watch_limits = watch_limits or WatchLimits()
+        self.limits = limits
         self._watches: set[WatchStream] = set()
+        # Watch calls admitted (counted from the request, before their stream starts), in all and by
+        # connection (its peer address).
+        self._admitted_watches = 0
+        self._watches_by_peer: dict[object, int] = {}
         self._draining = False
         self._in_flight = 0
         self._idle = trio.Event()
@@ -51,8 +56,8 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
 
     @property
     def open_watches(self) -> int:
-        """WatchVariables streams open right now."""
-        return len(self._watches)
+        """WatchVariables streams open right now (counted from the moment they are admitted)."""
+        return self._admitted_watches
 
     async def drain(self) -> None:
         """Refuse new RPCs with UNAVAILABLE, end every watch stream with UNAVAILABLE, then wait until
@@ -92,6 +97,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
                 self._idle = trio.Event()
             status = Status.OK.name
             try:
+                bound_request_size(stream, self.limits.max_message_bytes, "max_message_bytes")
                 await func(stream)
             except asyncio.CancelledError:
                 status = Status.CANCELLED.name
@@ -143,7 +149,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         # Checked in the order a client would fix them: session, name, type, value.
         self.store.get_session(message.session_id)
         vtype = enc.variable_type_from_proto(message.name, message.type)
-        value = enc.unpack_value(message.name, vtype, message.initial_value)
+        value = self._unpack_value(message.name, vtype, message.initial_value)
         snapshot = self.store.register_variable(
             message.session_id,
             message.name,
@@ -202,12 +208,21 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         decoded = [
             VariableWrite(
                 identifier=write.variable_identifier,
-                value=enc.unpack_value(target.name, target.type, write.value),
+                value=self._unpack_value(target.name, target.type, write.value),
                 expected_version=write.expected_version,
             )
             for write, target in zip(writes, targets, strict=True)
         ]
         return self.store.set_variables(session_id, decoded, source=source, metadata=metadata)
+
+    def _unpack_value(self, name: str, vtype: VariableType, packed: Any) -> Any:
+        limit = self.limits.max_value_bytes
+        if packed is not None and len(packed.value) > limit:
+            raise InvalidArgument(
+                f"the value for {name!r} is {len(packed.value)} bytes encoded, more than its limit "
+                f"max_value_bytes={limit}"
+            )
+        return enc.unpack_value(name, vtype, packed)
 
     # ---- streaming -------------------------------------------------------------------------------
 
@@ -222,9 +237,34 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             include_initial_values=request.include_initial_values,
             options=request.options,
             resume_versions=request.resume_versions,
-            limits=self.watch_limits,
+            limits=self.limits,
         )
-        await run_in_trio(self._run_watch, stream, plan)
+        peer = stream.peer.addr()
+        self._check_watch_room(peer)
+        self._admitted_watches += 1
+        self._watches_by_peer[peer] = self._watches_by_peer.get(peer, 0) + 1
+        try:
+            await run_in_trio(self._run_watch, stream, plan)
+        finally:
+            self._admitted_watches -= 1
+            left = self._watches_by_peer.pop(peer) - 1
+            if left:
+                self._watches_by_peer[peer] = left
+
+    def _check_watch_room(self, peer: object) -> None:
+        limits = self.limits
+        if self._admitted_watches >= limits.max_watch_streams:
+            raise ResourceExhausted(
+                f"the server has {self._admitted_watches} watch streams open, its limit "
+                f"max_watch_streams={limits.max_watch_streams}; retry later"
+            )
+        on_connection = self._watches_by_peer.get(peer, 0)
+        if on_connection >= limits.max_watch_streams_per_connection:
+            raise ResourceExhausted(
+                f"this connection has {on_connection} watch streams open, its limit "
+                f"max_watch_streams_per_connection={limits.max_watch_streams_per_connection}; open "
+                f"another connection for more"
+            )
 
     async def _run_watch(
         self, stream: Stream[pb.WatchVariablesRequest, pb.VariableUpdate], plan: WatchPlan
@@ -243,7 +283,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             self.store,
             plan,
             send=send,
-            queue_size=self.watch_limits.queue_size,
+            queue_size=self.limits.watch_queue_size,
             on_sent=self.metrics.updates_sent.inc,
         )
         self._watches.add(watch)

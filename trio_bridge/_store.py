@@ -28,12 +28,13 @@ from typing import Any
 
 import trio
 
-from ._errors import AlreadyExists, InvalidArgument, NotFound, VersionConflict
+from ._errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, VersionConflict
+from ._limits import DEFAULT_LIMITS
 from ._observers import ObserverManager
 from ._types import Constraints, VariableType, check_constraints, check_value
 
 DEFAULT_SESSION_TTL = 3600.0
-DEFAULT_HISTORY_SIZE = 1000
+DEFAULT_HISTORY_SIZE = DEFAULT_LIMITS.history_size
 MAX_IDENTIFIER_LENGTH = 128
 _SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]*")
 _VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
@@ -145,6 +146,8 @@ class SessionStore:
         *,
         default_ttl: float = DEFAULT_SESSION_TTL,
         history_size: int = DEFAULT_HISTORY_SIZE,
+        max_sessions: int = DEFAULT_LIMITS.max_sessions,
+        max_variables_per_session: int = DEFAULT_LIMITS.max_variables_per_session,
         observers: ObserverManager[VariableEvent] | None = None,
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] = time.time,
@@ -155,6 +158,8 @@ class SessionStore:
             raise ValueError("history_size must not be negative")
         self.default_ttl = default_ttl
         self.history_size = history_size
+        self.max_sessions = max_sessions
+        self.max_variables_per_session = max_variables_per_session
         #: Test hook in the manner of etcd's failpoints: when set, :meth:`checkpoint` calls it with the
         #: checkpoint's name ("watch.subscribed": a watch has subscribed and not yet read).
         self.checkpoint_hook: Callable[[str], None] | None = None
@@ -198,6 +203,13 @@ class SessionStore:
                 raise AlreadyExists(f"session {session_id!r} already exists")
         else:
             session_id = uuid.uuid4().hex
+        if len(self._sessions) >= self.max_sessions:
+            self.expire_due_sessions()
+            if len(self._sessions) >= self.max_sessions:
+                raise ResourceExhausted(
+                    f"the server holds {len(self._sessions)} sessions, its limit max_sessions="
+                    f"{self.max_sessions}; clean up sessions that are no longer needed"
+                )
         now = self._wall_clock()
         session = _Session(
             id=session_id,
@@ -261,6 +273,11 @@ class SessionStore:
         _check_identifier("variable name", name, _VARIABLE_NAME)
         if name in session.ids_by_name:
             raise AlreadyExists(f"session {session_id!r} already has a variable named {name!r}")
+        if len(session.ids_by_name) >= self.max_variables_per_session:
+            raise ResourceExhausted(
+                f"session {session_id!r} holds {len(session.ids_by_name)} variables, its limit "
+                f"max_variables_per_session={self.max_variables_per_session}"
+            )
         try:
             vtype = VariableType(vtype)
         except ValueError:

@@ -31,26 +31,17 @@ import trio
 
 from . import _encoding as enc
 from ._errors import BridgeError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from ._limits import DEFAULT_LIMITS, Limits
 from ._observers import Coalescer, Subscription
 from ._store import EventKind, SessionStore, VariableEvent, session_key, variable_key
 from .proto.unified_bridge import VariableUpdate
 
 DEFAULT_HEARTBEAT_INTERVAL_MS = 30_000
-MIN_HEARTBEAT_INTERVAL_MS = 100
-MAX_HEARTBEAT_INTERVAL_MS = 600_000
-DEFAULT_MAX_IDENTIFIERS = 1000
-DEFAULT_QUEUE_SIZE = 1024
 #: Most updates sent in one trio→asyncio hop.
 BATCH_LIMIT = 512
 SLOW_CONSUMER_POLICIES = ("close", "coalesce")
 RESUME_TRAILER = "trio-bridge-resume-versions"
 SUBSCRIBED_CHECKPOINT = "watch.subscribed"
-
-
-@dataclass(frozen=True)
-class WatchLimits:
-    max_identifiers: int = DEFAULT_MAX_IDENTIFIERS
-    queue_size: int = DEFAULT_QUEUE_SIZE
 
 
 @dataclass(frozen=True)
@@ -66,18 +57,19 @@ class WatchPlan:
     coalesce: bool
 
 
-def _option_heartbeat(options: Mapping[str, str]) -> float:
+def _option_heartbeat(options: Mapping[str, str], limits: Limits) -> float:
+    low, high = limits.min_heartbeat_interval_ms, limits.max_heartbeat_interval_ms
     text = options.get("heartbeat_interval_ms")
     if text is None:
-        return DEFAULT_HEARTBEAT_INTERVAL_MS / 1000
+        return min(max(DEFAULT_HEARTBEAT_INTERVAL_MS, low), high) / 1000
     try:
         value = int(text)
     except ValueError:
         value = -1
-    if not MIN_HEARTBEAT_INTERVAL_MS <= value <= MAX_HEARTBEAT_INTERVAL_MS:
+    if not low <= value <= high:
         raise InvalidArgument(
-            f"option heartbeat_interval_ms must be a whole number from {MIN_HEARTBEAT_INTERVAL_MS} to "
-            f"{MAX_HEARTBEAT_INTERVAL_MS}, got {text!r}"
+            f"option heartbeat_interval_ms must be a whole number from {low} (limit "
+            f"min_heartbeat_interval_ms) to {high} (limit max_heartbeat_interval_ms), got {text!r}"
         )
     return value / 1000
 
@@ -90,7 +82,7 @@ def plan_watch(
     include_initial_values: bool,
     options: Mapping[str, str],
     resume_versions: Mapping[str, int],
-    limits: WatchLimits,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> WatchPlan:
     """Check a watch request; raise InvalidArgument or NotFound naming every problem found."""
     unknown_options = sorted(set(options) - {"heartbeat_interval_ms", "slow_consumer"})
@@ -98,13 +90,14 @@ def plan_watch(
         raise InvalidArgument(
             f"unknown watch option(s) {unknown_options}; known: heartbeat_interval_ms, slow_consumer"
         )
-    heartbeat_interval = _option_heartbeat(options)
+    heartbeat_interval = _option_heartbeat(options, limits)
     policy = options.get("slow_consumer", "close")
     if policy not in SLOW_CONSUMER_POLICIES:
         raise InvalidArgument(f"option slow_consumer must be 'close' or 'coalesce', got {policy!r}")
-    if len(identifiers) > limits.max_identifiers:
+    if len(identifiers) > limits.max_watch_identifiers:
         raise InvalidArgument(
-            f"the watch names {len(identifiers)} variables; the limit is {limits.max_identifiers}"
+            f"the watch names {len(identifiers)} variables, more than its limit max_watch_identifiers="
+            f"{limits.max_watch_identifiers}"
         )
     negative = sorted(k for k, v in resume_versions.items() if v < 0)
     if negative:
@@ -191,7 +184,7 @@ class WatchStream:
         plan: WatchPlan,
         *,
         send: SendBatch,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
+        queue_size: int = DEFAULT_LIMITS.watch_queue_size,
         on_sent: Callable[[int], object] = lambda count: None,
     ) -> None:
         self._store = store

@@ -1,0 +1,219 @@
+"""Every limit: going over it refuses that request alone, with a status whose message names the limit
+and its value, and the server goes on serving everything else."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import trio
+from grpclib.const import Status
+
+from tests.support import connect, eventually, start_server, start_watch
+from tests.test_rpcs import expect_status, new_session, packed, register
+from trio_bridge import Limits
+from trio_bridge._cli import build_parser
+from trio_bridge._limits import describe
+from trio_bridge.proto import unified_bridge as pb
+from trio_bridge.proto.google.protobuf import DoubleValue, StringValue
+
+VT = pb.VariableType
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _watch(session: str, *names: str, **options: str) -> pb.WatchVariablesRequest:
+    return pb.WatchVariablesRequest(session_id=session, variable_identifiers=list(names), options=options)
+
+
+async def test_max_sessions(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, max_sessions=2)
+    with connect(server) as client:
+        first = await new_session(client, "a")
+        await new_session(client, "b")
+        await expect_status(
+            client,
+            client.stub.create_session(pb.CreateSessionRequest(session_id="c")),
+            Status.RESOURCE_EXHAUSTED,
+            "2 sessions",
+            "max_sessions=2",
+        )
+        await client(client.stub.cleanup_session(pb.CleanupSessionRequest(session_id=first)))
+        await new_session(client, "c")  # room again
+
+
+async def test_max_variables_per_session(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, max_variables_per_session=2)
+    with connect(server) as client:
+        full, other = await new_session(client), await new_session(client)
+        for name in ("x", "y"):
+            await register(client, full, name, VT.FLOAT, packed(DoubleValue(value=1.0)))
+        request = pb.RegisterVariableRequest(
+            session_id=full, name="z", type=VT.FLOAT, initial_value=packed(DoubleValue(value=1.0))
+        )
+        await expect_status(
+            client,
+            client.stub.register_variable(request),
+            Status.RESOURCE_EXHAUSTED,
+            f"session {full!r} holds 2 variables",
+            "max_variables_per_session=2",
+        )
+        await register(client, other, "z", VT.FLOAT, packed(DoubleValue(value=1.0)))  # unaffected
+        await client(
+            client.stub.delete_variable(pb.DeleteVariableRequest(session_id=full, variable_identifier="x"))
+        )
+        await register(client, full, "z", VT.FLOAT, packed(DoubleValue(value=1.0)))
+
+
+@pytest.mark.parametrize(
+    ("vtype", "small", "big"),
+    [
+        (VT.STRING, StringValue(value="ok"), StringValue(value="x" * 100)),
+        (VT.EMBEDDING, pb.Embedding(values=[0.5, 1.5]), pb.Embedding(values=[0.5] * 50)),
+    ],
+)
+async def test_max_value_bytes(
+    nursery: trio.Nursery, vtype: pb.VariableType, small: object, big: object
+) -> None:
+    server = await start_server(nursery, max_value_bytes=64)
+    with connect(server) as client:
+        session = await new_session(client)
+        await register(client, session, "v", vtype, packed(small))
+        await expect_status(
+            client,
+            client.stub.set_variable(
+                pb.SetVariableRequest(session_id=session, variable_identifier="v", value=packed(big))
+            ),
+            Status.INVALID_ARGUMENT,
+            "'v'",
+            "max_value_bytes=64",
+        )
+        await expect_status(
+            client,
+            client.stub.register_variable(
+                pb.RegisterVariableRequest(
+                    session_id=session, name="w", type=vtype, initial_value=packed(big)
+                )
+            ),
+            Status.INVALID_ARGUMENT,
+            "max_value_bytes=64",
+        )
+        variable = await client(
+            client.stub.get_variable(pb.GetVariableRequest(session_id=session, variable_identifier="v"))
+        )
+        assert variable.variable is not None and variable.variable.version == 1  # nothing was written
+
+
+async def test_max_value_bytes_covers_tensors(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, max_value_bytes=64)
+    with connect(server) as client:
+        session = await new_session(client)
+        tensor = pb.Tensor(shape=[100], dtype="float32", data=bytes(400))
+        await expect_status(
+            client,
+            client.stub.register_variable(
+                pb.RegisterVariableRequest(
+                    session_id=session, name="t", type=VT.TENSOR, initial_value=packed(tensor)
+                )
+            ),
+            Status.INVALID_ARGUMENT,
+            "max_value_bytes=64",
+        )
+
+
+async def test_max_message_bytes_refuses_before_reading_and_keeps_the_connection(
+    nursery: trio.Nursery,
+) -> None:
+    server = await start_server(nursery, max_message_bytes=1024)
+    with connect(server) as client:
+        huge = pb.CreateSessionRequest(metadata={"note": "x" * 100_000})
+        await expect_status(
+            client,
+            client.stub.create_session(huge),
+            Status.RESOURCE_EXHAUSTED,
+            "request message is",
+            "max_message_bytes=1024",
+        )
+        assert server.store.session_count == 0
+        reply = await client(client.stub.ping(pb.PingRequest(message="still here")))  # same connection
+        assert reply.message == "still here"
+
+
+async def test_max_watch_streams_in_all(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, max_watch_streams=2)
+    with connect(server) as one, connect(server) as two:
+        session = await new_session(one)
+        await register(one, session, "v", VT.FLOAT, packed(DoubleValue(value=1.0)))
+        first = await start_watch(nursery, one, _watch(session, "v"))
+        await first.wait_synced()
+        await (await start_watch(nursery, two, _watch(session, "v"))).wait_synced()
+        refused = await start_watch(nursery, two, _watch(session, "v"))
+        await refused.wait_ended()
+        assert refused.updates == []
+        assert "the server has 2 watch streams open" in str(refused.error)
+        assert "max_watch_streams=2" in str(refused.error)
+        first.cancel_scope.cancel()
+        await eventually(lambda: server.service.open_watches == 1)
+        await (await start_watch(nursery, one, _watch(session, "v"))).wait_synced()  # room again
+
+
+async def test_max_watch_streams_per_connection(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, max_watch_streams_per_connection=2)
+    with connect(server) as crowded, connect(server) as other:
+        session = await new_session(crowded)
+        await register(crowded, session, "v", VT.FLOAT, packed(DoubleValue(value=1.0)))
+        for _ in range(2):
+            await (await start_watch(nursery, crowded, _watch(session, "v"))).wait_synced()
+        refused = await start_watch(nursery, crowded, _watch(session, "v"))
+        await refused.wait_ended()
+        assert "this connection has 2 watch streams open" in str(refused.error)
+        assert "max_watch_streams_per_connection=2" in str(refused.error)
+        await (await start_watch(nursery, other, _watch(session, "v"))).wait_synced()
+        assert (await crowded(crowded.stub.ping(pb.PingRequest()))) is not None  # unary calls still fit
+
+
+async def test_more_than_a_hundred_streams_fit_on_one_connection(nursery: trio.Nursery) -> None:
+    # h2's default of 100 concurrent streams would make the 101st wait without a word.
+    server = await start_server(nursery, max_watch_streams_per_connection=110)
+    with connect(server) as client:
+        session = await new_session(client)
+        await register(client, session, "v", VT.FLOAT, packed(DoubleValue(value=1.0)))
+        watchers = [await start_watch(nursery, client, _watch(session, "v")) for _ in range(105)]
+        with trio.fail_after(20):
+            for watcher in watchers:
+                await watcher.wait_synced()
+
+
+async def test_heartbeat_bounds_are_limits(nursery: trio.Nursery) -> None:
+    server = await start_server(nursery, min_heartbeat_interval_ms=1000, max_heartbeat_interval_ms=2000)
+    with connect(server) as client:
+        session = await new_session(client)
+        await register(client, session, "v", VT.FLOAT, packed(DoubleValue(value=1.0)))
+        for value in ("999", "2001"):
+            watcher = await start_watch(nursery, client, _watch(session, "v", heartbeat_interval_ms=value))
+            await watcher.wait_ended()
+            assert "min_heartbeat_interval_ms" in str(watcher.error)
+            assert "max_heartbeat_interval_ms" in str(watcher.error)
+        await (await start_watch(nursery, client, _watch(session, "v"))).wait_synced()  # default clamped
+
+
+def test_limits_refuse_nonsense() -> None:
+    with pytest.raises(ValueError, match="max_sessions"):
+        Limits(max_sessions=0)
+    with pytest.raises(ValueError, match="min_heartbeat_interval_ms"):
+        Limits(min_heartbeat_interval_ms=10, max_heartbeat_interval_ms=5)
+
+
+def test_every_limit_is_a_serve_flag_and_a_readme_row() -> None:
+    table = README.read_text().split("## Limits", 1)[1].split("\n## ", 1)[0]
+    rows = {
+        match.group(1): int(match.group(2).replace(",", ""))
+        for match in re.finditer(r"^\| `--([a-z-]+)` \| ([\d,]+) \|", table, re.MULTILINE)
+    }
+    parser = build_parser()
+    defaults = parser.parse_args(["serve"])
+    for name, default, _ in describe():
+        flag = name.replace("_", "-")
+        assert rows.get(flag) == default, f"README Limits table: --{flag} should show {default}"
+        assert getattr(defaults, name) == default
+        assert getattr(parser.parse_args(["serve", f"--{flag}", "7"]), name) == 7
