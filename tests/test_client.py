@@ -311,6 +311,28 @@ async def test_many_watches_are_spread_over_connections(server: RunningServer, a
     await eventually(lambda: server.store.observers.observer_count == 0)
 
 
+async def test_the_client_spreads_watches_thinner_when_the_server_allows_fewer(
+    nursery: trio.Nursery, aio_loop: Any
+) -> None:
+    server = await start_server(nursery, max_watch_streams_per_connection=3)
+    session = server.store.create_session().session_id
+    server.store.register_variable(session, "t", VariableType.INTEGER, 0)
+
+    async def scenario() -> int:
+        fast = Reconnect(initial_delay=0.001, max_delay=0.01)
+        async with BridgeClient(server.host, server.port, reconnect=fast) as client:
+            streams = [client.watch(session, ["t"]) for _ in range(7)]
+            async with asyncio.timeout(30):  # a client that never adapts retries forever
+                for stream in streams:
+                    assert (await anext(stream)).kind == "initial_value"
+            connections = client.connections
+            for stream in streams:
+                await stream.aclose()
+            return connections
+
+    assert await in_asyncio(scenario) == 3  # told "3 per connection" once, it keeps to it
+
+
 async def test_a_silent_connection_counts_as_dead_and_the_watch_resumes(
     server: RunningServer, nursery: trio.Nursery
 ) -> None:

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio_asyncio
 from grpclib.const import Status
 
 from tests.support import connect, eventually, start_server, start_watch
 from tests.test_rpcs import expect_status, new_session, packed, register
-from trio_bridge import Limits
+from trio_bridge import Limits, ResourceExhausted
 from trio_bridge._cli import build_parser
 from trio_bridge._limits import describe
+from trio_bridge.client import BridgeClient
 from trio_bridge.proto import unified_bridge as pb
 from trio_bridge.proto.google.protobuf import DoubleValue, StringValue
 
@@ -26,7 +28,7 @@ def _watch(session: str, *names: str, **options: str) -> pb.WatchVariablesReques
     return pb.WatchVariablesRequest(session_id=session, variable_identifiers=list(names), options=options)
 
 
-async def test_max_sessions(nursery: trio.Nursery) -> None:
+async def test_max_sessions(nursery: trio.Nursery, aio_loop: object) -> None:
     server = await start_server(nursery, max_sessions=2)
     with connect(server) as client:
         first = await new_session(client, "a")
@@ -40,6 +42,16 @@ async def test_max_sessions(nursery: trio.Nursery) -> None:
         )
         await client(client.stub.cleanup_session(pb.CleanupSessionRequest(session_id=first)))
         await new_session(client, "c")  # room again
+
+    async def with_the_client() -> ResourceExhausted:
+        async with BridgeClient(server.host, server.port) as bridge:
+            with pytest.raises(ResourceExhausted) as caught:
+                await bridge.create_session("d")
+            return caught.value
+
+    refused = await trio_asyncio.aio_as_trio(with_the_client)()
+    assert refused.limit == "max_sessions"  # from trailing metadata, for programs to act on
+    assert refused.details["trio-bridge-limit-value"] == "2"
 
 
 async def test_max_variables_per_session(nursery: trio.Nursery) -> None:

@@ -170,8 +170,10 @@ def bound_request_size(stream: grpclib.server.Stream[Any, Any], max_bytes: int, 
 
     async def recv_data(size: int) -> bytes:
         if size > max_bytes:
-            raise ResourceExhausted(
-                f"the request message is {size} bytes, more than its limit {limit_name}={max_bytes}"
+            raise ResourceExhausted.over_limit(
+                f"the request message is {size} bytes, more than its limit {limit_name}={max_bytes}",
+                limit_name,
+                max_bytes,
             )
         return await read(size)
 

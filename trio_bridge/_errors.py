@@ -57,12 +57,27 @@ class Unavailable(BridgeError):
     """The server is shutting down."""
 
 
+#: Trailers of a RESOURCE_EXHAUSTED that a configured limit caused: the limit's name and value.
+LIMIT_TRAILER = "trio-bridge-limit"
+LIMIT_VALUE_TRAILER = "trio-bridge-limit-value"
+
+
 class ResourceExhausted(BridgeError):
     """A limit was reached; ``details`` go to the client as trailing metadata."""
 
     def __init__(self, message: str, details: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.details = dict(details or {})
+
+    @classmethod
+    def over_limit(cls, message: str, limit: str, value: int) -> ResourceExhausted:
+        """A refusal because of the configured limit ``limit``; the message should name it too."""
+        return cls(message, {LIMIT_TRAILER: limit, LIMIT_VALUE_TRAILER: str(value)})
+
+    @property
+    def limit(self) -> str | None:
+        """The name of the limit that caused this, if a configured limit did."""
+        return self.details.get(LIMIT_TRAILER)
 
     @property
     def trailers(self) -> dict[str, str]:

@@ -254,16 +254,20 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
     def _check_watch_room(self, peer: object) -> None:
         limits = self.limits
         if self._admitted_watches >= limits.max_watch_streams:
-            raise ResourceExhausted(
+            raise ResourceExhausted.over_limit(
                 f"the server has {self._admitted_watches} watch streams open, its limit "
-                f"max_watch_streams={limits.max_watch_streams}; retry later"
+                f"max_watch_streams={limits.max_watch_streams}; retry later",
+                "max_watch_streams",
+                limits.max_watch_streams,
             )
         on_connection = self._watches_by_peer.get(peer, 0)
         if on_connection >= limits.max_watch_streams_per_connection:
-            raise ResourceExhausted(
+            raise ResourceExhausted.over_limit(
                 f"this connection has {on_connection} watch streams open, its limit "
                 f"max_watch_streams_per_connection={limits.max_watch_streams_per_connection}; open "
-                f"another connection for more"
+                f"another connection for more",
+                "max_watch_streams_per_connection",
+                limits.max_watch_streams_per_connection,
             )
 
     async def _run_watch(

@@ -206,9 +206,11 @@ class SessionStore:
         if len(self._sessions) >= self.max_sessions:
             self.expire_due_sessions()
             if len(self._sessions) >= self.max_sessions:
-                raise ResourceExhausted(
+                raise ResourceExhausted.over_limit(
                     f"the server holds {len(self._sessions)} sessions, its limit max_sessions="
-                    f"{self.max_sessions}; clean up sessions that are no longer needed"
+                    f"{self.max_sessions}; clean up sessions that are no longer needed",
+                    "max_sessions",
+                    self.max_sessions,
                 )
         now = self._wall_clock()
         session = _Session(
@@ -274,9 +276,11 @@ class SessionStore:
         if name in session.ids_by_name:
             raise AlreadyExists(f"session {session_id!r} already has a variable named {name!r}")
         if len(session.ids_by_name) >= self.max_variables_per_session:
-            raise ResourceExhausted(
+            raise ResourceExhausted.over_limit(
                 f"session {session_id!r} holds {len(session.ids_by_name)} variables, its limit "
-                f"max_variables_per_session={self.max_variables_per_session}"
+                f"max_variables_per_session={self.max_variables_per_session}",
+                "max_variables_per_session",
+                self.max_variables_per_session,
             )
         try:
             vtype = VariableType(vtype)

@@ -14,6 +14,7 @@ Errors are the same classes the server's store raises (``NotFound``, ``InvalidAr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -28,7 +29,7 @@ from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from . import _encoding as enc
-from ._errors import BridgeError, ResourceExhausted, Unavailable
+from ._errors import LIMIT_VALUE_TRAILER, BridgeError, ResourceExhausted, Unavailable
 from ._status import error_from_status
 from ._store import SessionInfo, VariableSnapshot
 from ._types import Constraints, VariableType
@@ -107,6 +108,8 @@ class BridgeClient:
         self._config = config
         self._channels: list[Channel] = []
         self._streams: dict[int, int] = {}  # id(channel) → open watch streams on it
+        # Watch streams to put on one connection: fewer if the server says its limit is lower.
+        self._streams_per_connection = MAX_STREAMS_PER_CONNECTION
         self._types: dict[tuple[str, str], VariableType] = {}  # (session, id or name) → type
         self._rng = random.Random()
 
@@ -137,7 +140,7 @@ class BridgeClient:
 
     def _watch_channel(self) -> Channel:
         for channel in self._channels:
-            if self._streams[id(channel)] < MAX_STREAMS_PER_CONNECTION:
+            if self._streams[id(channel)] < self._streams_per_connection:
                 return channel
         return self._new_channel()
 
@@ -389,7 +392,14 @@ class BridgeClient:
             if not _ended_ok(stream):
                 raise _DeadConnection("the stream ended without a status")
         except GRPCError as exc:
-            raise _error(exc, stream.trailing_metadata) from None
+            error = _error(exc, stream.trailing_metadata)
+            if isinstance(error, ResourceExhausted) and error.limit == "max_watch_streams_per_connection":
+                # The server allows fewer streams per connection than we put on one: from now on,
+                # spread them thinner (the retry goes to a connection with room).
+                with contextlib.suppress(KeyError, ValueError):
+                    limit = int(error.details[LIMIT_VALUE_TRAILER])
+                    self._streams_per_connection = max(1, min(self._streams_per_connection, limit))
+            raise error from None
         finally:
             if id(channel) in self._streams:
                 self._streams[id(channel)] -= 1
