@@ -14,6 +14,7 @@ from ._errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     VersionConflict,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "SessionStore",
     "Subscription",
     "Tensor",
+    "Unauthenticated",
     "Unavailable",
     "VariableEvent",
     "VariableSnapshot",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import ssl
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator
 from dataclasses import dataclass
@@ -262,6 +263,7 @@ async def serve_grpc(
     drain: Callable[[], Awaitable[None]],
     grace: float,
     max_streams_per_connection: int = 100,
+    tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[BoundAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``services`` on ``host:port`` until cancelled, then shut down in steps (module doc).
@@ -271,7 +273,7 @@ async def serve_grpc(
     """
     async with trio_asyncio.open_loop():
         server = _TrackedServer(services, max_streams_per_connection)
-        await trio_asyncio.aio_as_trio(server.start)(host, port)
+        await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=tls)
         listener = cast(asyncio.Server, server._server)
         bound = listener.sockets[0].getsockname()
         log.info("gRPC server listening on %s:%d", bound[0], bound[1])

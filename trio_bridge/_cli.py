@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 
@@ -17,6 +18,7 @@ from ._config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
 from ._errors import BridgeError
 from ._limits import Limits
 from ._limits import describe as describe_limits
+from ._security import Tokens, server_tls
 from ._status import RemoteError, status_of
 from ._store import DEFAULT_SESSION_TTL
 from ._version import __version__
@@ -72,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=_port, default=DEFAULT_PORT, help="server port (default %(default)s)"
     )
     connection.add_argument("--json", action="store_true", help="print JSON (one object per line)")
+    secure = connection.add_argument_group("security")
+    secure.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
+    secure.add_argument("--tls-ca", type=Path, metavar="PEM", help="connect over TLS, trusting this CA")
+    secure.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate, for mutual TLS")
+    secure.add_argument("--tls-key", type=Path, metavar="PEM", help="the client certificate's key")
+    secure.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        help="file holding the bearer token to send (default: $TRIO_BRIDGE_TOKEN, if set)",
+    )
     add_client_commands(commands, connection)
     serve_cmd = commands.add_parser("serve", help="run the server until SIGINT or SIGTERM")
     serve_cmd.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s)")
@@ -105,6 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=ServerConfig.shutdown_grace,
         help="seconds running calls get to finish on shutdown (default %(default)s)",
+    )
+    secure = serve_cmd.add_argument_group("security (see the README's Security section)")
+    secure.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate chain")
+    secure.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's private key")
+    secure.add_argument(
+        "--tls-client-ca", type=Path, metavar="PEM", help="require client certificates signed by this CA"
+    )
+    secure.add_argument(
+        "--token-file", type=Path, metavar="PATH", help="accept only the bearer tokens in this file"
     )
     limits = serve_cmd.add_argument_group("limits (see the README's Limits table)")
     for name, default, what in describe_limits():
@@ -158,14 +180,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        session_ttl=args.session_ttl,
-        metrics_port=args.metrics_port,
-        shutdown_grace=args.shutdown_grace,
-        limits=Limits(**{name: getattr(args, name) for name, _, _ in describe_limits()}),
-    )
+    try:
+        config = ServerConfig(
+            host=args.host,
+            port=args.port,
+            session_ttl=args.session_ttl,
+            metrics_port=args.metrics_port,
+            shutdown_grace=args.shutdown_grace,
+            limits=Limits(**{name: getattr(args, name) for name, _, _ in describe_limits()}),
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            token_file=args.token_file,
+        )
+        # Read now, so a bad file is one line and exit code 2, before anything is bound.
+        if config.token_file is not None:
+            Tokens.load(config.token_file)
+        if config.tls_cert is not None and config.tls_key is not None:
+            server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
+    except (ValueError, OSError) as exc:
+        print(f"trio-bridge: {exc}", file=sys.stderr)
+        return 2
     failure = ""
     try:
         trio.run(run_until_signalled, config)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 from typing import Any
 
 from ._store import SessionInfo, VariableSnapshot
 from ._textvalues import parse_value, plain_value, show_value
 from ._types import Constraints, VariableType
-from .client import BridgeClient, WatchEvent
+from .client import BridgeClient, WatchEvent, tls_context
 
 
 def _pairs(items: list[str] | None) -> dict[str, str]:
@@ -76,9 +77,22 @@ def _constraints(args: argparse.Namespace) -> Constraints:
     )
 
 
+def _client_token(args: argparse.Namespace) -> str | None:
+    if args.token_file is not None:
+        lines = [line.strip() for line in args.token_file.read_text().splitlines()]
+        token = next((line for line in lines if line and not line.startswith("#")), "")
+        if not token:
+            raise ValueError(f"{args.token_file} holds no token")
+        return token
+    return os.environ.get("TRIO_BRIDGE_TOKEN") or None
+
+
 async def run(args: argparse.Namespace) -> int:
     """Run one client command; errors propagate to the caller, which prints them."""
-    async with BridgeClient(args.host, args.port) as client:
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        tls = tls_context(args.tls_ca, args.tls_cert, args.tls_key)
+    async with BridgeClient(args.host, args.port, tls=tls, token=_client_token(args)) as client:
         if args.command == "session":
             await _session(client, args)
         elif args.command == "var":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ._limits import DEFAULT_LIMITS, Limits
 from ._store import DEFAULT_SESSION_TTL
@@ -25,3 +26,16 @@ class ServerConfig:
     shutdown_grace: float = 0.5
     #: What the server accepts (see ``_limits``).
     limits: Limits = DEFAULT_LIMITS
+    #: TLS: the server's certificate chain and key (PEM); both or neither.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: Mutual TLS: accept only clients whose certificate this CA (PEM) signed.
+    tls_client_ca: Path | None = None
+    #: Bearer tokens the server accepts (see ``_security``); None: no token is asked for.
+    token_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give both tls_cert and tls_key, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")

@@ -53,6 +53,10 @@ class VersionConflict(BridgeError):
         }
 
 
+class Unauthenticated(BridgeError):
+    """No token, or one the server does not accept."""
+
+
 class Unavailable(BridgeError):
     """The server is shutting down."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from grpclib.health.service import Health
 from ._bridge import serve_grpc
 from ._config import ServerConfig
 from ._metrics import Metrics
+from ._security import Tokens, server_tls
 from ._service import UnifiedBridgeService
 from ._store import SessionStore
 
@@ -43,6 +45,10 @@ async def serve(
     listening. Passing a ``store`` keeps state across server restarts in one process.
     """
     limits = config.limits
+    tokens = Tokens.load(config.token_file) if config.token_file is not None else None
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
     if store is None:
         store = SessionStore(
             default_ttl=config.session_ttl,
@@ -55,7 +61,7 @@ async def serve(
         variables=lambda: store.variable_count,
         observers=lambda: store.observers.observer_count,
     )
-    service = UnifiedBridgeService(store, metrics, limits)
+    service = UnifiedBridgeService(store, metrics, limits, tokens)
     metrics.open_watch_streams.set_function(lambda: service.open_watches)
     metrics_port = None
     if config.metrics_port is not None:
@@ -69,6 +75,7 @@ async def serve(
                     [service, Health({service: []})],
                     host=config.host,
                     port=config.port,
+                    tls=tls,
                     drain=service.drain,
                     grace=config.shutdown_grace,
                     # room for unary calls beside a full quota of watch streams
@@ -76,6 +83,7 @@ async def serve(
                     task_status=task_status,
                 )
             )
+            _warn_if_exposed(bound.host, tls is not None, tokens is not None)
             task_status.started(
                 RunningServer(
                     host=bound.host,
@@ -88,3 +96,22 @@ async def serve(
             )
     finally:
         metrics.stop_http()
+
+
+def _warn_if_exposed(host: str, tls: bool, tokens: bool) -> None:
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return
+    except ValueError:
+        pass
+    if not tls:
+        log.warning(
+            "SERVING PLAIN TEXT ON %s: anyone who can reach this address can read and change every "
+            "session, and see all traffic. Use --tls-cert/--tls-key%s, or bind 127.0.0.1.",
+            host,
+            "" if tokens else " and --token-file",
+        )
+    elif not tokens:
+        log.warning(
+            "serving on %s with no --token-file: any client that can connect may use any session", host
+        )

@@ -10,6 +10,7 @@ new calls with UNAVAILABLE once the server drains for shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,9 +23,10 @@ from grpclib.server import Stream
 
 from . import _encoding as enc
 from ._bridge import bound_request_size, run_in_asyncio, run_in_trio
-from ._errors import InvalidArgument, ResourceExhausted
+from ._errors import InvalidArgument, NotFound, ResourceExhausted
 from ._limits import DEFAULT_LIMITS, Limits
 from ._metrics import Metrics
+from ._security import AUTHORIZATION, Principal, Tokens
 from ._status import grpc_error_for
 from ._store import SessionStore, VariableSnapshot, VariableWrite
 from ._types import VariableType
@@ -36,12 +38,22 @@ WATCH_PATH = "/unified_bridge.UnifiedBridge/WatchVariables"
 
 _RawHandler = Callable[[Stream[Any, Any]], Awaitable[None]]
 
+#: The principal of the call being handled (None when the server checks no tokens).
+_caller: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("trio_bridge_caller", default=None)
+
 
 class UnifiedBridgeService(pb.UnifiedBridgeBase):
-    def __init__(self, store: SessionStore, metrics: Metrics, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        metrics: Metrics,
+        limits: Limits = DEFAULT_LIMITS,
+        tokens: Tokens | None = None,
+    ) -> None:
         self.store = store
         self.metrics = metrics
         self.limits = limits
+        self.tokens = tokens
         self._watches: set[WatchStream] = set()
         # Watch calls admitted (counted from the request, before their stream starts), in all and by
         # connection (its peer address).
@@ -96,7 +108,15 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             if self._in_flight == 1:
                 self._idle = trio.Event()
             status = Status.OK.name
+            caller = _caller.set(None)
             try:
+                if self.tokens is not None:
+                    # Before anything of the request is read.
+                    header = stream.metadata.get(AUTHORIZATION) if stream.metadata else None
+                    principal = self.tokens.principal_for(header if isinstance(header, str) else None)
+                    _caller.set(principal)
+                    if method != "CreateSession":
+                        self._check_scope_on_read(stream, principal)
                 bound_request_size(stream, self.limits.max_message_bytes, "max_message_bytes")
                 await func(stream)
             except asyncio.CancelledError:
@@ -111,12 +131,28 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
                     status=error.status, status_message=error.message, metadata=trailers
                 )
             finally:
+                _caller.reset(caller)
                 self._in_flight -= 1
                 if not self._in_flight:
                     self._idle.set()
                 self.metrics.record_rpc(method, status)
 
         return guarded
+
+    def _check_scope_on_read(self, stream: Stream[Any, Any], principal: Principal) -> None:
+        """Make reading the request refuse a session outside ``principal``'s scope exactly as if it
+        did not exist (NOT_FOUND, the same message): a caller learns nothing of others' sessions."""
+        read = stream.recv_message
+
+        async def recv_message() -> Any:
+            message = await read()
+            session_id = getattr(message, "session_id", "")
+            owner = self.store.owner_of(session_id) if session_id else None
+            if owner is not None and not principal.may_use(owner):
+                raise NotFound(f"session {session_id!r} not found (it may have expired)")
+            return message
+
+        stream.recv_message = recv_message  # type: ignore[method-assign]
 
     # ---- unary RPCs ------------------------------------------------------------------------------
 
@@ -128,8 +164,12 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         )
 
     async def create_session(self, message: pb.CreateSessionRequest) -> pb.CreateSessionResponse:
+        caller = _caller.get()
         info = self.store.create_session(
-            message.session_id, metadata=message.metadata, ttl=message.ttl_seconds or None
+            message.session_id,
+            metadata=message.metadata,
+            ttl=message.ttl_seconds or None,
+            owner=caller.name if caller is not None else "",
         )
         return pb.CreateSessionResponse(session=enc.session_to_proto(info))
 
@@ -138,7 +178,12 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         return pb.GetSessionResponse(session=enc.session_to_proto(info))
 
     async def list_sessions(self, message: pb.ListSessionsRequest) -> pb.ListSessionsResponse:
-        sessions = [enc.session_to_proto(info) for info in self.store.list_sessions()]
+        caller = _caller.get()
+        sessions = [
+            enc.session_to_proto(info)
+            for info in self.store.list_sessions()
+            if caller is None or caller.may_use(info.owner)
+        ]
         return pb.ListSessionsResponse(sessions=sessions)
 
     async def cleanup_session(self, message: pb.CleanupSessionRequest) -> pb.CleanupSessionResponse:

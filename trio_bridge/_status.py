@@ -39,6 +39,7 @@ from ._errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     VersionConflict,
 )
@@ -55,6 +56,7 @@ _STATUS_OF: dict[type[BridgeError], Status] = {
     VersionConflict: Status.ABORTED,
     ResourceExhausted: Status.RESOURCE_EXHAUSTED,
     Unavailable: Status.UNAVAILABLE,
+    Unauthenticated: Status.UNAUTHENTICATED,
 }
 
 

@@ -67,6 +67,8 @@ class SessionInfo:
     expires_at: float
     metadata: Mapping[str, str]
     variable_count: int
+    #: Who created it (the token's name when the server checks tokens, else "").
+    owner: str = ""
 
 
 class EventKind(enum.Enum):
@@ -111,6 +113,7 @@ class _Session:
     last_access: float  # on `clock`
     last_accessed_at: float  # on `wall_clock`
     history: deque[VariableEvent]
+    owner: str = ""
     variables: dict[str, VariableSnapshot] = field(default_factory=dict)
     ids_by_name: dict[str, str] = field(default_factory=dict)
 
@@ -190,8 +193,10 @@ class SessionStore:
         *,
         metadata: Mapping[str, str] | None = None,
         ttl: float | None = None,
+        owner: str = "",
     ) -> SessionInfo:
-        """Create a session; an empty ``session_id`` gets a fresh unique one."""
+        """Create a session; an empty ``session_id`` gets a fresh unique one. ``owner`` is kept with
+        it for access checks (see :meth:`owner_of`)."""
         if ttl is None or ttl == 0:
             ttl = self.default_ttl
         if not (ttl > 0 and math.isfinite(ttl)):
@@ -221,10 +226,18 @@ class SessionStore:
             last_access=self._clock(),
             last_accessed_at=now,
             history=deque(maxlen=self.history_size),
+            owner=owner,
         )
         self._sessions[session_id] = session
         self._sessions_changed.set()
         return self._info(session)
+
+    def owner_of(self, session_id: str) -> str | None:
+        """The owner of a live session, or None if there is none by that id; not an access."""
+        session = self._sessions.get(session_id)
+        if session is None or session.deadline <= self._clock():
+            return None
+        return session.owner
 
     def get_session(self, session_id: str) -> SessionInfo:
         return self._info(self._session(session_id))
@@ -516,6 +529,7 @@ class SessionStore:
             expires_at=self._wall_clock() + remaining,
             metadata=session.metadata,
             variable_count=len(session.variables),
+            owner=session.owner,
         )
 
 

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -30,12 +31,14 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from . import _encoding as enc
 from ._errors import LIMIT_VALUE_TRAILER, BridgeError, ResourceExhausted, Unavailable
+from ._security import AUTHORIZATION
+from ._security import client_tls as tls_context
 from ._status import error_from_status
 from ._store import SessionInfo, VariableSnapshot
 from ._types import Constraints, VariableType
 from .proto import unified_bridge as pb
 
-__all__ = ["BridgeClient", "Reconnect", "Variable", "WatchEvent"]
+__all__ = ["BridgeClient", "Reconnect", "Variable", "WatchEvent", "tls_context"]
 
 log = logging.getLogger("trio_bridge.client")
 
@@ -90,6 +93,9 @@ class BridgeClient:
 
     Unary calls share the first connection; watch streams are spread over as many connections as
     needed to keep each below h2's limit of concurrent streams.
+
+    ``tls``: an ``ssl.SSLContext`` (see :func:`trio_bridge.client.tls_context`) to connect over TLS.
+    ``token``: a bearer token, sent with every call, for a server that checks tokens.
     """
 
     def __init__(
@@ -100,9 +106,13 @@ class BridgeClient:
         timeout: float | None = 30.0,
         reconnect: Reconnect | None = None,
         config: Configuration | None = None,
+        tls: ssl.SSLContext | None = None,
+        token: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self._tls = tls
+        self._metadata = {AUTHORIZATION: f"Bearer {token}"} if token else None
         self.timeout = timeout
         self.reconnect = reconnect or Reconnect()
         self._config = config
@@ -130,7 +140,7 @@ class BridgeClient:
     # ---- connections ---------------------------------------------------------------------------
 
     def _new_channel(self) -> Channel:
-        channel = Channel(self.host, self.port, config=self._config)
+        channel = Channel(self.host, self.port, config=self._config, ssl=self._tls)
         self._channels.append(channel)
         self._streams[id(channel)] = 0
         return channel
@@ -151,7 +161,12 @@ class BridgeClient:
 
     async def _unary(self, method: str, request: betterproto2.Message, reply_type: type[ReplyT]) -> ReplyT:
         stream = self._unary_channel().request(
-            _SERVICE + method, Cardinality.UNARY_UNARY, type(request), reply_type, timeout=self.timeout
+            _SERVICE + method,
+            Cardinality.UNARY_UNARY,
+            type(request),
+            reply_type,
+            timeout=self.timeout,
+            metadata=self._metadata,
         )
         try:
             async with stream:
@@ -371,7 +386,11 @@ class BridgeClient:
         channel = self._watch_channel()
         self._streams[id(channel)] += 1
         stream = channel.request(
-            _SERVICE + "WatchVariables", Cardinality.UNARY_STREAM, pb.WatchVariablesRequest, pb.VariableUpdate
+            _SERVICE + "WatchVariables",
+            Cardinality.UNARY_STREAM,
+            pb.WatchVariablesRequest,
+            pb.VariableUpdate,
+            metadata=self._metadata,
         )
         silent = False
         try:

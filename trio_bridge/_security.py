@@ -1,0 +1,103 @@
+"""Transport security and authentication, for the server and the client alike (no server code here).
+
+TLS: :func:`server_tls` and :func:`client_tls` build the ``ssl.SSLContext`` each side hands to grpclib
+(HTTP/2 over TLS, ALPN ``h2``); a server given a client CA requires client certificates (mutual TLS).
+
+Tokens: a token file has one token a line, ``NAME TOKEN [SCOPE]``: ``NAME`` is who holds it (it becomes
+the owner of the sessions it creates), ``SCOPE`` is ``all`` (the default: every session) or ``own``
+(only the sessions this name created). Blank lines and lines starting with ``#`` are ignored. A client
+sends ``authorization: Bearer TOKEN`` with every call. Tokens are compared by their SHA-256 digest, so
+looking one up takes the same time whatever it shares with a real one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._errors import Unauthenticated
+
+SCOPES = ("all", "own")
+AUTHORIZATION = "authorization"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a token stands for, and which sessions it may use."""
+
+    name: str
+    scope: str  # "all" or "own"
+
+    def may_use(self, owner: str) -> bool:
+        """Whether this principal may use a session created by ``owner`` ("" when tokens were off)."""
+        return self.scope == "all" or owner == self.name
+
+
+class Tokens:
+    """The tokens a server accepts (see the module doc for the file format)."""
+
+    def __init__(self, entries: dict[str, Principal]) -> None:
+        if not entries:
+            raise ValueError("a token file must hold at least one token")
+        self._by_digest = {_digest(token): principal for token, principal in entries.items()}
+
+    @classmethod
+    def load(cls, path: Path) -> Tokens:
+        """Read a token file; a malformed line raises ``ValueError`` naming the file and line."""
+        entries: dict[str, Principal] = {}
+        for number, raw in enumerate(path.read_text().splitlines(), start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = line.split()
+            if len(fields) not in (2, 3) or (len(fields) == 3 and fields[2] not in SCOPES):
+                raise ValueError(f"{path}:{number}: expected 'NAME TOKEN [all|own]'")
+            name, token = fields[0], fields[1]
+            if len(token) < 16:
+                raise ValueError(f"{path}:{number}: the token for {name!r} is shorter than 16 characters")
+            if token in entries:
+                raise ValueError(f"{path}:{number}: this token is already given to {entries[token].name!r}")
+            entries[token] = Principal(name, fields[2] if len(fields) == 3 else "all")
+        return cls(entries)
+
+    def principal_for(self, authorization: str | None) -> Principal:
+        """The principal of an ``authorization`` header's bearer token; :class:`Unauthenticated` for a
+        missing, malformed or unknown one (the message never echoes what was sent)."""
+        if not authorization:
+            raise Unauthenticated("this server requires a token: send 'authorization: Bearer TOKEN'")
+        kind, _, token = authorization.partition(" ")
+        if kind.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("the authorization header must be 'Bearer TOKEN'")
+        principal = self._by_digest.get(_digest(token.strip()))
+        if principal is None:
+            raise Unauthenticated("the token is not valid")
+        return principal
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def server_tls(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
+    """A TLS context for the server; with ``client_ca``, clients must present a certificate it signed."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.load_verify_locations(client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def client_tls(ca: Path | None = None, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """A TLS context for a client: trust ``ca`` (else the system's roots); present ``cert``/``key``
+    to a server that wants client certificates."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])
+    return context
