@@ -60,12 +60,12 @@ def test_any_type_url_prefix_is_free() -> None:
 @pytest.mark.parametrize(
     ("vtype", "payload", "fragment"),
     [
-        (VariableType.FLOAT, b"\x08\x01", "field 1 has wire type 0"),
+        (VariableType.FLOAT, b"\x08\x01", "field 1 (value) has wire type 0"),
         (VariableType.FLOAT, b"\x09\x00\x00", "field 1 is truncated"),
         (VariableType.INTEGER, b"\xff", "truncated varint"),
         (VariableType.STRING, b"\x0a\x02\xff\xfe", "not a valid google.protobuf.StringValue"),
         (VariableType.STRING, b"\x0a\x05ab", "field 1 is truncated"),
-        (VariableType.BOOLEAN, b"\x0b", "field 1 has wire type 3"),
+        (VariableType.BOOLEAN, b"\x0b", "field 1 (value) has wire type 3"),
         (VariableType.BOOLEAN, b"\x13", "unsupported wire type 3"),
         (VariableType.EMBEDDING, b"\x0a\x03\x00\x00\x80", "not a valid unified_bridge.Embedding"),
         (VariableType.TENSOR, b"\x12\x01", "field 2 is truncated"),

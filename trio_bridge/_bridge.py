@@ -34,7 +34,7 @@ import trio_asyncio
 from grpclib.protocol import H2Protocol
 from h2.settings import SettingCodes
 
-from ._errors import ResourceExhausted
+from ._errors import InvalidArgument, ResourceExhausted
 from ._status import RequestCodec
 
 if TYPE_CHECKING:
@@ -164,8 +164,9 @@ class _TrackedServer(grpclib.server.Server):
 
 def bound_request_size(stream: grpclib.server.Stream[Any, Any], max_bytes: int, limit_name: str) -> None:
     """Make ``stream`` refuse a request message longer than ``max_bytes`` before reading it, with
-    :class:`ResourceExhausted` naming ``limit_name``: grpclib would otherwise buffer whatever length
-    the message's 5-byte gRPC prefix claims (up to 4 GiB)."""
+    :class:`ResourceExhausted` naming ``limit_name`` (grpclib would otherwise buffer whatever length
+    the message's 5-byte gRPC prefix claims, up to 4 GiB), and a request that ends before the length
+    its prefix claims with :class:`InvalidArgument` (grpclib fails an assertion there)."""
     inner = stream._stream
     read = inner.recv_data
 
@@ -176,7 +177,12 @@ def bound_request_size(stream: grpclib.server.Stream[Any, Any], max_bytes: int, 
                 limit_name,
                 max_bytes,
             )
-        return await read(size)
+        try:
+            return await read(size)
+        except AssertionError:
+            raise InvalidArgument(
+                f"the request ended before the {size} bytes its message prefix announced"
+            ) from None
 
     inner.recv_data = recv_data  # type: ignore[method-assign]
 

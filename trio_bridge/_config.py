@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._limits import DEFAULT_LIMITS, Limits
-from ._store import DEFAULT_SESSION_TTL
+from ._store import DEFAULT_SESSION_TTL, MAX_SESSION_TTL
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
@@ -35,6 +35,8 @@ class ServerConfig:
     token_file: Path | None = None
 
     def __post_init__(self) -> None:
+        if not 0 < self.session_ttl <= MAX_SESSION_TTL:
+            raise ValueError(f"session_ttl must be more than 0 and at most {MAX_SESSION_TTL:.0f} seconds")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("give both tls_cert and tls_key, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:

@@ -30,6 +30,7 @@ import betterproto2
 from ._errors import InvalidArgument
 from ._store import EventKind, SessionInfo, VariableEvent, VariableSnapshot
 from ._types import Constraints, Tensor, VariableType
+from ._wire import check_wire
 from .proto import unified_bridge as pb
 from .proto.google import protobuf as wkt
 
@@ -54,57 +55,6 @@ _FULL_NAME: dict[type[betterproto2.Message], str] = {
     pb.Embedding: "unified_bridge.Embedding",
     pb.Tensor: "unified_bridge.Tensor",
 }
-
-
-# Field number → the wire types protobuf allows for it (2 also for packed repeated scalars).
-_WIRE_TYPES: dict[type[betterproto2.Message], dict[int, frozenset[int]]] = {
-    wkt.DoubleValue: {1: frozenset({1})},
-    wkt.Int64Value: {1: frozenset({0})},
-    wkt.StringValue: {1: frozenset({2})},
-    wkt.BoolValue: {1: frozenset({0})},
-    pb.Embedding: {1: frozenset({2, 5})},
-    pb.Tensor: {1: frozenset({0, 2}), 2: frozenset({2}), 3: frozenset({2})},
-}
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data):
-            raise ValueError("truncated varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-        if shift >= 70:
-            raise ValueError("varint longer than 10 bytes")
-
-
-def _check_wire(data: bytes, expected: dict[int, frozenset[int]]) -> None:
-    """Walk a serialized message and refuse what betterproto2 would silently misread: truncated
-    fields, unknown wire types, and known fields sent with the wrong wire type."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _read_varint(data, pos)
-        number, wire_type = key >> 3, key & 7
-        if number == 0:
-            raise ValueError("field number 0")
-        allowed = expected.get(number)
-        if allowed is not None and wire_type not in allowed:
-            raise ValueError(f"field {number} has wire type {wire_type}")
-        if wire_type == 0:
-            _, pos = _read_varint(data, pos)
-        elif wire_type in (1, 5):
-            pos += 8 if wire_type == 1 else 4
-        elif wire_type == 2:
-            length, pos = _read_varint(data, pos)
-            pos += length
-        else:
-            raise ValueError(f"unsupported wire type {wire_type}")
-        if pos > len(data):
-            raise ValueError(f"field {number} is truncated")
 
 
 def type_url_for(vtype: VariableType) -> str:
@@ -138,7 +88,7 @@ def unpack_value(name: str, vtype: VariableType, packed: wkt.Any | None) -> Any:
         raise InvalidArgument(f"{where}: expects an Any of {expected!r}, got {packed.type_url!r}")
     message_type = _WIRE_MESSAGE[vtype]
     try:
-        _check_wire(packed.value, _WIRE_TYPES[message_type])
+        check_wire(packed.value, message_type)
         message = message_type.parse(packed.value)
     except Exception as exc:
         raise InvalidArgument(f"{where}: the Any's payload is not a valid {got_name}: {exc}") from None

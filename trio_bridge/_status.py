@@ -43,7 +43,7 @@ from ._errors import (
     Unavailable,
     VersionConflict,
 )
-from ._wire import serialize
+from ._wire import check_wire, serialize
 
 log = logging.getLogger("trio_bridge")
 
@@ -92,7 +92,8 @@ def grpc_error_for(exc: Exception, *, method: str) -> tuple[GRPCError, dict[str,
 
 
 class RequestCodec(ProtoCodec):
-    """grpclib's protobuf codec, answering an undecodable message with INVALID_ARGUMENT.
+    """grpclib's protobuf codec, answering an undecodable message with INVALID_ARGUMENT (betterproto2
+    messages are first checked by :func:`._wire.check_wire`, so none is half-read).
 
     It also serializes each outgoing message object once: an update fanned out to many watch streams
     is the same object on each, so its bytes are reused (kept as long as the message lives); and it
@@ -122,6 +123,8 @@ class RequestCodec(ProtoCodec):
 
     def decode(self, data: bytes, message_type: Any) -> Any:
         try:
+            if isinstance(message_type, type) and issubclass(message_type, betterproto2.Message):
+                check_wire(data, message_type)
             return super().decode(data, message_type)
         except Exception as exc:
             raise GRPCError(

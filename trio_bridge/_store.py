@@ -34,6 +34,8 @@ from ._observers import ObserverManager
 from ._types import Constraints, VariableType, check_constraints, check_value
 
 DEFAULT_SESSION_TTL = 3600.0
+#: The longest TTL a session may have (ten years): beyond it, expiry times stop being dates.
+MAX_SESSION_TTL = 10 * 365 * 86_400.0
 DEFAULT_HISTORY_SIZE = DEFAULT_LIMITS.history_size
 MAX_IDENTIFIER_LENGTH = 128
 _SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]*")
@@ -155,8 +157,8 @@ class SessionStore:
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        if not (default_ttl > 0 and math.isfinite(default_ttl)):
-            raise ValueError("default_ttl must be a positive number of seconds")
+        if not 0 < default_ttl <= MAX_SESSION_TTL:
+            raise ValueError(f"default_ttl must be a positive number of seconds up to {MAX_SESSION_TTL:.0f}")
         if history_size < 0:
             raise ValueError("history_size must not be negative")
         self.default_ttl = default_ttl
@@ -199,8 +201,11 @@ class SessionStore:
         it for access checks (see :meth:`owner_of`)."""
         if ttl is None or ttl == 0:
             ttl = self.default_ttl
-        if not (ttl > 0 and math.isfinite(ttl)):
-            raise InvalidArgument(f"ttl_seconds must be a positive number of seconds, got {ttl!r}")
+        if not 0 < ttl <= MAX_SESSION_TTL:
+            raise InvalidArgument(
+                f"ttl_seconds must be a positive number of seconds up to {MAX_SESSION_TTL:.0f} (ten "
+                f"years), got {ttl!r}"
+            )
         if session_id:
             _check_identifier("session_id", session_id, _SESSION_ID)
             self._expire_if_due(session_id)

@@ -1,4 +1,10 @@
-"""Protobuf serialization of betterproto2 messages, the same bytes as ``bytes(message)``, faster.
+"""Protobuf wire format for betterproto2 messages: checking what comes in, writing what goes out.
+
+:func:`check_wire` walks received bytes against a message type's schema before betterproto2 parses
+them: betterproto2 is lenient, and would put the integer of a varint sent for a string field into a
+``str`` attribute, or read a truncated field as empty. Every request and every packed value passes it.
+
+:func:`serialize` writes the same bytes as ``bytes(message)``, faster.
 
 On every call, for every field, betterproto2 builds the field's default value under
 ``warnings.catch_warnings()`` to decide whether to skip it; with trio_bridge's messages that was about a
@@ -21,6 +27,9 @@ from betterproto2 import (
     TYPE_BYTES,
     TYPE_MESSAGE,
     TYPE_STRING,
+    WIRE_FIXED_32_TYPES,
+    WIRE_FIXED_64_TYPES,
+    WIRE_LEN_DELIM_TYPES,
     WIRE_VARINT_TYPES,
     _preprocess_single,
     _serialize_single,
@@ -153,3 +162,91 @@ def _varint(value: int, out: bytearray) -> None:
         out.append(0x80 | (value & 0x7F))
         value >>= 7
     out.append(value)
+
+
+# ---- checking what comes in --------------------------------------------------------------------------
+
+
+class _Expected(NamedTuple):
+    name: str
+    wire_types: frozenset[int]
+    nested: type[betterproto2.Message] | None  # length-delimited content to check too
+
+
+_schemas: dict[type[betterproto2.Message], dict[int, _Expected]] = {}
+
+
+def check_wire(data: bytes | memoryview, cls: type[betterproto2.Message]) -> None:
+    """Raise ``ValueError`` for bytes that betterproto2 would misread as a ``cls``: a truncated field,
+    a field number 0, a group or unknown wire type, or a known field (at any depth) sent with a wire
+    type its declared type cannot have. Unknown fields are skipped, as protobuf does."""
+    view = memoryview(data)
+    schema = _schemas.get(cls)
+    if schema is None:
+        schema = _schemas[cls] = _schema(cls)
+    pos, end = 0, len(view)
+    while pos < end:
+        key, pos = read_varint(view, pos)
+        number, wire_type = key >> 3, key & 7
+        if number == 0:
+            raise ValueError("field number 0")
+        expected = schema.get(number)
+        if expected is not None and wire_type not in expected.wire_types:
+            raise ValueError(f"field {number} ({expected.name}) has wire type {wire_type}")
+        if wire_type == 0:
+            _, pos = read_varint(view, pos)
+        elif wire_type == 1 or wire_type == 5:
+            pos += 8 if wire_type == 1 else 4
+        elif wire_type == 2:
+            length, pos = read_varint(view, pos)
+            if pos + length <= end and expected is not None and expected.nested is not None:
+                check_wire(view[pos : pos + length], expected.nested)
+            pos += length
+        else:
+            raise ValueError(f"field {number} has unsupported wire type {wire_type}")
+        if pos > end:
+            raise ValueError(f"field {number} is truncated")
+
+
+def read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it; ``ValueError`` if truncated or too long."""
+    result = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def _natural_wire_type(proto_type: str) -> int:
+    if proto_type in WIRE_VARINT_TYPES:
+        return 0
+    if proto_type in WIRE_FIXED_64_TYPES:
+        return 1
+    if proto_type in WIRE_FIXED_32_TYPES:
+        return 5
+    assert proto_type in WIRE_LEN_DELIM_TYPES, proto_type
+    return 2
+
+
+def _schema(cls: type[betterproto2.Message]) -> dict[int, _Expected]:
+    info: Any = cls._betterproto  # type: ignore[arg-type]  # (a classproperty mypy cannot follow)
+    schema = {}
+    for name, meta in info.meta_by_field_name.items():
+        natural = _natural_wire_type(meta.proto_type)
+        allowed = {natural}
+        if meta.repeated and meta.proto_type in PACKED_TYPES:
+            allowed.add(2)  # packed, or not
+        nested: type[betterproto2.Message] | None = None
+        if meta.proto_type == TYPE_MESSAGE or meta.map_meta:
+            nested = meta.unwrap() if meta.unwrap is not None else info.cls_by_field.get(name)
+            if not (isinstance(nested, type) and issubclass(nested, betterproto2.Message)):
+                nested = None
+        schema[meta.number] = _Expected(name, frozenset(allowed), nested)
+    return schema
