@@ -199,6 +199,7 @@ class WatchStream:
         self._last_sent = 0.0
         self._heartbeat_due = False
         self._subscription: Subscription[VariableEvent] | None = None
+        self._shutting_down = False
         self._progress = trio.Event()
         self._initial: list[VariableUpdate] = []
 
@@ -233,7 +234,14 @@ class WatchStream:
         await self._send(initial)
         del initial  # an idle stream keeps no message alive
         while self._ending is None:
-            if self._heartbeat_due:
+            if self._shutting_down:
+                # Send what was accepted before the server began to drain (it accepts no more),
+                # then end: no write that returned OK misses a watcher that was connected.
+                events = subscription.take_nowait(BATCH_LIMIT)
+                if not events:
+                    self._end(Unavailable("the server is shutting down; reconnect and resume"))
+                    break
+            elif self._heartbeat_due:
                 events = subscription.take_nowait(BATCH_LIMIT)
             else:
                 try:  # what is queued, else wait until an event comes or _wake interrupts the wait
@@ -269,8 +277,9 @@ class WatchStream:
             await self._progress.wait()
 
     def shut_down(self) -> None:
-        """End the stream with UNAVAILABLE (server shutdown); safe before, during or after ``run``."""
-        self._end(Unavailable("the server is shutting down; reconnect and resume"))
+        """End the stream with UNAVAILABLE (server shutdown) once the changes already queued for it
+        have been sent; safe before, during or after ``run``."""
+        self._shutting_down = True
         self._wake()
 
     # ---- helpers -------------------------------------------------------------------------------
