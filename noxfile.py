@@ -1,4 +1,5 @@
-"""Developer entry points: ``nox -s tests``, ``nox -s serve``, ``nox -s protos``."""
+"""Developer entry points: ``nox -s tests``, ``nox -s serve``, ``nox -s protos``, ``nox -s bench``,
+``nox -s stress``."""
 
 from __future__ import annotations
 
@@ -37,3 +38,13 @@ def bench(session: nox.Session) -> None:
     """Benchmarks (never part of `tests`): `nox -s bench -- --quick`, `-- --json figures.json`."""
     session.install("-e", ".[bench]")
     session.run("python", "-m", "bench.run", *session.posargs)
+
+
+@nox.session
+def stress(session: nox.Session) -> None:
+    """The heavy forms of the hardening tests (never part of `tests`): hostile input, 10,000 streams of
+    churn, 100,000 updates under faults, SIGTERM under load. Each prints its counts."""
+    session.install("-e", ".[test]")
+    session.env["TRIO_BRIDGE_STRESS"] = "1"
+    files = ["tests/test_hostile.py", "tests/test_churn.py", "tests/test_shutdown_load.py"]
+    session.run("pytest", "-q", "-s", *files, *session.posargs)

@@ -236,9 +236,11 @@ def test_the_rpc_list_is_the_protos() -> None:
 # ---- the TCP socket -----------------------------------------------------------------------------------
 
 
-def _exchange(port: int, data: bytes, *, read_for: float = 5.0) -> bytes:
-    """Send ``data`` on a fresh connection, then read what comes back until the server closes the
-    connection or ``read_for`` seconds pass (a bound on a failure, not a timing assertion)."""
+def _exchange(
+    port: int, data: bytes, *, read_for: float = 5.0, until: Callable[[bytes], bool] | None = None
+) -> bytes:
+    """Send ``data`` on a fresh connection, then read what comes back until ``until(chunk)`` says
+    enough, the server closes the connection, or ``read_for`` seconds pass (a bound on a failure)."""
     received = b""
     with socket.create_connection(("127.0.0.1", port), timeout=read_for) as sock:
         try:
@@ -249,6 +251,8 @@ def _exchange(port: int, data: bytes, *, read_for: float = 5.0) -> bytes:
                 if not chunk:
                     break
                 received += chunk
+                if until is not None and until(chunk):
+                    break
         except (TimeoutError, ConnectionError):
             pass
     return received
@@ -284,14 +288,20 @@ def _grpc_request(
     return connection, connection.data_to_send()
 
 
-def _grpc_status(connection: h2.connection.H2Connection, reply: bytes) -> str | None:
-    status = None
-    for event in connection.receive_data(reply):
-        if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
-            for name, value in event.headers:
-                if name == b"grpc-status":
-                    status = value.decode()
-    return status
+class _StatusReader:
+    """Feeds what the server sends to the client's HTTP/2 connection; keeps the grpc-status."""
+
+    def __init__(self, connection: h2.connection.H2Connection) -> None:
+        self.connection = connection
+        self.status: str | None = None
+
+    def feed(self, chunk: bytes) -> bool:
+        for event in self.connection.receive_data(chunk):
+            if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
+                for name, value in event.headers:
+                    if name == b"grpc-status":
+                        self.status = value.decode()
+        return self.status is not None
 
 
 @pytest.mark.parametrize(
@@ -306,8 +316,9 @@ def test_truncated_and_oversized_frames_get_a_status(
     server: Server, body: bytes, claimed: int | None, end: bool, expected: str
 ) -> None:
     connection, request = _grpc_request("Ping", body, claimed=claimed, end=end)
-    reply = _exchange(server.port, request, read_for=3.0)
-    assert _grpc_status(connection, reply) == expected
+    reader = _StatusReader(connection)
+    _exchange(server.port, request, read_for=10.0, until=reader.feed)
+    assert reader.status == expected
     server.assert_healthy()
 
 
