@@ -100,7 +100,8 @@ def test_refused_values_name_variable_rule_and_value(
         (F, Constraints(minimum=2, maximum=1), "minimum 2 is above maximum 1"),
         (F, Constraints(minimum=math.nan), "'minimum' is NaN"),
         (S, Constraints(min_length=3, max_length=2), "min_length 3 is above max_length 2"),
-        (S, Constraints(pattern="("), "not a valid regular expression"),
+        (S, Constraints(pattern="("), "not a valid RE2 regular expression"),
+        (S, Constraints(pattern=r"(a)\1"), "no backreferences or lookaround"),
         (C, Constraints(), "needs a non-empty 'allowed_values'"),
         (M, Constraints(allowed_values=("a", "a")), "lists a value twice"),
         (T, Constraints(dtype="str"), "dtype 'str' is not one of"),
@@ -110,3 +111,12 @@ def test_refused_constraints(vtype: VariableType, constraints: Constraints, rule
     with pytest.raises(InvalidArgument, match="variable 'v'") as caught:
         check_constraints("v", vtype, constraints)
     assert rule in str(caught.value)
+
+
+def test_a_catastrophic_pattern_matches_in_linear_time() -> None:
+    # With Python's re, (a+)+$ against 'a' * 40 + '!' backtracks 2^40 times: a stalled server.
+    constraints = Constraints(pattern="(a+)+$")
+    check_constraints("s", VariableType.STRING, constraints)
+    with pytest.raises(InvalidArgument, match="does not match pattern"):
+        check_value("s", VariableType.STRING, constraints, "a" * 100_000 + "!")
+    assert check_value("s", VariableType.STRING, constraints, "a" * 100_000) == "a" * 100_000

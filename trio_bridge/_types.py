@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from ._errors import InvalidArgument
 
@@ -112,8 +112,15 @@ _APPLIES_TO: dict[str, frozenset[VariableType]] = {
 
 
 @lru_cache(maxsize=1024)
-def _compiled(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+def _compiled(pattern: str) -> Any:
+    """A ``pattern`` constraint compiled with RE2, whose matching time grows linearly with the value:
+    no pattern a client registers can stall the server (Python's ``re`` backtracks, and a pattern
+    like ``(a+)+$`` takes exponential time). RE2 has no backreferences or lookaround."""
+    import re2  # only the server checks values
+
+    options = re2.Options()
+    options.log_errors = False
+    return re2.compile(pattern, options)
 
 
 def check_constraints(name: str, vtype: VariableType, constraints: Constraints) -> None:
@@ -146,9 +153,13 @@ def check_constraints(name: str, vtype: VariableType, constraints: Constraints) 
     if constraints.pattern:
         try:
             _compiled(constraints.pattern)
-        except re.error as exc:
+        except Exception as exc:  # re2.error, with the reason as bytes
+            reason = (
+                exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+            )
             raise InvalidArgument(
-                f"{where}: pattern {constraints.pattern!r} is not a valid regular expression: {exc}"
+                f"{where}: pattern {constraints.pattern!r} is not a valid RE2 regular expression "
+                f"(no backreferences or lookaround): {reason}"
             ) from None
     if vtype in (VariableType.CHOICE, VariableType.MODULE):
         if not constraints.allowed_values:
