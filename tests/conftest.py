@@ -6,7 +6,7 @@ stop a server themselves start it in their own nursery instead (``support.start_
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -40,3 +40,20 @@ async def server(nursery: trio.Nursery, aio_loop: Any) -> RunningServer:
 async def client(server: RunningServer, aio_loop: Any) -> AsyncIterator[Client]:
     with connect(server) as connected:
         yield connected
+
+
+_COUNTS = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """``report(line)``: a count the hardening tests want seen; printed at the end of every run."""
+    return request.config.stash.setdefault(_COUNTS, []).append
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    lines = config.stash.get(_COUNTS, [])
+    if lines:
+        terminalreporter.section("hardening counts")
+        for line in lines:
+            terminalreporter.write_line(line)

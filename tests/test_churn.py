@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,9 @@ async def _churn(server: RunningServer, session: str, streams: int, mode: str) -
     )
 
 
-async def test_churn_of_streams_leaves_nothing_behind(nursery: trio.Nursery) -> None:
+async def test_churn_of_streams_leaves_nothing_behind(
+    nursery: trio.Nursery, report: Callable[[str], None]
+) -> None:
     per_mode = 625 if STRESS else 60  # x 4 modes x 4 rounds: 10,000 streams in the stress run
     server = await start_server(nursery, max_watch_streams=per_mode, max_watch_streams_per_connection=100)
     session = server.store.create_session().session_id
@@ -101,8 +104,8 @@ async def test_churn_of_streams_leaves_nothing_behind(nursery: trio.Nursery) -> 
             opened += per_mode
         tasks.append(_trio_tasks())
         left.append(_stream_objects())
-    print(
-        f"\nchurn: {opened} streams opened and ended ({', '.join(MODES)}); Trio tasks after each round "
+    report(
+        f"churn: {opened} streams opened and ended ({', '.join(MODES)}); Trio tasks after each round "
         f"{tasks}; per-stream objects before {before}, after each round {left}"
     )
     assert server.store.observers.observer_count == 0
@@ -141,7 +144,11 @@ def _check(seen: Seen, last: int) -> Counter[str]:
 
 @pytest.mark.parametrize("seed", [7] if STRESS else [7, 8])
 async def test_faults_lose_duplicate_or_reorder_nothing(
-    nursery: trio.Nursery, aio_loop: Any, monkeypatch: pytest.MonkeyPatch, seed: int
+    nursery: trio.Nursery,
+    aio_loop: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    report: Callable[[str], None],
+    seed: int,
 ) -> None:
     rng = random.Random(seed)
     variables = ("a", "b", "c", "d")
@@ -209,8 +216,8 @@ async def test_faults_lose_duplicate_or_reorder_nothing(
             problems += _check(mine.get(name, Seen()), last[name])
     updates = writes * len(variables)
     resyncs = sum(len(s.resynced_at) for mine in seen for s in mine.values())
-    print(
-        f"\nfaults (seed {seed}): {updates} updates to {watchers} watchers; {drops} connections cut, "
+    report(
+        f"faults (seed {seed}): {updates} updates to {watchers} watchers; {drops} connections cut, "
         f"{resyncs} resyncs; lost {problems['lost']}, duplicated {problems['duplicated']}, out of "
         f"order {problems['out of order']}, missing the last {problems['missing the last']}"
     )

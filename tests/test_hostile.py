@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -212,7 +213,11 @@ def _aimed(method: str) -> st.SearchStrategy[bytes]:
 
 
 @pytest.mark.parametrize("method", RPCS)
-def test_every_rpc_answers_hostile_requests_with_a_status(server: Server, method: str) -> None:
+def test_every_rpc_answers_hostile_requests_with_a_status(
+    server: Server, method: str, report: Callable[[str], None]
+) -> None:
+    statuses: Counter[str] = Counter()
+
     @settings(
         max_examples=EXAMPLES,
         deadline=None,
@@ -222,11 +227,16 @@ def test_every_rpc_answers_hostile_requests_with_a_status(server: Server, method
     @given(payload=_aimed(method))
     def one(payload: bytes) -> None:
         status = server.call(method, payload)
+        statuses[status.name] += 1
         assert status not in FORBIDDEN, (method, payload[:80], status)
 
     server.ensure_target()
     one()
     server.assert_healthy()
+    report(
+        f"hostile {method}: {sum(statuses.values())} requests, "
+        + ", ".join(f"{k} {v}" for k, v in statuses.most_common())
+    )
 
 
 def test_the_rpc_list_is_the_protos() -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -79,7 +80,7 @@ def _write(channel: grpc.Channel, writer: Writer) -> None:
             writer.enough.set()
 
 
-def test_sigterm_under_load_loses_no_accepted_write() -> None:
+def test_sigterm_under_load_loses_no_accepted_write(report: Callable[[str], None]) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "trio_bridge", "serve", "--port", "0", "--shutdown-grace", str(GRACE)],
         stdout=subprocess.PIPE,
@@ -141,7 +142,7 @@ def test_sigterm_under_load_loses_no_accepted_write() -> None:
             process.wait()
 
     accepted = sum(len(w.ok_versions) for w in writers)
-    print(f"\nshutdown under load: {accepted} writes accepted, {len(watches)} streams, exit in {took:.2f}s")
+    report(f"shutdown under load: {accepted} writes accepted, {len(watches)} streams, exit in {took:.2f}s")
     assert code == 0
     assert took < EXIT_BOUND
     for watch in watches:
