@@ -11,6 +11,7 @@ import trio
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 from tests.support import Client, start_server
 from trio_bridge import RunningServer, VariableType
@@ -47,7 +48,8 @@ async def test_stopping_closes_connections_so_clients_do_not_hang(aio_loop: Any)
 
 async def test_shutdown_first_sends_every_change_accepted_before_it(aio_loop: Any) -> None:
     """A watcher that has fallen behind (its HTTP/2 window is full, changes wait in its queue) still
-    gets every change accepted before the shutdown, then UNAVAILABLE. (A stock grpcio client: grpclib's
+    gets every change accepted before the shutdown, then UNAVAILABLE; meanwhile, health checks say
+    NOT_SERVING. (A stock grpcio client: grpclib's
     drops what it has buffered but not yet read when the connection closes.)"""
     async with trio.open_nursery() as nursery:
         server_scope = trio.CancelScope()
@@ -98,10 +100,23 @@ async def test_shutdown_first_sends_every_change_accepted_before_it(aio_loop: An
             for index in range(changes):  # accepted: each returns its new version
                 server.store.set_variable(session, "s", f"{index:04d}" + "x" * 1000)
             assert server.store.observers.observer_count == 1
+            health = grpc.insecure_channel(f"{server.host}:{server.port}")
+
+            def check_health() -> str:
+                reply = health.unary_unary("/grpc.health.v1.Health/Check")(
+                    HealthCheckRequest().SerializeToString(), timeout=30
+                )
+                return HealthCheckResponse.ServingStatus.Name(HealthCheckResponse.FromString(reply).status)
+
+            assert await trio.to_thread.run_sync(check_health) == "SERVING"
             server_scope.cancel()  # the shutdown begins while the changes wait
             while not server.service._draining:  # noqa: ASYNC110 (a flag of the server's)
                 await trio.sleep(0.001)
-            go.set()
+            try:
+                assert await trio.to_thread.run_sync(check_health) == "NOT_SERVING"  # still draining
+            finally:
+                health.close()
+                go.set()
     ((versions, status),) = result
     assert versions == list(range(2, changes + 2))
     assert status == grpc.StatusCode.UNAVAILABLE

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 
 import trio
+from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 
 from ._bridge import serve_grpc
@@ -63,6 +64,15 @@ async def serve(
     )
     service = UnifiedBridgeService(store, metrics, limits, tokens)
     metrics.open_watch_streams.set_function(lambda: service.open_watches)
+    # The health service says SERVING until the server begins to drain, NOT_SERVING from then on, so
+    # load balancers stop sending calls before the connections close.
+    serving = ServiceStatus()
+    serving.set(True)
+
+    async def drain() -> None:
+        serving.set(False)
+        await service.drain()
+
     metrics_port = None
     if config.metrics_port is not None:
         metrics_port = metrics.start_http(config.host, config.metrics_port)
@@ -72,11 +82,11 @@ async def serve(
             await nursery.start(store.run_expiry)
             bound = await nursery.start(
                 lambda task_status: serve_grpc(
-                    [service, Health({service: []})],
+                    [service, Health({service: [serving]})],
                     host=config.host,
                     port=config.port,
                     tls=tls,
-                    drain=service.drain,
+                    drain=drain,
                     grace=config.shutdown_grace,
                     # room for unary calls beside a full quota of watch streams
                     max_streams_per_connection=limits.max_watch_streams_per_connection + 100,
