@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -137,6 +139,9 @@ async def eventually(condition: Callable[[], bool], *, limit: float = 10.0) -> N
             await trio.sleep(0.005)
 
 
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
 class DroppingProxy:
     """A loopback TCP proxy in front of a server that can cut, or silence, every connection through it."""
 
@@ -146,6 +151,7 @@ class DroppingProxy:
         self.connections_made = 0
         self._pipes: set[trio.CancelScope] = set()
         self._pumps: set[trio.CancelScope] = set()
+        self._resetting: set[trio.CancelScope] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
@@ -160,16 +166,22 @@ class DroppingProxy:
             try:
                 upstream = await trio.open_tcp_stream(LOOPBACK, self.target_port)
                 async with downstream, upstream:
-                    with trio.CancelScope() as pumping:
-                        self._pumps.add(pumping)
-                        async with trio.open_nursery() as nursery:
-                            nursery.start_soon(self._pump, downstream, upstream)
-                            nursery.start_soon(self._pump, upstream, downstream)
-                    self._pumps.discard(pumping)
-                    if pumping.cancelled_caught:  # frozen: silent, but open, until dropped
-                        await trio.sleep_forever()
+                    try:
+                        with trio.CancelScope() as pumping:
+                            self._pumps.add(pumping)
+                            async with trio.open_nursery() as nursery:
+                                nursery.start_soon(self._pump, downstream, upstream)
+                                nursery.start_soon(self._pump, upstream, downstream)
+                        self._pumps.discard(pumping)
+                        if pumping.cancelled_caught:  # frozen: silent, but open, until dropped
+                            await trio.sleep_forever()
+                    finally:
+                        if scope in self._resetting:  # close with RST, not FIN
+                            for stream in (downstream, upstream):
+                                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
             finally:
                 self._pipes.discard(scope)
+                self._resetting.discard(scope)
 
     @staticmethod
     async def _pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
@@ -192,3 +204,8 @@ class DroppingProxy:
         for scope in list(self._pipes):
             scope.cancel()
         return cut
+
+    def reset_all(self) -> int:
+        """Reset every open connection (both sides get a TCP RST); return how many were reset."""
+        self._resetting.update(self._pipes)
+        return self.drop_all()

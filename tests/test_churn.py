@@ -203,8 +203,8 @@ async def test_faults_lose_duplicate_or_reorder_nothing(
         async with BridgeClient(server.host, server.port) as client:
             for step in range(1, writes + 1):
                 await asyncio.gather(*(client.set(session, name, step) for name in variables))
-                if rng.random() < 0.01:  # cut every connection the watchers have
-                    drops += proxy.drop_all()
+                if rng.random() < 0.01:  # cut (FIN) or reset (RST) every connection the watchers have
+                    drops += proxy.drop_all() if rng.random() < 0.5 else proxy.reset_all()
 
     async def everything() -> None:
         await asyncio.gather(write(), *(watch(i) for i in range(watchers)))
@@ -217,7 +217,7 @@ async def test_faults_lose_duplicate_or_reorder_nothing(
     updates = writes * len(variables)
     resyncs = sum(len(s.resynced_at) for mine in seen for s in mine.values())
     report(
-        f"faults (seed {seed}): {updates} updates to {watchers} watchers; {drops} connections cut, "
+        f"faults (seed {seed}): {updates} updates to {watchers} watchers; {drops} connections cut or reset, "
         f"{resyncs} resyncs; lost {problems['lost']}, duplicated {problems['duplicated']}, out of "
         f"order {problems['out of order']}, missing the last {problems['missing the last']}"
     )
