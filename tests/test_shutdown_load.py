@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -80,6 +81,19 @@ def _write(channel: grpc.Channel, writer: Writer) -> None:
             writer.enough.set()
 
 
+def _start(
+    run: Callable[[grpc.Channel, Any], None], jobs: list[Any], channels: list[grpc.Channel]
+) -> list[threading.Thread]:
+    """A thread per job, spread over the channels, started."""
+    threads = [
+        threading.Thread(target=run, args=(channels[i % len(channels)], job), daemon=True)
+        for i, job in enumerate(jobs)
+    ]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
 def test_sigterm_under_load_loses_no_accepted_write(report: Callable[[str], None]) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "trio_bridge", "serve", "--port", "0", "--shutdown-grace", str(GRACE)],
@@ -109,21 +123,11 @@ def test_sigterm_under_load_loses_no_accepted_write(report: Callable[[str], None
             setup.unary_unary(SERVICE + "RegisterVariable")(bytes(request), timeout=30)
 
         watches = [Watch(name) for name in names for _ in range(WATCHERS_PER_VARIABLE)]
-        threads = [
-            threading.Thread(target=_watch, args=(channels[i % len(channels)], watch), daemon=True)
-            for i, watch in enumerate(watches)
-        ]
-        for thread in threads:
-            thread.start()
+        threads = _start(_watch, watches, channels)
         for watch in watches:
             assert watch.synced.wait(60)
         writers = [Writer(name) for name in names]
-        writer_threads = [
-            threading.Thread(target=_write, args=(channels[i % len(channels)], writer), daemon=True)
-            for i, writer in enumerate(writers)
-        ]
-        for thread in writer_threads:
-            thread.start()
+        writer_threads = _start(_write, writers, channels)
         for writer in writers:
             assert writer.enough.wait(120)
 
