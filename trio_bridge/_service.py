@@ -23,12 +23,12 @@ from grpclib.server import Stream
 
 from . import _encoding as enc
 from ._bridge import bound_request_size, run_in_asyncio, run_in_trio
-from ._errors import InvalidArgument, NotFound, ResourceExhausted
+from ._errors import InvalidArgument, ResourceExhausted
 from ._limits import DEFAULT_LIMITS, Limits
 from ._metrics import Metrics
 from ._security import AUTHORIZATION, Principal, Tokens
 from ._status import grpc_error_for
-from ._store import SessionStore, VariableSnapshot, VariableWrite
+from ._store import SessionStore, VariableSnapshot, VariableWrite, session_not_found
 from ._types import VariableType
 from ._version import __version__
 from ._watch import WatchPlan, WatchStream, plan_watch
@@ -149,7 +149,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             session_id = getattr(message, "session_id", "")
             owner = self.store.owner_of(session_id) if session_id else None
             if owner is not None and not principal.may_use(owner):
-                raise NotFound(f"session {session_id!r} not found (it may have expired)")
+                raise session_not_found(session_id)  # exactly as for a session that is not there
             return message
 
         stream.recv_message = recv_message  # type: ignore[method-assign]

@@ -474,7 +474,7 @@ class SessionStore:
         self._expire_if_due(session_id)
         session = self._sessions.get(session_id)
         if session is None:
-            raise NotFound(f"session {session_id!r} not found (it may have expired)")
+            raise session_not_found(session_id)
         session.last_access = self._clock()
         session.last_accessed_at = self._wall_clock()
         return session
@@ -536,6 +536,11 @@ class SessionStore:
             variable_count=len(session.variables),
             owner=session.owner,
         )
+
+
+def session_not_found(session_id: str) -> NotFound:
+    """The error for a session that does not exist (or that the caller may not know of)."""
+    return NotFound(f"session {session_id!r} not found (it may have expired)")
 
 
 def _check_identifier(what: str, value: str, pattern: re.Pattern[str]) -> None:
