@@ -30,7 +30,7 @@ import betterproto2
 from ._errors import InvalidArgument
 from ._store import EventKind, SessionInfo, VariableEvent, VariableSnapshot
 from ._types import Constraints, Tensor, VariableType
-from ._wire import check_wire
+from ._wire import check_wire, serialize
 from .proto import unified_bridge as pb
 from .proto.google import protobuf as wkt
 
@@ -71,7 +71,7 @@ def pack_value(vtype: VariableType, value: Any) -> wkt.Any:
         message = pb.Tensor(shape=list(value.shape), dtype=value.dtype, data=value.data)
     else:
         message = _WIRE_MESSAGE[vtype](value=value)  # type: ignore[call-arg]
-    return wkt.Any(type_url=type_url_for(vtype), value=bytes(message))
+    return wkt.Any(type_url=type_url_for(vtype), value=serialize(message))
 
 
 def unpack_value(name: str, vtype: VariableType, packed: wkt.Any | None) -> Any:
