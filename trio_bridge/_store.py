@@ -445,15 +445,18 @@ class SessionStore:
             return []
         if not 0 < version < current:
             return None
-        missed = [
-            event
-            for event in session.history
-            if event.variable is not None
-            and event.variable.id == variable_id
-            and event.variable.version > version
-        ]
-        if missed and missed[0].variable is not None and missed[0].variable.version == version + 1:
-            return missed
+        # Newest first, so the cost is the changes made since ``version``, not the whole history.
+        missed: list[VariableEvent] = []
+        for event in reversed(session.history):
+            variable = event.variable
+            if variable is None or variable.id != variable_id:
+                continue
+            if variable.version <= version:
+                break
+            missed.append(event)
+            if variable.version == version + 1:
+                missed.reverse()
+                return missed
         return None
 
     def touch_session(self, session_id: str) -> None:
