@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 import trio_asyncio
+from grpclib.client import Channel
 from grpclib.config import Configuration
 
 from tests.support import DroppingProxy, eventually, start_server
@@ -291,6 +292,42 @@ async def test_watch_resumes_when_the_connection_is_cut(server: RunningServer, n
     )
     _assert_every_version_once(events, 16)
     assert proxy.connections_made >= 2
+
+
+async def test_a_connection_lost_while_it_is_made_is_a_connection_error_and_the_watch_resumes(
+    server: RunningServer, aio_loop: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grpclib hands out a connection that was lost between being made and being used (a peer that
+    resets it at once), and the call then fails inside grpclib with an AttributeError. Seen in the
+    100,000-update fault run; here the loss is made to happen at exactly that moment."""
+    session = server.store.create_session().session_id
+    server.store.register_variable(session, "t", VariableType.INTEGER, 7)
+    lost = 0
+    real_create = Channel._create_connection
+
+    async def create_then_lose(self: Channel) -> Any:
+        nonlocal lost
+        protocol = await real_create(self)
+        if lost < 2:  # the first two connections die at once
+            lost += 1
+            protocol.connection_lost(ConnectionResetError("reset by peer"))
+        return protocol
+
+    monkeypatch.setattr(Channel, "_create_connection", create_then_lose)
+
+    async def scenario() -> None:
+        async with BridgeClient(server.host, server.port) as client:
+            with pytest.raises(ConnectionResetError, match="lost as soon as it was made"):
+                await client.ping()
+            reconnect = Reconnect(initial_delay=0.001, max_delay=0.01)
+            async with BridgeClient(server.host, server.port, reconnect=reconnect) as watcher:
+                async for event in watcher.watch(session, ["t"]):
+                    if event.kind == "initial_value":
+                        assert event.variable is not None and event.variable.value == 7
+                        break
+
+    await in_asyncio(scenario)
+    assert lost == 2
 
 
 async def test_many_watches_are_spread_over_connections(server: RunningServer, aio_loop: Any) -> None:

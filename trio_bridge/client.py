@@ -28,6 +28,7 @@ from grpclib.client import Channel
 from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.protocol import H2Protocol
 
 from . import _encoding as enc
 from ._errors import LIMIT_VALUE_TRAILER, BridgeError, ResourceExhausted, Unavailable
@@ -140,7 +141,7 @@ class BridgeClient:
     # ---- connections ---------------------------------------------------------------------------
 
     def _new_channel(self) -> Channel:
-        channel = Channel(self.host, self.port, config=self._config, ssl=self._tls)
+        channel = _Channel(self.host, self.port, config=self._config, ssl=self._tls)
         self._channels.append(channel)
         self._streams[id(channel)] = 0
         return channel
@@ -432,6 +433,20 @@ class BridgeClient:
             self._channels.remove(channel)
             del self._streams[id(channel)]
             channel.close()
+
+
+class _Channel(Channel):
+    """grpclib's Channel, except that a connection lost while it was being made (a peer that resets it
+    at once) raises ConnectionResetError. grpclib returns such a connection, and the call made on it
+    then fails inside grpclib with an AttributeError; the next call opens a new connection."""
+
+    async def __connect__(self) -> H2Protocol:
+        protocol = await super().__connect__()
+        if _connection_lost(self):
+            raise ConnectionResetError(
+                f"the connection to {self._host}:{self._port} was lost as soon as it was made"
+            )
+        return protocol
 
 
 def _ended_ok(stream: Any) -> bool:
