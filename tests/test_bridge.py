@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import grpclib.const
+import grpclib.server
 import pytest
 import trio
 import trio.testing
 import trio_asyncio
+from grpclib.client import Channel
+from grpclib.config import Configuration
 
-from trio_bridge._bridge import _CoalescingTransport, run_in_asyncio
+from trio_bridge._bridge import _CoalescingTransport, run_in_asyncio, send_messages, serve_grpc
+from trio_bridge.proto import unified_bridge as pb
 
 
 async def test_a_coroutine_that_never_waits_finishes_in_the_calling_trio_task(aio_loop: Any) -> None:
@@ -174,3 +179,64 @@ async def test_close_sends_what_is_gathered_and_abort_drops_it(aio_loop: Any) ->
         assert aborting.writes == [] and aborting.aborted
 
     await _in_asyncio(scenario)
+
+
+class _Batches:
+    """A server-streaming method that sends each batch the client asks for with ``send_messages``."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches = batches
+        self.messages_sent = 0
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return {
+            "/test.Batches/Send": grpclib.const.Handler(
+                self.send, grpclib.const.Cardinality.UNARY_STREAM, pb.PingRequest, pb.PingResponse
+            )
+        }
+
+    async def send(self, stream: grpclib.server.Stream[Any, Any]) -> None:
+        await stream.recv_message()
+        for batch in self.batches:
+            await send_messages(stream, [_message(size) for size in batch])
+        self.messages_sent = stream._messages_sent
+
+
+async def _no_drain() -> None:
+    pass
+
+
+def _message(size: int) -> pb.PingResponse:
+    return pb.PingResponse(server_version=chr(ord("a") + size % 26) * size)
+
+
+async def test_a_batch_reaches_the_client_as_the_same_messages_in_order(nursery: trio.Nursery) -> None:
+    # Messages larger than a frame (16 KiB) and batches larger than the client's stream window (64 KiB):
+    # the batch is split where HTTP/2 demands, and waits for the window to open.
+    batches = [[0, 1, 200], [], [20_000], [30_000, 5, 40_000, 70_000], [3]]
+    service = _Batches(batches)
+    bound = await nursery.start(
+        lambda task_status: serve_grpc(
+            [service],
+            host="127.0.0.1",
+            port=0,
+            drain=_no_drain,
+            grace=1,
+            task_status=task_status,
+        )
+    )
+
+    async def receive() -> list[pb.PingResponse]:
+        config = Configuration(http2_stream_window_size=65_535, http2_connection_window_size=65_535)
+        async with Channel(bound.host, bound.port, config=config) as channel:
+            stream = channel.request(
+                "/test.Batches/Send", grpclib.const.Cardinality.UNARY_STREAM, pb.PingRequest, pb.PingResponse
+            )
+            async with stream:
+                await stream.send_message(pb.PingRequest(), end=True)
+                return [message async for message in stream]
+
+    received = await _in_asyncio(receive)
+    expected = [_message(size) for batch in batches for size in batch]
+    assert [m.server_version for m in received] == [m.server_version for m in expected]
+    assert service.messages_sent == len(expected)

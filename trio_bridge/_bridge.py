@@ -23,8 +23,9 @@ import asyncio
 import functools
 import logging
 import ssl
+import time
 import weakref
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -46,6 +47,9 @@ T = TypeVar("T")
 
 #: Bytes a connection gathers before it writes them without waiting for the loop's next turn.
 _FLUSH_AT = 4096
+
+#: The first byte of a gRPC message's 5-byte prefix: not compressed.
+_UNCOMPRESSED_PREFIX = b"\x00"
 
 #: Longest wait for grpclib's handlers to finish after they were cancelled.
 _CLOSE_TIMEOUT = 1.0
@@ -185,6 +189,31 @@ def bound_request_size(stream: grpclib.server.Stream[Any, Any], max_bytes: int, 
             ) from None
 
     inner.recv_data = recv_data  # type: ignore[method-assign]
+
+
+async def send_messages(stream: grpclib.server.Stream[Any, Any], messages: Sequence[Any]) -> None:
+    """Send ``messages`` on a server-streaming ``stream``, in order, as one run of bytes: the same bytes
+    as one ``stream.send_message`` call each, but one HTTP/2 DATA frame (split only where flow control
+    or the peer's frame size demand) and one write instead of one per message.
+
+    Cancellation: as ``send_message``; a batch cut short by it may have gone out in part, in order.
+    """
+    if not messages:
+        return
+    if not stream._send_initial_metadata_done:
+        await stream.send_initial_metadata()
+    codec, message_type = stream._codec, stream._send_type
+    chunks = []
+    for message in messages:
+        data = codec.encode(message, message_type)
+        chunks.append(_UNCOMPRESSED_PREFIX + len(data).to_bytes(4, "big"))
+        chunks.append(data)
+    await stream._stream.send_data(b"".join(chunks))
+    stream._send_message_done = True
+    stream._messages_sent += len(messages)
+    connection = stream._stream.connection
+    connection.messages_sent += len(messages)
+    connection.last_message_sent = time.monotonic()
 
 
 def run_in_trio(fn: Callable[..., Awaitable[T]], *args: object) -> Awaitable[T]:

@@ -22,7 +22,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from . import _encoding as enc
-from ._bridge import bound_request_size, run_in_asyncio, run_in_trio
+from ._bridge import bound_request_size, run_in_asyncio, run_in_trio, send_messages
 from ._errors import InvalidArgument, ResourceExhausted
 from ._limits import DEFAULT_LIMITS, Limits
 from ._metrics import Metrics
@@ -321,12 +321,8 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         """The Trio side of one watch stream. Raises the BridgeError that ended it (a status for the
         client); cancelled when the client goes away."""
 
-        async def send_all(updates: list[pb.VariableUpdate]) -> None:
-            for update in updates:
-                await stream.send_message(update)
-
         async def send(updates: list[pb.VariableUpdate]) -> None:
-            await run_in_asyncio(send_all, updates)  # one hop for the whole batch
+            await run_in_asyncio(send_messages, stream, updates)  # one hop for the whole batch
 
         watch = WatchStream(
             self.store,
