@@ -14,7 +14,14 @@ import trio_asyncio
 from grpclib.client import Channel
 from grpclib.config import Configuration
 
-from trio_bridge._bridge import _CoalescingTransport, run_in_asyncio, send_messages, serve_grpc
+from trio_bridge._bridge import (
+    BoundAddress,
+    _CoalescingTransport,
+    release_request_buffers,
+    run_in_asyncio,
+    send_messages,
+    serve_grpc,
+)
 from trio_bridge.proto import unified_bridge as pb
 
 
@@ -181,29 +188,41 @@ async def test_close_sends_what_is_gathered_and_abort_drops_it(aio_loop: Any) ->
     await _in_asyncio(scenario)
 
 
-class _Batches:
-    """A server-streaming method that sends each batch the client asks for with ``send_messages``."""
+class _OneMethod:
+    """A server of one method, /test.One/Call, handled by ``handler``."""
 
-    def __init__(self, batches: list[list[int]]) -> None:
-        self.batches = batches
-        self.messages_sent = 0
+    def __init__(self, handler: Any, cardinality: grpclib.const.Cardinality) -> None:
+        self.handler = handler
+        self.cardinality = cardinality
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return {
-            "/test.Batches/Send": grpclib.const.Handler(
-                self.send, grpclib.const.Cardinality.UNARY_STREAM, pb.PingRequest, pb.PingResponse
+            "/test.One/Call": grpclib.const.Handler(
+                self.handler, self.cardinality, pb.PingRequest, pb.PingResponse
             )
         }
-
-    async def send(self, stream: grpclib.server.Stream[Any, Any]) -> None:
-        await stream.recv_message()
-        for batch in self.batches:
-            await send_messages(stream, [_message(size) for size in batch])
-        self.messages_sent = stream._messages_sent
 
 
 async def _no_drain() -> None:
     pass
+
+
+async def _serve(
+    nursery: trio.Nursery,
+    handler: Any,
+    cardinality: grpclib.const.Cardinality = grpclib.const.Cardinality.UNARY_STREAM,
+) -> BoundAddress:
+    bound: BoundAddress = await nursery.start(
+        lambda task_status: serve_grpc(
+            [_OneMethod(handler, cardinality)],
+            host="127.0.0.1",
+            port=0,
+            drain=_no_drain,
+            grace=1,
+            task_status=task_status,
+        )
+    )
+    return bound
 
 
 def _message(size: int) -> pb.PingResponse:
@@ -214,23 +233,21 @@ async def test_a_batch_reaches_the_client_as_the_same_messages_in_order(nursery:
     # Messages larger than a frame (16 KiB) and batches larger than the client's stream window (64 KiB):
     # the batch is split where HTTP/2 demands, and waits for the window to open.
     batches = [[0, 1, 200], [], [20_000], [30_000, 5, 40_000, 70_000], [3]]
-    service = _Batches(batches)
-    bound = await nursery.start(
-        lambda task_status: serve_grpc(
-            [service],
-            host="127.0.0.1",
-            port=0,
-            drain=_no_drain,
-            grace=1,
-            task_status=task_status,
-        )
-    )
+    counted: list[int] = []
+
+    async def send(stream: grpclib.server.Stream[Any, Any]) -> None:
+        await stream.recv_message()
+        for batch in batches:
+            await send_messages(stream, [_message(size) for size in batch])
+        counted.append(stream._messages_sent)
+
+    bound = await _serve(nursery, send)
 
     async def receive() -> list[pb.PingResponse]:
         config = Configuration(http2_stream_window_size=65_535, http2_connection_window_size=65_535)
         async with Channel(bound.host, bound.port, config=config) as channel:
             stream = channel.request(
-                "/test.Batches/Send", grpclib.const.Cardinality.UNARY_STREAM, pb.PingRequest, pb.PingResponse
+                "/test.One/Call", grpclib.const.Cardinality.UNARY_STREAM, pb.PingRequest, pb.PingResponse
             )
             async with stream:
                 await stream.send_message(pb.PingRequest(), end=True)
@@ -239,4 +256,41 @@ async def test_a_batch_reaches_the_client_as_the_same_messages_in_order(nursery:
     received = await _in_asyncio(receive)
     expected = [_message(size) for batch in batches for size in batch]
     assert [m.server_version for m in received] == [m.server_version for m in expected]
-    assert service.messages_sent == len(expected)
+    assert counted == [len(expected)]
+
+
+async def test_a_stream_lets_go_of_its_receive_buffer_once_its_request_is_read_to_the_end(
+    nursery: trio.Nursery,
+) -> None:
+    released: list[bool] = []
+    buffers: list[object] = []
+
+    async def handler(stream: grpclib.server.Stream[Any, Any]) -> None:
+        await stream.recv_message()
+        released.append(release_request_buffers(stream))  # the client has not ended its side yet
+        await send_messages(stream, [_message(1)])
+        assert await stream.recv_message() is None  # now it has
+        released.append(release_request_buffers(stream))
+        released.append(release_request_buffers(stream))  # again: nothing more to do
+        buffers.append(stream._stream.buffer)
+        await send_messages(stream, [_message(2), _message(70_000)])  # sending is unaffected
+
+    bound = await _serve(nursery, handler, grpclib.const.Cardinality.STREAM_STREAM)
+
+    async def call() -> list[pb.PingResponse]:
+        async with Channel(bound.host, bound.port) as channel:
+            stream = channel.request(
+                "/test.One/Call", grpclib.const.Cardinality.STREAM_STREAM, pb.PingRequest, pb.PingResponse
+            )
+            async with stream:
+                await stream.send_message(pb.PingRequest())
+                first = await stream.recv_message()
+                await stream.end()
+                rest = [message async for message in stream]
+            assert first is not None
+            return [first, *rest]
+
+    received = await _in_asyncio(call)
+    assert [len(m.server_version) for m in received] == [1, 2, 70_000]
+    assert released == [False, True, True]
+    assert type(buffers[0]).__name__ == "_ReadToEnd"

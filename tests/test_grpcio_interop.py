@@ -17,6 +17,7 @@ import trio
 from google.protobuf import any_pb2, wrappers_pb2
 from grpc_tools import protoc
 
+import trio_bridge._service
 from trio_bridge import RunningServer, VariableType
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,10 +213,19 @@ asyncio.run(main())
 
 
 async def test_stock_grpcio_aio_client_consumes_the_watch_stream(
-    server: RunningServer, stubs_dir: Path
+    server: RunningServer, stubs_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`async for update in stub.WatchVariables(request)` with grpc.aio, in a process of its own
-    (grpc.aio brings its own asyncio loop; this process runs trio-asyncio's)."""
+    (grpc.aio brings its own asyncio loop; this process runs trio-asyncio's). grpcio ends its side
+    with the request, so the server lets go of the stream's receive buffer at once."""
+    released: list[bool] = []
+    release = trio_bridge._service.release_request_buffers
+
+    def recorded(stream: Any) -> bool:
+        released.append(release(stream))
+        return released[-1]
+
+    monkeypatch.setattr(trio_bridge._service, "release_request_buffers", recorded)
     session = server.store.create_session().session_id
     server.store.register_variable(session, "t", VariableType.FLOAT, 0.5)
     target = f"{server.host}:{server.port}"
@@ -241,3 +251,4 @@ async def test_stock_grpcio_aio_client_consumes_the_watch_stream(
         "value_change 3 2.0",
         "value_change 4 3.0",
     ]
+    assert released == [True]

@@ -22,7 +22,13 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from . import _encoding as enc
-from ._bridge import bound_request_size, run_in_asyncio, run_in_trio, send_messages
+from ._bridge import (
+    bound_request_size,
+    release_request_buffers,
+    run_in_asyncio,
+    run_in_trio,
+    send_messages,
+)
 from ._errors import InvalidArgument, ResourceExhausted
 from ._limits import DEFAULT_LIMITS, Limits
 from ._metrics import Metrics
@@ -274,6 +280,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
     async def _watch_variables(self, stream: Stream[pb.WatchVariablesRequest, pb.VariableUpdate]) -> None:
         request = await stream.recv_message()
         assert request is not None
+        release_request_buffers(stream)  # the stream may stay open for days: keep only what sending needs
         # Checked before the stream opens: a bad request gets its status and no message.
         plan = plan_watch(
             self.store,
