@@ -265,3 +265,38 @@ async def test_interrupt_without_a_waiting_reader_does_nothing() -> None:
         assert not subscription.overflowed  # the one slot was still free
         assert await subscription.receive_batch(10) == [7]
     subscription.interrupt()  # closed: still nothing, and no error
+
+
+async def test_a_reader_that_never_runs_out_of_events_still_lets_other_tasks_run() -> None:
+    observers: ObserverManager[int] = ObserverManager()
+    rounds_of_others = 0
+
+    async def other_task() -> None:
+        nonlocal rounds_of_others
+        while True:
+            rounds_of_others += 1
+            await trio.lowlevel.checkpoint()
+
+    with observers.subscribe(["k"]) as subscription:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_task)
+            for i in range(3):
+                observers.publish(["k"], i)  # always something queued: the reader never waits
+                assert await subscription.receive_batch(10) == [i]
+            assert rounds_of_others >= 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_reader_cancelled_with_events_queued_loses_none() -> None:
+    observers: ObserverManager[int] = ObserverManager()
+    with observers.subscribe(["k"]) as subscription:
+        observers.publish(["k"], 1)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            taken = await subscription.receive_batch(10)  # taken, so not cancelled
+        assert taken == [1]
+        assert not scope.cancelled_caught
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await subscription.receive_batch(10)  # nothing queued: the wait is cancelled
+        assert scope.cancelled_caught

@@ -200,7 +200,7 @@ class WatchStream:
         self._heartbeat_due = False
         self._subscription: Subscription[VariableEvent] | None = None
         self._shutting_down = False
-        self._progress = trio.Event()
+        self._progress: trio.Event | None = None  # set after the sender's next round, if anyone waits
         self._initial: list[VariableUpdate] = []
 
     async def run(self) -> NoReturn:
@@ -261,8 +261,9 @@ class WatchStream:
             self._heartbeat_due = False
             if updates:
                 await self._send(updates)
-            self._progress.set()
-            self._progress = trio.Event()
+            if self._progress is not None:
+                self._progress.set()
+                self._progress = None
         nursery_scope.cancel()
 
     async def _heartbeats(self, subscription: Subscription[VariableEvent]) -> None:
@@ -271,10 +272,11 @@ class WatchStream:
             await trio.sleep_until(self._last_sent + interval)
             if not self._idle_for_interval():
                 continue  # something went out meanwhile: the next heartbeat is due later
+            progress = self._progress = trio.Event()
             if not subscription.pending:
                 self._heartbeat_due = True
                 self._wake()
-            await self._progress.wait()
+            await progress.wait()  # until the sender has been round once more
 
     def shut_down(self) -> None:
         """End the stream with UNAVAILABLE (server shutdown) once the changes already queued for it
