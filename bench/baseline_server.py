@@ -19,6 +19,7 @@ from typing import Any
 import grpclib.const
 from grpclib.server import Server, Stream
 
+from trio_bridge._cli import settle_heap
 from trio_bridge.proto import unified_bridge as pb
 
 WATCH = "/unified_bridge.UnifiedBridge/WatchVariables"
@@ -95,6 +96,7 @@ async def main(host: str, port: int) -> None:
     server = Server([Baseline()])
     await server.start(host, port)
     bound = server._server.sockets[0].getsockname()  # type: ignore[union-attr]
+    settle_heap()  # the collector settings of `trio-bridge serve`: compare servers, not their collectors
     print(f"baseline serving on {bound[0]}:{bound[1]}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

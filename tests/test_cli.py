@@ -183,3 +183,18 @@ async def test_watch_prints_a_change_made_by_set(server: RunningServer) -> None:
         if watch.returncode is None:
             watch.kill()
             await watch.wait()
+
+
+def test_settle_heap_freezes_what_start_up_made_and_collects_the_young_less_often() -> None:
+    # In a process of its own: freezing is for the whole process.
+    script = (
+        "import gc\n"
+        "from trio_bridge._cli import GC_YOUNG_THRESHOLD, settle_heap\n"
+        "before = gc.get_threshold()\n"
+        "settle_heap()\n"
+        "assert gc.get_freeze_count() > 10_000, gc.get_freeze_count()\n"
+        "assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *before[1:]), gc.get_threshold()\n"
+        "assert gc.isenabled()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
