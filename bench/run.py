@@ -541,7 +541,7 @@ def main() -> None:
         _table("3. idle streams", report["idle_streams"])
 
     if "writer_isolation" in chosen:
-        _isolation_report(report, writes=500 if quick else 2000)
+        _isolation_report(report, writes=500 if quick else 10_000)
 
     if "growth" in chosen:
         report["growth"] = growth(2_000 if quick else 5_000, 1_000 if quick else 10_000)

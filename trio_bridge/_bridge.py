@@ -185,7 +185,8 @@ class _ReadToEnd:
 
 
 _READ_TO_END = _ReadToEnd()
-#: Set for every stream the server keeps open after its request: only a client waits on these.
+#: Stands in, on every stream whose request was read to its end, for the two events that only a client
+#: waits on (a response's headers and trailers arrived).
 _CLIENT_SIDE_ONLY = asyncio.Event()
 
 
@@ -237,6 +238,8 @@ async def send_messages(stream: grpclib.server.Stream[Any, Any], messages: Seque
     or the peer's frame size demand) and one write instead of one per message.
 
     Cancellation: as ``send_message``; a batch cut short by it may have gone out in part, in order.
+    Like :func:`release_request_buffers`, it works on grpclib 0.4's stream internals (the version is
+    pinned; the tests cover both).
     """
     if not messages:
         return
