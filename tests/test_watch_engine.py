@@ -1,13 +1,16 @@
-"""The watch engine without gRPC: batching of bursts (contract line 9)."""
+"""The watch engine without gRPC: batching of bursts (contract line 9) and of long replays."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import trio
 import trio.testing
 
-from trio_bridge import SessionStore, VariableType
+from trio_bridge import SessionStore, VariableType, _watch
 from trio_bridge._limits import Limits
-from trio_bridge._watch import WatchStream, plan_watch
+from trio_bridge._watch import BATCH_LIMIT, WatchStream, plan_watch
 from trio_bridge.proto.unified_bridge import VariableUpdate
 
 
@@ -45,3 +48,49 @@ async def test_a_burst_queued_during_a_slow_send_goes_out_as_one_batch() -> None
 
     assert [len(batch) for batch in batches] == [2, 1, 300]
     assert [u.variable.version for u in batches[2] if u.variable] == list(range(3, 303))
+
+
+async def test_a_long_replay_is_encoded_and_sent_a_batch_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SessionStore(history_size=5_000)
+    session = store.create_session().session_id
+    store.register_variable(session, "n", VariableType.INTEGER, 0)
+    for value in range(1, 1_201):
+        store.set_variable(session, "n", value)  # versions 2..1201: a client at version 1 missed them all
+    plan = plan_watch(
+        store,
+        session_id=session,
+        identifiers=["n"],
+        include_initial_values=True,
+        options={},
+        resume_versions={"n": 1},
+        limits=Limits(),
+    )
+    encoded = 0
+    real_event_update = _watch.enc.event_update
+
+    def counting_event_update(event: Any) -> VariableUpdate:
+        nonlocal encoded
+        encoded += 1
+        return real_event_update(event)
+
+    monkeypatch.setattr(_watch.enc, "event_update", counting_event_update)
+    batches: list[list[VariableUpdate]] = []
+    release = trio.Event()
+
+    async def send(updates: list[VariableUpdate]) -> None:
+        batches.append(updates)
+        if len(batches) == 1:
+            await release.wait()  # the client has not taken the first batch yet
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(WatchStream(store, plan, send=send).run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert encoded == BATCH_LIMIT  # the rest waits, unencoded, until the first batch is out
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+
+    assert [len(batch) for batch in batches] == [BATCH_LIMIT, BATCH_LIMIT, 1_200 - 2 * BATCH_LIMIT + 1]
+    sent = [u for batch in batches for u in batch]
+    assert [u.variable.version for u in sent if u.variable] == list(range(2, 1_202))
+    assert sent[-1].update_type == "synced"

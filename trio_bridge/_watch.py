@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import NoReturn
 
 import trio
@@ -172,6 +173,8 @@ class _RecentUpdates:
 _RECENT_UPDATES = _RecentUpdates()
 
 SendBatch = Callable[[list[VariableUpdate]], Awaitable[None]]
+#: An update not encoded yet.
+_Encode = Callable[[], VariableUpdate]
 
 
 class WatchStream:
@@ -201,7 +204,7 @@ class WatchStream:
         self._subscription: Subscription[VariableEvent] | None = None
         self._shutting_down = False
         self._progress: trio.Event | None = None  # set after the sender's next round, if anyone waits
-        self._initial: list[VariableUpdate] = []
+        self._initial: list[_Encode] = []
 
     async def run(self) -> NoReturn:
         """Run until the stream ends; raise the BridgeError saying how. Cancelled when the client goes."""
@@ -231,8 +234,11 @@ class WatchStream:
         self, subscription: Subscription[VariableEvent], nursery_scope: trio.CancelScope
     ) -> None:
         initial, self._initial = self._initial, []
-        await self._send(initial)
-        del initial  # an idle stream keeps no message alive
+        for start in range(0, len(initial), BATCH_LIMIT):
+            if start:
+                await trio.lowlevel.checkpoint()  # a long replay lets other streams go on meanwhile
+            await self._send([encode() for encode in initial[start : start + BATCH_LIMIT]])
+        del initial  # an idle stream keeps nothing of it alive
         while self._ending is None:
             if self._shutting_down:
                 # Send what was accepted before the server began to drain (it accepts no more),
@@ -286,14 +292,18 @@ class WatchStream:
 
     # ---- helpers -------------------------------------------------------------------------------
 
-    def _initial_updates(self) -> list[VariableUpdate]:
+    def _initial_updates(self) -> list[_Encode]:
+        """What the stream sends before any change: gone markers, replays or initial values, then
+        synced. Read from the store now (right after subscribing); each update is encoded only when the
+        sender takes it, a batch at a time, so a long replay starts going out at once, and one cut off
+        by a lost connection was not encoded in full for nothing."""
         plan = self._plan
         now = time.time()
         if plan.variable_ids is None:
             snapshots = self._store.list_variables(plan.session_id)
         else:
             snapshots = self._store.get_variables(plan.session_id, plan.variable_ids)
-        updates = [enc.gone_update(identifier, now) for identifier in plan.gone]
+        updates: list[_Encode] = [partial(enc.gone_update, identifier, now) for identifier in plan.gone]
         for snapshot in snapshots:
             self._known.add(snapshot.id)
             resume_from = plan.resume.get(snapshot.id)
@@ -301,7 +311,8 @@ class WatchStream:
                 missed = self._store.changes_since(plan.session_id, snapshot.id, resume_from)
                 if missed is None:
                     updates.append(
-                        enc.snapshot_update(
+                        partial(
+                            enc.snapshot_update,
                             snapshot,
                             enc.RESYNC,
                             source="resync",
@@ -310,12 +321,14 @@ class WatchStream:
                         )
                     )
                 else:
-                    updates.extend(enc.event_update(event) for event in missed)
+                    updates.extend(partial(enc.event_update, event) for event in missed)
                 self._sent[snapshot.id] = snapshot.version
             elif plan.include_initial_values:
-                updates.append(enc.snapshot_update(snapshot, enc.INITIAL_VALUE, source="initial", when=now))
+                updates.append(
+                    partial(enc.snapshot_update, snapshot, enc.INITIAL_VALUE, source="initial", when=now)
+                )
                 self._sent[snapshot.id] = snapshot.version
-        updates.append(enc.marker_update(enc.SYNCED, now))
+        updates.append(partial(enc.marker_update, enc.SYNCED, now))
         return updates
 
     def _updates_for(self, events: list[VariableEvent]) -> list[VariableUpdate]:
