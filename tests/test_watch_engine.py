@@ -10,23 +10,28 @@ import trio.testing
 
 from trio_bridge import SessionStore, VariableType, _watch
 from trio_bridge._limits import Limits
-from trio_bridge._watch import BATCH_LIMIT, WatchStream, plan_watch
+from trio_bridge._watch import BATCH_LIMIT, WatchPlan, WatchStream, plan_watch
 from trio_bridge.proto.unified_bridge import VariableUpdate
+
+
+def _watch_n(store: SessionStore, session: str, resume_versions: dict[str, int]) -> WatchPlan:
+    """A checked plan for a watch of variable ``n`` with its initial value."""
+    return plan_watch(
+        store,
+        session_id=session,
+        identifiers=["n"],
+        include_initial_values=True,
+        options={},
+        resume_versions=resume_versions,
+        limits=Limits(),
+    )
 
 
 async def test_a_burst_queued_during_a_slow_send_goes_out_as_one_batch() -> None:
     store = SessionStore()
     session = store.create_session().session_id
     store.register_variable(session, "n", VariableType.INTEGER, 0)
-    plan = plan_watch(
-        store,
-        session_id=session,
-        identifiers=["n"],
-        include_initial_values=True,
-        options={},
-        resume_versions={},
-        limits=Limits(),
-    )
+    plan = _watch_n(store, session, resume_versions={})
     batches: list[list[VariableUpdate]] = []
     slow_send = trio.Event()
 
@@ -56,15 +61,7 @@ async def test_a_long_replay_is_encoded_and_sent_a_batch_at_a_time(monkeypatch: 
     store.register_variable(session, "n", VariableType.INTEGER, 0)
     for value in range(1, 1_201):
         store.set_variable(session, "n", value)  # versions 2..1201: a client at version 1 missed them all
-    plan = plan_watch(
-        store,
-        session_id=session,
-        identifiers=["n"],
-        include_initial_values=True,
-        options={},
-        resume_versions={"n": 1},
-        limits=Limits(),
-    )
+    plan = _watch_n(store, session, resume_versions={"n": 1})
     encoded = 0
     real_event_update = _watch.enc.event_update
 
