@@ -27,27 +27,37 @@ def _watch_n(store: SessionStore, session: str, resume_versions: dict[str, int])
     )
 
 
+class _SlowClient:
+    """The stream's ``send``: records every batch, and does not take the ``stalls_at``-th (from 1)
+    until ``taken`` is set."""
+
+    def __init__(self, stalls_at: int) -> None:
+        self.stalls_at = stalls_at
+        self.batches: list[list[VariableUpdate]] = []
+        self.taken = trio.Event()
+
+    async def send(self, updates: list[VariableUpdate]) -> None:
+        self.batches.append(updates)
+        if len(self.batches) == self.stalls_at:
+            await self.taken.wait()
+
+
 async def test_a_burst_queued_during_a_slow_send_goes_out_as_one_batch() -> None:
     store = SessionStore()
     session = store.create_session().session_id
     store.register_variable(session, "n", VariableType.INTEGER, 0)
     plan = _watch_n(store, session, resume_versions={})
-    batches: list[list[VariableUpdate]] = []
-    slow_send = trio.Event()
-
-    async def send(updates: list[VariableUpdate]) -> None:
-        batches.append(updates)
-        if len(batches) == 2:
-            await slow_send.wait()  # the client is slow to take the first change
+    client = _SlowClient(stalls_at=2)  # slow to take the first change
+    batches = client.batches
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(WatchStream(store, plan, send=send).run)
+        nursery.start_soon(WatchStream(store, plan, send=client.send).run)
         await trio.testing.wait_all_tasks_blocked()
         store.set_variable(session, "n", 1)
         await trio.testing.wait_all_tasks_blocked()
         for value in range(2, 302):
             store.set_variable(session, "n", value)
-        slow_send.set()
+        client.taken.set()
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
 
@@ -71,19 +81,14 @@ async def test_a_long_replay_is_encoded_and_sent_a_batch_at_a_time(monkeypatch: 
         return real_event_update(event)
 
     monkeypatch.setattr(_watch.enc, "event_update", counting_event_update)
-    batches: list[list[VariableUpdate]] = []
-    release = trio.Event()
-
-    async def send(updates: list[VariableUpdate]) -> None:
-        batches.append(updates)
-        if len(batches) == 1:
-            await release.wait()  # the client has not taken the first batch yet
+    client = _SlowClient(stalls_at=1)  # has not taken the first batch yet
+    batches = client.batches
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(WatchStream(store, plan, send=send).run)
+        nursery.start_soon(WatchStream(store, plan, send=client.send).run)
         await trio.testing.wait_all_tasks_blocked()
         assert encoded == BATCH_LIMIT  # the rest waits, unencoded, until the first batch is out
-        release.set()
+        client.taken.set()
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
 
