@@ -196,7 +196,9 @@ class WatchStream:
         self._queue_size = queue_size
         self._on_sent = on_sent
         self._sent: dict[str, int] = {}  # variable id → highest version put into a batch
-        self._delivered: dict[str, int] = {}  # variable id → highest version whose batch was sent
+        # variable id → the version a resume of this stream starts from: the highest version whose batch
+        # was sent, else the version the client held when the stream started (see _initial_updates).
+        self._resume_point: dict[str, int] = {}
         self._known: set[str] = set()  # variables the stream has told the client about
         self._ending: BridgeError | None = None
         self._last_sent = 0.0
@@ -307,6 +309,14 @@ class WatchStream:
         for snapshot in snapshots:
             self._known.add(snapshot.id)
             resume_from = plan.resume.get(snapshot.id)
+            # What the client holds as the stream starts: where a resume from its trailer begins, until
+            # a later version is delivered.
+            if resume_from is not None:
+                self._resume_point[snapshot.id] = resume_from
+            elif not plan.include_initial_values:
+                self._resume_point[snapshot.id] = snapshot.version
+            else:
+                self._resume_point[snapshot.id] = 0  # nothing yet: a resume gets the current value
             if resume_from is not None:
                 missed = self._store.changes_since(plan.session_id, snapshot.id, resume_from)
                 if missed is None:
@@ -359,9 +369,9 @@ class WatchStream:
         for update in updates:
             if update.variable is not None:
                 if update.update_type == enc.VARIABLE_DELETED:
-                    self._delivered.pop(update.variable_id, None)
+                    self._resume_point.pop(update.variable_id, None)
                 else:
-                    self._delivered[update.variable_id] = update.variable.version
+                    self._resume_point[update.variable_id] = update.variable.version
 
     def _idle_for_interval(self) -> bool:
         return trio.current_time() >= self._last_sent + self._plan.heartbeat_interval
@@ -372,13 +382,24 @@ class WatchStream:
         with contextlib.suppress(NotFound):
             self._store.touch_session(self._plan.session_id)
 
+    def _resume_versions(self) -> dict[str, int]:
+        """Every variable the stream watches, with the version a resume starts from: the last one
+        delivered, else the one the client held when the stream started, else (a variable of a
+        session-wide watch registered since) 0, which resumes with its current value as a resync."""
+        versions = dict(self._resume_point)
+        if self._plan.variable_ids is None:
+            with contextlib.suppress(NotFound):  # a session that ended says so to the resume
+                for snapshot in self._store.list_variables(self._plan.session_id):
+                    versions.setdefault(snapshot.id, 0)
+        return versions
+
     def _end_overflowed(self) -> None:
         self._end(
             ResourceExhausted(
                 f"the watch fell {self._queue_size} updates behind (the client reads slower than the "
                 f"variables change) and was closed; resume from the versions in trailing metadata "
                 f"{RESUME_TRAILER!r}, or watch with option slow_consumer=coalesce",
-                {RESUME_TRAILER: json.dumps(self._delivered, sort_keys=True)},
+                {RESUME_TRAILER: json.dumps(self._resume_versions(), sort_keys=True)},
             )
         )
 
