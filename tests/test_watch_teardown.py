@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
 from typing import Any
 
+import h2.errors
+import h2.events
 import pytest
 import trio
 import trio_asyncio
@@ -14,8 +17,10 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+from tests.h2raw import WATCH as WATCH_PATH
+from tests.h2raw import RawH2
 from tests.support import Client, eventually, start_server, start_watch
-from trio_bridge import RunningServer
+from trio_bridge import RunningServer, VariableType
 from trio_bridge.proto import unified_bridge as pb
 from trio_bridge.proto.google.protobuf import Any as PbAny
 from trio_bridge.proto.google.protobuf import DoubleValue
@@ -202,3 +207,60 @@ async def test_handler_error(
     assert isinstance(watcher.error, GRPCError) and watcher.error.status == Status.INTERNAL
     assert "injected" not in (watcher.error.message or "")
     await eventually(counts.back)
+
+
+async def _stuck_watch(server: RunningServer, window: int) -> tuple[RawH2, int, str]:
+    """A raw watch of a string variable ``x`` on a connection whose streams have a ``window`` of a few
+    bytes and never get more: once ``x`` changes, the server's send waits for window."""
+    store = server.store
+    session = store.create_session().session_id
+    store.register_variable(session, "x", VariableType.STRING, "")
+    raw = await RawH2.open(server.port, initial_window=window)
+    stream_id = raw.start_call(
+        WATCH_PATH, pb.WatchVariablesRequest(session_id=session, variable_identifiers=["x"])
+    )
+    await raw.flush()
+    with trio.fail_after(10):
+        await raw.read_until(lambda e: isinstance(e, h2.events.DataReceived))  # synced
+    return raw, stream_id, session
+
+
+async def test_a_cancel_while_writers_are_busy_is_a_cancel_not_a_fault(
+    server: RunningServer, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue #10, observation 8: watchers cancel while writers keep changing what they watch. A batch
+    # taken after the reset was processed and before the cancellation reached the watch's Trio task
+    # went to a closed stream: h2's StreamClosedError, logged as "unexpected fault in WatchVariables"
+    # and counted INTERNAL (about one cancel in five).
+    store = server.store
+    session = store.create_session().session_id
+    store.register_variable(session, "x", VariableType.INTEGER, 0)
+
+    async def busy_writer() -> None:
+        i = 0
+        while True:
+            i += 1
+            store.set_variable(session, "x", i)
+            await trio.lowlevel.checkpoint()
+
+    watchers = [(await RawH2.open(server.port)) for _ in range(40)]
+    request = pb.WatchVariablesRequest(session_id=session, variable_identifiers=["x"])
+    streams = []
+    for raw in watchers:
+        streams.append(raw.start_call(WATCH_PATH, request))
+        await raw.flush()
+    with trio.fail_after(20):
+        for raw in watchers:
+            await raw.read_until(lambda e: isinstance(e, h2.events.DataReceived))  # synced
+        nursery.start_soon(busy_writer)
+        for raw, stream_id in zip(watchers, streams, strict=True):
+            raw.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            await raw.flush()
+    await eventually(lambda: server.service.open_watches == 0)
+    for raw in watchers:
+        await raw.aclose()
+    metrics = server.metrics
+    assert metrics.rpc_count("WatchVariables", "INTERNAL") == 0
+    assert metrics.rpc_count("WatchVariables", "CANCELLED") == len(watchers)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert server.store.observers.observer_count == 0

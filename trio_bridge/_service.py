@@ -48,6 +48,13 @@ _RawHandler = Callable[[Stream[Any, Any]], Awaitable[None]]
 _caller: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("trio_bridge_caller", default=None)
 
 
+def _peer_is_gone(stream: Stream[Any, Any]) -> bool:
+    """Whether grpclib has terminated ``stream`` on its client's account (a reset, the deadline, the
+    connection lost) and is cancelling its handler."""
+    wrapper = stream._stream.wrapper
+    return wrapper is not None and bool(wrapper.cancelled)
+
+
 class UnifiedBridgeService(pb.UnifiedBridgeBase):
     def __init__(
         self,
@@ -129,6 +136,12 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
                 status = Status.CANCELLED.name
                 raise
             except Exception as exc:
+                if _peer_is_gone(stream):
+                    # The client reset the stream, its deadline passed or its connection dropped, and
+                    # what failed was the call noticing that (a send to a closed stream, before the
+                    # cancellation reached it): a cancellation, not a fault; grpclib expects to see one.
+                    status = Status.CANCELLED.name
+                    raise asyncio.CancelledError from None
                 error, trailers = grpc_error_for(exc, method=method)
                 status = error.status.name
                 if not trailers:
