@@ -6,6 +6,8 @@ import itertools
 import json
 from typing import Any
 
+import h2.errors
+import h2.events
 import pytest
 import trio
 import trio.testing
@@ -14,7 +16,8 @@ from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 
-from tests.support import Client, connect, start_server, start_watch
+from tests.h2raw import RawH2, messages_in
+from tests.support import Client, connect, eventually, start_server, start_watch
 from trio_bridge import RunningServer
 from trio_bridge.proto import unified_bridge as pb
 from trio_bridge.proto.google.protobuf import Any as PbAny
@@ -616,3 +619,53 @@ async def test_the_resume_trailer_of_a_session_watch_names_variables_registered_
         assert rest.versions(ids["x"]) == list(range(2, 22))
         late = rest.of(ids["late"])
         assert [u.update_type for u in late] == ["resync"] and value_of(late[0]) == "first"
+
+
+async def test_an_overflowed_stream_ends_at_once_though_its_client_reads_nothing(
+    nursery: trio.Nursery, aio_loop: Any
+) -> None:
+    # Issue #10, observations 7 and 9, the exact steps: no initial values, queue 32, a client whose
+    # HTTP/2 window is full after `synced` and the first bytes of x's first 200 KB update; x written 4
+    # times, then y 96 times. The stream stayed open (and held its queue) until the client read again.
+    # Now it ends at once: cut inside an update, it can carry no status, so it is reset with
+    # ENHANCE_YOUR_CALM (gRPC clients read RESOURCE_EXHAUSTED), and the client resumes from the
+    # updates it received whole.
+    server = await start_server(nursery, watch_queue_size=32, history_size=10_000)
+    with connect(server) as client:
+        session = await _string_session(client, "x", "y")
+        ids = {s.name: s.id for s in server.store.list_variables(session)}
+        raw = await RawH2.open(server.port)
+        stream_id = raw.start_call(WATCH, watch_request(session, "x", "y", initial=False))
+        await raw.flush()
+        with trio.fail_after(10):
+            await raw.read_until(lambda e: isinstance(e, h2.events.DataReceived))  # synced
+        for i in range(4):
+            await write_string(client, session, "x", f"{i}" + "x" * 200_000)
+        for i in range(96):
+            await write_string(client, session, "y", f"y{i}")
+        with trio.fail_after(10):  # the client only reads frames; its window never opens
+            await raw.read_until(lambda e: isinstance(e, h2.events.StreamReset))
+        assert raw.reset_of(stream_id) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        await eventually(lambda: server.service.open_watches == 0)
+        assert server.store.observers.observer_count == 0
+        assert server.metrics.rpc_count("WatchVariables", "RESOURCE_EXHAUSTED") == 1
+        whole = [pb.VariableUpdate().parse(m) for m in messages_in(raw.data_of(stream_id))]
+        assert [u.update_type for u in whole] == ["synced"]  # x's first update was cut short
+        await raw.aclose()
+
+        again = watch_request(session, "x", "y", initial=False)
+        again.resume_versions = {ids["x"]: 1, ids["y"]: 1}  # what the client holds
+        rest = await start_watch(nursery, client, again)
+        await rest.wait_synced()
+        assert rest.versions(ids["x"]) == [2, 3, 4, 5]
+        assert rest.versions(ids["y"]) == list(range(2, 98))
+
+
+async def write_string(client: Client, session: str, name: str, value: str) -> None:
+    await client(
+        client.stub.set_variable(
+            pb.SetVariableRequest(
+                session_id=session, variable_identifier=name, value=PbAny.pack(StringValue(value=value))
+            )
+        )
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ import trio
 import trio.testing
 
 from trio_bridge import SessionStore, VariableType, _watch
+from trio_bridge._errors import ResourceExhausted
 from trio_bridge._limits import Limits
 from trio_bridge._watch import BATCH_LIMIT, WatchPlan, WatchStream, plan_watch
 from trio_bridge.proto.unified_bridge import VariableUpdate
@@ -36,7 +38,7 @@ class _SlowClient:
         self.batches: list[list[VariableUpdate]] = []
         self.taken = trio.Event()
 
-    async def send(self, updates: list[VariableUpdate]) -> None:
+    async def send(self, updates: list[VariableUpdate], progress: _watch.BatchProgress) -> None:
         self.batches.append(updates)
         if len(self.batches) == self.stalls_at:
             await self.taken.wait()
@@ -96,3 +98,38 @@ async def test_a_long_replay_is_encoded_and_sent_a_batch_at_a_time(monkeypatch: 
     sent = [u for batch in batches for u in batch]
     assert [u.variable.version for u in sent if u.variable] == list(range(2, 1_202))
     assert sent[-1].update_type == "synced"
+
+
+async def test_an_overflow_while_a_send_waits_ends_the_stream_at_once() -> None:
+    # Issue #10, observation 9: the stream stayed open, holding its queue, until its client read again.
+    store = SessionStore()
+    session = store.create_session().session_id
+    store.register_variable(session, "n", VariableType.INTEGER, 0)
+    plan = _watch_n(store, session, resume_versions={})
+    client = _SlowClient(stalls_at=2)  # takes the initial value and synced, then never reads again
+    watch = WatchStream(store, plan, send=client.send, queue_size=8)
+    ended: list[BaseException] = []
+
+    async def run() -> None:
+        try:
+            await watch.run()
+        except ResourceExhausted as exc:
+            ended.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await trio.testing.wait_all_tasks_blocked()
+        store.set_variable(session, "n", 1)  # v2: its send waits for the client
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(client.batches) == 2 and store.observers.observer_count == 1
+        for value in range(2, 11):  # 9 more: one past the queue of 8
+            store.set_variable(session, "n", value)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not client.taken.is_set()  # the client never read
+        assert ended, "the stream is still open, waiting for its client"
+        nursery.cancel_scope.cancel()
+    (error,) = ended
+    assert isinstance(error, ResourceExhausted) and not error.stream_cut
+    n = store.get_variable(session, "n").id
+    assert json.loads(error.trailers[_watch.RESUME_TRAILER]) == {n: 1}  # v2 never went out
+    assert store.observers.observer_count == 0

@@ -20,6 +20,7 @@ written in one turn of the event loop and sends them in one call at the end of t
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import logging
 import ssl
@@ -27,12 +28,13 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import grpclib.server
 import trio
 import trio_asyncio
 from grpclib.protocol import H2Protocol
+from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
 from ._errors import InvalidArgument, ResourceExhausted
@@ -232,12 +234,22 @@ def bound_request_size(stream: grpclib.server.Stream[Any, Any], max_bytes: int, 
     inner.recv_data = recv_data  # type: ignore[method-assign]
 
 
-async def send_messages(stream: grpclib.server.Stream[Any, Any], messages: Sequence[Any]) -> None:
+class BatchProgress(Protocol):
+    """Where :func:`send_messages` says how far a batch got when it was cut short."""
+
+    messages: int  # whole messages handed to the connection
+    mid_message: bool  # cut off inside a message: the stream can carry no more (reset it)
+
+
+async def send_messages(
+    stream: grpclib.server.Stream[Any, Any], messages: Sequence[Any], progress: BatchProgress | None = None
+) -> None:
     """Send ``messages`` on a server-streaming ``stream``, in order, as one run of bytes: the same bytes
     as one ``stream.send_message`` call each, but one HTTP/2 DATA frame (split only where flow control
     or the peer's frame size demand) and one write instead of one per message.
 
-    Cancellation: as ``send_message``; a batch cut short by it may have gone out in part, in order.
+    Cancellation: as ``send_message``; a batch cut short by it may have gone out in part, in order:
+    ``progress`` then says how many messages went out whole, and whether it stopped inside one.
     Like :func:`release_request_buffers`, it works on grpclib 0.4's stream internals (the version is
     pinned; the tests cover both).
     """
@@ -247,16 +259,36 @@ async def send_messages(stream: grpclib.server.Stream[Any, Any], messages: Seque
         await stream.send_initial_metadata()
     codec, message_type = stream._codec, stream._send_type
     chunks = []
+    ends: list[int] = []  # where each message ends, in bytes from the start of the batch
     for message in messages:
         data = codec.encode(message, message_type)
         chunks.append(_UNCOMPRESSED_PREFIX + len(data).to_bytes(4, "big"))
         chunks.append(data)
-    await stream._stream.send_data(b"".join(chunks))
+        ends.append((ends[-1] if ends else 0) + 5 + len(data))
+    inner = stream._stream
+    started_at = inner.data_sent
+    try:
+        await inner.send_data(b"".join(chunks))
+    except BaseException:
+        if progress is not None:
+            sent = inner.data_sent - started_at
+            progress.messages = bisect.bisect_right(ends, sent)
+            progress.mid_message = sent != (ends[progress.messages - 1] if progress.messages else 0)
+        raise
     stream._send_message_done = True
     stream._messages_sent += len(messages)
-    connection = stream._stream.connection
+    connection = inner.connection
     connection.messages_sent += len(messages)
     connection.last_message_sent = time.monotonic()
+
+
+def reset_stream(stream: grpclib.server.Stream[Any, Any], error_code: ErrorCodes) -> None:
+    """End ``stream`` with an HTTP/2 RST_STREAM now (not waiting for the connection to take more
+    bytes); grpclib then sends nothing more on it."""
+    inner = stream._stream
+    if inner.closable:
+        inner.reset_nowait(error_code)
+    stream._cancel_done = True
 
 
 def run_in_trio(fn: Callable[..., Awaitable[T]], *args: object) -> Awaitable[T]:

@@ -10,6 +10,10 @@ from __future__ import annotations
 class BridgeError(Exception):
     """Base of every refusal; ``str(error)`` is the message a client sees."""
 
+    #: The stream it ends was cut inside a message, so it can carry no status: it is reset instead
+    #: (HTTP/2 ENHANCE_YOUR_CALM, which gRPC clients read as RESOURCE_EXHAUSTED).
+    stream_cut = False
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message

@@ -56,8 +56,10 @@ class Subscription(Generic[EventT]):
         keys: frozenset[Hashable],
         buffer_size: int,
         coalescer: Coalescer[EventT] | None,
+        on_overflow: Callable[[], object] | None = None,
     ) -> None:
         self._manager = manager
+        self._on_overflow = on_overflow
         self.keys = keys
         self._send, self._receive = trio.open_memory_channel[EventT | _Interrupted](buffer_size)
         self._coalescer = coalescer
@@ -90,6 +92,8 @@ class Subscription(Generic[EventT]):
             if self._coalescer is None:
                 self.overflowed = True
                 self.close()
+                if self._on_overflow is not None:
+                    self._on_overflow()
             else:
                 self._hold(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -183,12 +187,14 @@ class ObserverManager(Generic[EventT]):
         *,
         buffer_size: int | None = None,
         coalescer: Coalescer[EventT] | None = None,
+        on_overflow: Callable[[], object] | None = None,
     ) -> Subscription[EventT]:
-        """Register a new observer under ``keys``; it hears of every event published from now on."""
+        """Register a new observer under ``keys``; it hears of every event published from now on.
+        ``on_overflow`` is called (by the publisher, synchronously) when it overflows."""
         size = self.default_buffer_size if buffer_size is None else buffer_size
         if size < 1:
             raise ValueError("buffer_size must be at least 1")
-        subscription = Subscription(self, frozenset(keys), size, coalescer)
+        subscription = Subscription(self, frozenset(keys), size, coalescer, on_overflow)
         for key in subscription.keys:
             self._by_key.setdefault(key, set()).add(subscription)
         self._count += 1

@@ -20,11 +20,13 @@ import trio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
+from h2.errors import ErrorCodes
 
 from . import _encoding as enc
 from ._bridge import (
     bound_request_size,
     release_request_buffers,
+    reset_stream,
     run_in_asyncio,
     run_in_trio,
     send_messages,
@@ -33,11 +35,11 @@ from ._errors import InvalidArgument, ResourceExhausted
 from ._limits import DEFAULT_LIMITS, Limits
 from ._metrics import Metrics
 from ._security import AUTHORIZATION, Principal, Tokens
-from ._status import grpc_error_for
+from ._status import grpc_error_for, stream_was_cut
 from ._store import SessionStore, VariableSnapshot, VariableWrite, session_not_found
 from ._types import VariableType
 from ._version import __version__
-from ._watch import WatchPlan, WatchStream, plan_watch
+from ._watch import BatchProgress, WatchPlan, WatchStream, plan_watch
 from .proto import unified_bridge as pb
 
 WATCH_PATH = "/unified_bridge.UnifiedBridge/WatchVariables"
@@ -144,6 +146,9 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
                     raise asyncio.CancelledError from None
                 error, trailers = grpc_error_for(exc, method=method)
                 status = error.status.name
+                if stream_was_cut(exc):
+                    reset_stream(stream, ErrorCodes.ENHANCE_YOUR_CALM)  # read as RESOURCE_EXHAUSTED
+                    return
                 if not trailers:
                     raise error from None
                 await stream.send_trailing_metadata(
@@ -341,8 +346,8 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         """The Trio side of one watch stream. Raises the BridgeError that ended it (a status for the
         client); cancelled when the client goes away."""
 
-        async def send(updates: list[pb.VariableUpdate]) -> None:
-            await run_in_asyncio(send_messages, stream, updates)  # one hop for the whole batch
+        async def send(updates: list[pb.VariableUpdate], progress: BatchProgress) -> None:
+            await run_in_asyncio(send_messages, stream, updates, progress)  # one hop for the whole batch
 
         watch = WatchStream(
             self.store,

@@ -91,6 +91,13 @@ def grpc_error_for(exc: Exception, *, method: str) -> tuple[GRPCError, dict[str,
     return GRPCError(Status.INTERNAL, INTERNAL_MESSAGE), {}
 
 
+def stream_was_cut(exc: Exception) -> bool:
+    """Whether the error that ends a call says its stream was cut inside a message, so that it must be
+    reset rather than ended with a status (``BridgeError.stream_cut``)."""
+    found = _first_with_status(exc)
+    return isinstance(found, BridgeError) and found.stream_cut
+
+
 class RequestCodec(ProtoCodec):
     """grpclib's protobuf codec, answering an undecodable message with INVALID_ARGUMENT (betterproto2
     messages are first checked by :func:`._wire.check_wire`, so none is half-read).

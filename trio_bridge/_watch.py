@@ -172,7 +172,17 @@ class _RecentUpdates:
 
 _RECENT_UPDATES = _RecentUpdates()
 
-SendBatch = Callable[[list[VariableUpdate]], Awaitable[None]]
+
+@dataclass
+class BatchProgress:
+    """How far a batch got when its send was cut short (filled in by the ``send`` callable)."""
+
+    messages: int = 0  # whole updates handed to the connection
+    mid_message: bool = False  # stopped inside one: the stream can carry no status any more
+
+
+#: Sends a batch of updates to the client, in order; when cancelled, fills in the progress.
+SendBatch = Callable[[list[VariableUpdate], BatchProgress], Awaitable[None]]
 #: An update not encoded yet.
 _Encode = Callable[[], VariableUpdate]
 
@@ -207,6 +217,7 @@ class WatchStream:
         self._shutting_down = False
         self._progress: trio.Event | None = None  # set after the sender's next round, if anyone waits
         self._initial: list[_Encode] = []
+        self._sending: trio.CancelScope | None = None  # the send in flight, cut short by an overflow
 
     async def run(self) -> NoReturn:
         """Run until the stream ends; raise the BridgeError saying how. Cancelled when the client goes."""
@@ -217,7 +228,10 @@ class WatchStream:
             else [variable_key(v) for v in plan.variable_ids]
         )
         with self._store.observers.subscribe(
-            keys, buffer_size=self._queue_size, coalescer=COALESCER if plan.coalesce else None
+            keys,
+            buffer_size=self._queue_size,
+            coalescer=COALESCER if plan.coalesce else None,
+            on_overflow=self._cut_send_short,
         ) as subscription:
             self._subscription = subscription
             self._store.checkpoint(SUBSCRIBED_CHECKPOINT)
@@ -239,6 +253,8 @@ class WatchStream:
         for start in range(0, len(initial), BATCH_LIMIT):
             if start:
                 await trio.lowlevel.checkpoint()  # a long replay lets other streams go on meanwhile
+            if self._ending is not None:
+                break
             await self._send([encode() for encode in initial[start : start + BATCH_LIMIT]])
         del initial  # an idle stream keeps nothing of it alive
         while self._ending is None:
@@ -363,15 +379,29 @@ class WatchStream:
         return updates
 
     async def _send(self, updates: list[VariableUpdate]) -> None:
-        await self._send_batch(updates)
+        """Send a batch; an overflow meanwhile cuts it short (:meth:`_cut_send_short`) and ends the
+        stream at once, with what did go out counted as delivered."""
+        progress = BatchProgress()
+        with trio.CancelScope() as self._sending:
+            await self._send_batch(updates, progress)
+            progress.messages = len(updates)
+        self._sending = None
         self._last_sent = trio.current_time()
-        self._on_sent(len(updates))
-        for update in updates:
+        self._on_sent(progress.messages)
+        for update in updates[: progress.messages]:
             if update.variable is not None:
                 if update.update_type == enc.VARIABLE_DELETED:
                     self._resume_point.pop(update.variable_id, None)
                 else:
                     self._resume_point[update.variable_id] = update.variable.version
+        if progress.messages < len(updates):
+            self._end_overflowed(stream_cut=progress.mid_message)
+
+    def _cut_send_short(self) -> None:
+        """The subscription overflowed: a send waiting for a client that does not read would hold the
+        stream and its memory until it reads again, so stop it now."""
+        if self._sending is not None:
+            self._sending.cancel()
 
     def _idle_for_interval(self) -> bool:
         return trio.current_time() >= self._last_sent + self._plan.heartbeat_interval
@@ -393,15 +423,15 @@ class WatchStream:
                     versions.setdefault(snapshot.id, 0)
         return versions
 
-    def _end_overflowed(self) -> None:
-        self._end(
-            ResourceExhausted(
-                f"the watch fell {self._queue_size} updates behind (the client reads slower than the "
-                f"variables change) and was closed; resume from the versions in trailing metadata "
-                f"{RESUME_TRAILER!r}, or watch with option slow_consumer=coalesce",
-                {RESUME_TRAILER: json.dumps(self._resume_versions(), sort_keys=True)},
-            )
+    def _end_overflowed(self, *, stream_cut: bool = False) -> None:
+        ending = ResourceExhausted(
+            f"the watch fell {self._queue_size} updates behind (the client reads slower than the "
+            f"variables change) and was closed; resume from the versions in trailing metadata "
+            f"{RESUME_TRAILER!r}, or watch with option slow_consumer=coalesce",
+            {RESUME_TRAILER: json.dumps(self._resume_versions(), sort_keys=True)},
         )
+        ending.stream_cut = stream_cut  # the client holds what it received whole; it resumes from that
+        self._end(ending)
 
     def _end(self, ending: BridgeError) -> None:
         if self._ending is None:
