@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+import trio_asyncio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
@@ -491,3 +492,56 @@ async def test_undecodable_request_is_invalid_argument(server: RunningServer, cl
     assert "malformed CreateSessionRequest message" in details
     assert server.metrics.rpc_count("CreateSession", "INVALID_ARGUMENT") == 1
     assert (await client(client.stub.ping(pb.PingRequest(message="ok")))).message == "ok"
+
+
+async def test_a_malformed_session_id_is_invalid_argument_from_every_rpc(client: Client) -> None:
+    # Issue #10, observation 11: CreateSession said INVALID_ARGUMENT, Watch, GetSession and
+    # ListVariables said NOT_FOUND. One rule: a malformed id is malformed input.
+    bad = "bad id!"
+    value = packed(DoubleValue(value=1.0))
+    stub = client.stub
+    calls = {
+        "CreateSession": stub.create_session(pb.CreateSessionRequest(session_id=bad)),
+        "GetSession": stub.get_session(pb.GetSessionRequest(session_id=bad)),
+        "CleanupSession": stub.cleanup_session(pb.CleanupSessionRequest(session_id=bad)),
+        "ListVariables": stub.list_variables(pb.ListVariablesRequest(session_id=bad)),
+        "RegisterVariable": stub.register_variable(
+            pb.RegisterVariableRequest(session_id=bad, name="t", type=VT.FLOAT, initial_value=value)
+        ),
+        "GetVariable": stub.get_variable(pb.GetVariableRequest(session_id=bad, variable_identifier="t")),
+        "GetVariables": stub.get_variables(
+            pb.GetVariablesRequest(session_id=bad, variable_identifiers=["t"])
+        ),
+        "SetVariable": stub.set_variable(
+            pb.SetVariableRequest(session_id=bad, variable_identifier="t", value=value)
+        ),
+        "SetVariables": stub.set_variables(
+            pb.SetVariablesRequest(
+                session_id=bad, writes=[pb.VariableWrite(variable_identifier="t", value=value)]
+            )
+        ),
+        "DeleteVariable": stub.delete_variable(
+            pb.DeleteVariableRequest(session_id=bad, variable_identifier="t")
+        ),
+    }
+    for method, call in calls.items():
+        message = await expect_status(
+            client, call, Status.INVALID_ARGUMENT, "session_id 'bad id!' must match"
+        )
+        assert message, method
+    too_long = "s" * 129
+    await expect_status(
+        client,
+        stub.get_session(pb.GetSessionRequest(session_id=too_long)),
+        Status.INVALID_ARGUMENT,
+        "129 characters",
+    )
+
+    async def watch() -> None:
+        async for _ in stub.watch_variables(pb.WatchVariablesRequest(session_id=bad)):
+            pass
+
+    with pytest.raises(GRPCError) as caught:
+        await trio_asyncio.aio_as_trio(watch)()
+    assert caught.value.status == Status.INVALID_ARGUMENT
+    assert "session_id 'bad id!' must match" in (caught.value.message or "")

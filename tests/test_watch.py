@@ -301,21 +301,37 @@ async def test_deleted_variable_then_session_cleanup_ends_with_not_found(
     assert "was cleaned up" in (watcher.error.message or "")
 
 
-async def test_session_expiry_ends_the_stream_with_not_found(
-    mock_clock: trio.testing.MockClock, nursery: trio.Nursery, aio_loop: Any
+@pytest.mark.parametrize(("server_ttl", "session_ttl"), [(3.0, 0.0), (3600.0, 1.5)])
+async def test_an_open_watch_keeps_its_session_alive_whatever_the_heartbeat_interval(
+    server_ttl: float,
+    session_ttl: float,
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    aio_loop: Any,
 ) -> None:
-    server = await start_server(nursery, session_ttl=60.0)
+    # Issue #10, observation 10: with `--session-ttl 3` (or a session TTL of 1.5 s) and the default
+    # 30 s heartbeat, the watch ended NOT_FOUND "expired" after the TTL.
+    server = await start_server(nursery, session_ttl=server_ttl)
+    ttl = session_ttl or server_ttl
     with connect(server) as client:
-        session, _ = await new_session(client, t=0.0)
-        # Heartbeats would keep the session alive; make them rarer than the TTL.
-        watcher = await start_watch(
-            nursery, client, watch_request(session, "t", heartbeat_interval_ms="600000")
-        )
+        response = await client(client.stub.create_session(pb.CreateSessionRequest(ttl_seconds=session_ttl)))
+        assert response.session is not None
+        session = response.session.session_id
+        server.store.register_variable(session, "t", VT.FLOAT, 0.0)
+        watcher = await start_watch(nursery, client, watch_request(session, "t"))
         await watcher.wait_synced()
-        mock_clock.jump(61.0)
-        await watcher.wait_ended()
-        assert isinstance(watcher.error, GRPCError) and watcher.error.status == Status.NOT_FOUND
-        assert "expired" in (watcher.error.message or "")
+        await trio.sleep(100.0)  # three default heartbeat intervals, many TTLs
+        assert not watcher.ended.is_set() and server.store.session_count == 1
+        assert watcher.kinds().count("heartbeat") == 3
+        info = await client(client.stub.get_session(pb.GetSessionRequest(session_id=session)))
+        assert info.session is not None
+
+        watcher.cancel_scope.cancel()
+        await eventually(lambda: server.service.open_watches == 0)
+        await trio.sleep(ttl / 2)
+        assert server.store.session_count == 1  # the TTL counts from the end of the last watch
+        await trio.sleep(ttl)
+        assert server.store.session_count == 0
 
 
 async def test_heartbeats_keep_a_watched_session_alive(

@@ -15,13 +15,14 @@ caller at once, whether or not the background sweep has run yet.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import re
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
@@ -118,10 +119,12 @@ class _Session:
     owner: str = ""
     variables: dict[str, VariableSnapshot] = field(default_factory=dict)
     ids_by_name: dict[str, str] = field(default_factory=dict)
+    #: Open watches of it: while there is one, it does not expire.
+    watchers: int = 0
 
     @property
     def deadline(self) -> float:
-        return self.last_access + self.ttl
+        return math.inf if self.watchers else self.last_access + self.ttl
 
 
 def session_key(session_id: str) -> tuple[str, str]:
@@ -463,6 +466,21 @@ class SessionStore:
         """Count as an access to the session (its TTL restarts); NotFound if it is gone."""
         self._session(session_id)
 
+    @contextlib.contextmanager
+    def keep_alive(self, session_id: str) -> Iterator[None]:
+        """Hold the session alive for the block (an open watch does, whatever its heartbeat interval):
+        it does not expire meanwhile, and its TTL counts from the end of the block (or from the last
+        access after it). Cleanup still ends it. NotFound if it is gone."""
+        session = self._session(session_id)
+        session.watchers += 1
+        try:
+            yield
+        finally:
+            session.watchers -= 1
+            if not session.watchers:
+                session.last_access = self._clock()
+                self._sessions_changed.set()  # the expiry task learns its new deadline
+
     def checkpoint(self, name: str) -> None:
         """A named point where a test may step in (see ``checkpoint_hook``); nothing happens otherwise."""
         if self.checkpoint_hook is not None:
@@ -472,8 +490,9 @@ class SessionStore:
 
     def _session(self, session_id: str) -> _Session:
         """The live session, touched (its TTL restarts); NotFound if unknown or expired."""
-        if not session_id:
-            raise InvalidArgument("session_id is required")
+        session = self._sessions.get(session_id)
+        if session is None:
+            _check_identifier("session_id", session_id, _SESSION_ID)  # malformed: INVALID_ARGUMENT
         self._expire_if_due(session_id)
         session = self._sessions.get(session_id)
         if session is None:
@@ -528,7 +547,8 @@ class SessionStore:
         return found
 
     def _info(self, session: _Session) -> SessionInfo:
-        remaining = max(0.0, session.deadline - self._clock())
+        # A session held alive by a watch would expire one TTL after the hold ends, at the earliest.
+        remaining = session.ttl if session.watchers else max(0.0, session.deadline - self._clock())
         return SessionInfo(
             session_id=session.id,
             created_at=session.created_at,

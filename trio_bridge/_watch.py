@@ -227,12 +227,15 @@ class WatchStream:
             if plan.variable_ids is None
             else [variable_key(v) for v in plan.variable_ids]
         )
-        with self._store.observers.subscribe(
-            keys,
-            buffer_size=self._queue_size,
-            coalescer=COALESCER if plan.coalesce else None,
-            on_overflow=self._cut_send_short,
-        ) as subscription:
+        with (
+            self._store.observers.subscribe(
+                keys,
+                buffer_size=self._queue_size,
+                coalescer=COALESCER if plan.coalesce else None,
+                on_overflow=self._cut_send_short,
+            ) as subscription,
+            self._store.keep_alive(plan.session_id),
+        ):
             self._subscription = subscription
             self._store.checkpoint(SUBSCRIBED_CHECKPOINT)
             self._initial = self._initial_updates()
@@ -281,7 +284,6 @@ class WatchStream:
             updates = self._updates_for(events)
             if not updates and self._heartbeat_due and self._idle_for_interval():
                 updates = [enc.marker_update(enc.HEARTBEAT, time.time())]
-                self._touch_session()
             self._heartbeat_due = False
             if updates:
                 await self._send(updates)
@@ -405,12 +407,6 @@ class WatchStream:
 
     def _idle_for_interval(self) -> bool:
         return trio.current_time() >= self._last_sent + self._plan.heartbeat_interval
-
-    def _touch_session(self) -> None:
-        # An open watch keeps its session alive. A session found expired here has already published
-        # its end, which the sender reads next.
-        with contextlib.suppress(NotFound):
-            self._store.touch_session(self._plan.session_id)
 
     def _resume_versions(self) -> dict[str, int]:
         """Every variable the stream watches, with the version a resume starts from: the last one
