@@ -21,7 +21,7 @@ PING = "/unified_bridge.UnifiedBridge/Ping"
 
 def grpc_message(message: Any) -> bytes:
     """A message with its 5-byte gRPC prefix (not compressed)."""
-    data = bytes(message)
+    data = message.SerializeToString() if hasattr(message, "SerializeToString") else bytes(message)
     return b"\x00" + struct.pack(">I", len(data)) + data
 
 

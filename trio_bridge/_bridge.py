@@ -37,7 +37,7 @@ from grpclib.protocol import H2Protocol
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
 
-from ._errors import InvalidArgument, ResourceExhausted
+from ._errors import InvalidArgument, ResourceExhausted, Unimplemented
 from ._status import RequestCodec
 
 if TYPE_CHECKING:
@@ -209,27 +209,47 @@ def release_request_buffers(stream: grpclib.server.Stream[Any, Any]) -> bool:
     return True
 
 
-def bound_request_size(stream: grpclib.server.Stream[Any, Any], max_bytes: int, limit_name: str) -> None:
-    """Make ``stream`` refuse a request message longer than ``max_bytes`` before reading it, with
-    :class:`ResourceExhausted` naming ``limit_name`` (grpclib would otherwise buffer whatever length
-    the message's 5-byte gRPC prefix claims, up to 4 GiB), and a request that ends before the length
-    its prefix claims with :class:`InvalidArgument` (grpclib fails an assertion there)."""
+def check_request_framing(stream: grpclib.server.Stream[Any, Any], max_bytes: int, limit_name: str) -> None:
+    """Make reading ``stream``'s request refuse, before reading a message's body:
+
+    * one longer than ``max_bytes``, with :class:`ResourceExhausted` naming ``limit_name`` (grpclib
+      would otherwise buffer whatever length the message's 5-byte gRPC prefix claims, up to 4 GiB);
+    * a compressed one, with :class:`Unimplemented` (as gRPC says a server answers an encoding it does
+      not support; grpclib raised NotImplementedError, an INTERNAL);
+
+    and a request that ends before the length its prefix claims with :class:`InvalidArgument`
+    (grpclib fails an assertion there). grpclib reads a message as its 5-byte prefix, then its body.
+    """
     inner = stream._stream
     read = inner.recv_data
+    at_prefix = True
 
     async def recv_data(size: int) -> bytes:
-        if size > max_bytes:
+        nonlocal at_prefix
+        if not at_prefix and size > max_bytes:
             raise ResourceExhausted.over_limit(
                 f"the request message is {size} bytes, more than its limit {limit_name}={max_bytes}",
                 limit_name,
                 max_bytes,
             )
         try:
-            return await read(size)
+            data = await read(size)
         except AssertionError:
             raise InvalidArgument(
                 f"the request ended before the {size} bytes its message prefix announced"
             ) from None
+        if not at_prefix:
+            at_prefix = True  # a body read: a prefix comes next
+        elif data:  # a prefix read (b"": the request ended)
+            at_prefix = False
+            if data[:1] != _UNCOMPRESSED_PREFIX:
+                encoding = stream.metadata.get("grpc-encoding") if stream.metadata else None
+                raise Unimplemented(
+                    f"the request message is compressed (grpc-encoding: "
+                    f"{encoding if isinstance(encoding, str) else 'not given'}); this server accepts "
+                    f"only uncompressed messages (grpc-encoding: identity)"
+                )
+        return data
 
     inner.recv_data = recv_data  # type: ignore[method-assign]
 

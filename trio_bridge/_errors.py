@@ -61,6 +61,10 @@ class Unauthenticated(BridgeError):
     """No token, or one the server does not accept."""
 
 
+class Unimplemented(BridgeError):
+    """Something the server does not do, such as decompress a compressed request message."""
+
+
 class Unavailable(BridgeError):
     """The server is shutting down."""
 

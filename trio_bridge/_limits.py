@@ -28,9 +28,11 @@ class Limits:
     )
     max_sessions: int = _limit(10_000, "sessions the server holds at once")
     max_variables_per_session: int = _limit(10_000, "variables one session holds")
-    max_watch_streams: int = _limit(10_000, "WatchVariables streams open at once, in all")
+    max_watch_streams: int = _limit(
+        10_000, "watch streams (WatchVariables and health Watch) open at once, in all"
+    )
     max_watch_streams_per_connection: int = _limit(
-        100, "WatchVariables streams open at once on one connection"
+        100, "watch streams (WatchVariables and health Watch) open at once on one connection"
     )
     max_watch_identifiers: int = _limit(1_000, "variables one WatchVariables request may name")
     min_heartbeat_interval_ms: int = _limit(100, "shortest heartbeat interval a watch may ask for")

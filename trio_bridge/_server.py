@@ -8,13 +8,12 @@ from dataclasses import dataclass
 
 import trio
 from grpclib.health.check import ServiceStatus
-from grpclib.health.service import Health
 
 from ._bridge import serve_grpc
 from ._config import ServerConfig
 from ._metrics import Metrics
 from ._security import Tokens, server_tls
-from ._service import UnifiedBridgeService
+from ._service import CountedHealth, UnifiedBridgeService
 from ._store import SessionStore
 
 log = logging.getLogger("trio_bridge")
@@ -82,7 +81,7 @@ async def serve(
             await nursery.start(store.run_expiry)
             bound = await nursery.start(
                 lambda task_status: serve_grpc(
-                    [service, Health({service: [serving]})],
+                    [service, CountedHealth({service: [serving]}, service)],
                     host=config.host,
                     port=config.port,
                     tls=tls,

@@ -10,21 +10,24 @@ new calls with UNAVAILABLE once the server drains for shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import grpclib.const
 import trio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from grpclib.health.check import CheckBase
+from grpclib.health.service import Health
 from grpclib.server import Stream
 from h2.errors import ErrorCodes
 
 from . import _encoding as enc
 from ._bridge import (
-    bound_request_size,
+    check_request_framing,
     release_request_buffers,
     reset_stream,
     run_in_asyncio,
@@ -83,7 +86,8 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
 
     @property
     def open_watches(self) -> int:
-        """WatchVariables streams open right now (counted from the moment they are admitted)."""
+        """Watch streams open right now, WatchVariables and health Watch (counted from the moment they
+        are admitted)."""
         return self._admitted_watches
 
     async def drain(self) -> None:
@@ -132,7 +136,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
                     _caller.set(principal)
                     if method != "CreateSession":
                         self._check_scope_on_read(stream, principal)
-                bound_request_size(stream, self.limits.max_message_bytes, "max_message_bytes")
+                check_request_framing(stream, self.limits.max_message_bytes, "max_message_bytes")
                 await func(stream)
             except asyncio.CancelledError:
                 status = Status.CANCELLED.name
@@ -309,19 +313,26 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             resume_versions=request.resume_versions,
             limits=self.limits,
         )
+        with self.admit_watch(stream):
+            await run_in_trio(self._run_watch, stream, plan)
+
+    @contextlib.contextmanager
+    def admit_watch(self, stream: Stream[Any, Any]) -> Iterator[None]:
+        """Count a watch stream (any stream a client holds open: WatchVariables, health Watch) for the
+        block, in all and on its connection; ResourceExhausted naming the limit if there is no room."""
         peer = stream.peer.addr()
-        self._check_watch_room(peer)
+        self.check_watch_room(peer)
         self._admitted_watches += 1
         self._watches_by_peer[peer] = self._watches_by_peer.get(peer, 0) + 1
         try:
-            await run_in_trio(self._run_watch, stream, plan)
+            yield
         finally:
             self._admitted_watches -= 1
             left = self._watches_by_peer.pop(peer) - 1
             if left:
                 self._watches_by_peer[peer] = left
 
-    def _check_watch_room(self, peer: object) -> None:
+    def check_watch_room(self, peer: object) -> None:
         limits = self.limits
         if self._admitted_watches >= limits.max_watch_streams:
             raise ResourceExhausted.over_limit(
@@ -363,3 +374,34 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             await watch.run()
         finally:
             self._watches.discard(watch)
+
+
+HEALTH_WATCH_PATH = "/grpc.health.v1.Health/Watch"
+
+
+class CountedHealth(Health):
+    """grpclib's standard health service, whose Watch streams count toward the watch stream limits
+    (``max_watch_streams``, ``max_watch_streams_per_connection``) like any stream a client can hold
+    open: it answers without a token, so uncounted it was a way to hold streams by the thousand."""
+
+    def __init__(self, checks: Mapping[Any, Collection[CheckBase]], service: UnifiedBridgeService) -> None:
+        super().__init__(checks)
+        self._service = service
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        mapping = super().__mapping__()
+        handler = mapping[HEALTH_WATCH_PATH]
+
+        async def watch(stream: Stream[Any, Any]) -> None:
+            try:
+                self._service.check_watch_room(stream.peer.addr())
+            except ResourceExhausted as exc:
+                await stream.send_trailing_metadata(
+                    status=Status.RESOURCE_EXHAUSTED, status_message=exc.message, metadata=exc.trailers
+                )
+                return
+            with self._service.admit_watch(stream):  # no await since the check: there is room
+                await handler.func(stream)
+
+        mapping[HEALTH_WATCH_PATH] = handler._replace(func=watch)
+        return mapping

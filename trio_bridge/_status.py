@@ -9,6 +9,7 @@ AlreadyExists       ALREADY_EXISTS
 VersionConflict     ABORTED
 ResourceExhausted   RESOURCE_EXHAUSTED
 Unavailable         UNAVAILABLE
+Unimplemented       UNIMPLEMENTED
 anything else       INTERNAL (logged here with its traceback; the client gets no traceback)
 ==================  =====================
 
@@ -41,6 +42,7 @@ from ._errors import (
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
+    Unimplemented,
     VersionConflict,
 )
 from ._wire import check_wire, serialize
@@ -57,6 +59,7 @@ _STATUS_OF: dict[type[BridgeError], Status] = {
     ResourceExhausted: Status.RESOURCE_EXHAUSTED,
     Unavailable: Status.UNAVAILABLE,
     Unauthenticated: Status.UNAUTHENTICATED,
+    Unimplemented: Status.UNIMPLEMENTED,
 }
 
 
