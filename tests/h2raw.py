@@ -79,8 +79,9 @@ class RawH2:
         return events
 
     async def read_until(self, condition: Any) -> h2.events.Event:
-        """Read until an event satisfies ``condition``; fail if the connection closes first."""
-        seen = len(self.events)
+        """Read until an event received so far satisfies ``condition``; fail if the connection closes
+        first."""
+        seen = 0
         while True:
             for event in self.events[seen:]:
                 if condition(event):

@@ -6,16 +6,19 @@ process, with a well-behaved client measuring its latency beside them, are in ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import zlib
 
+import h2.errors
 import h2.events
 import pytest
 import trio
+import trio.testing
 from grpclib.const import Status
 from grpclib.health.v1.health_pb2 import HealthCheckRequest
 
-from tests.h2raw import PING, RawH2, request_headers
+from tests.h2raw import PING, RawH2, grpc_message, request_headers
 from tests.support import eventually, start_server
 from trio_bridge import RunningServer
 from trio_bridge.proto import unified_bridge as pb
@@ -77,3 +80,169 @@ async def test_health_watch_streams_count_toward_the_watch_stream_limits(nursery
     for raw in raws:
         await raw.aclose()
     await eventually(lambda: server.service.open_watches == 0)
+
+
+# ---- HTTP/2 abuse, one connection at a time ------------------------------------------------------------
+
+
+def _ping_call(raw: RawH2) -> int:
+    return raw.start_call(PING, pb.PingRequest(message="x"))
+
+
+async def _good_ping(server: RunningServer) -> None:
+    """A well-behaved call on a connection of its own still works."""
+    raw = await RawH2.open(server.port)
+    stream_id = _ping_call(raw)
+    await raw.flush()
+    with trio.fail_after(10):
+        await raw.read_until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == stream_id)
+    trailers = raw.trailers_of(stream_id)
+    assert trailers is not None and trailers["grpc-status"] == "0"
+    await raw.aclose()
+
+
+async def _expect_calm(raw: RawH2) -> None:
+    with trio.fail_after(10):
+        await raw.read_to_close()
+    goaway = raw.goaway()
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+async def test_rapid_reset_gets_goaway_enhance_your_calm(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Issue #10, observation 1: HEADERS + RST_STREAM as fast as possible on one connection grew the
+    # server by gigabytes and starved every other client; grpclib started a task per stream, and one
+    # reset before its task ran was never released.
+    raw = await RawH2.open(server.port)
+    for _ in range(20):  # 20 writes of 250 streams opened and reset
+        for _ in range(250):
+            stream_id = _ping_call(raw)
+            raw.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        try:
+            await raw.flush()
+        except trio.BrokenResourceError:
+            break
+    await _expect_calm(raw)
+    assert any("stream resets a second" in r.getMessage() for r in caplog.records)
+    assert server.metrics.rpc_count("Ping", "OK") == 0  # no reset stream ever reached a handler
+    await _good_ping(server)
+
+
+async def test_streams_reset_in_the_read_that_opened_them_never_start_a_handler(
+    server: RunningServer,
+) -> None:
+    raw = await RawH2.open(server.port)
+    for _ in range(150):  # within the budget of 200 resets a second
+        stream_id = _ping_call(raw)
+        raw.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+    last = _ping_call(raw)
+    await raw.flush()
+    with trio.fail_after(10):
+        await raw.read_until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == last)
+    assert raw.goaway() is None
+    assert server.metrics.rpc_count("Ping", "OK") == 1  # only the last one
+    assert server.metrics.rpc_count("Ping", "CANCELLED") == 0
+    await raw.aclose()
+
+
+async def test_a_ping_flood_gets_goaway_enhance_your_calm(server: RunningServer) -> None:
+    # Issue #10, observation 4 (the flood itself; a client that does not read is in the process tests).
+    raw = await RawH2.open(server.port)
+    for i in range(3000):
+        raw.conn.ping(i.to_bytes(8, "big"))
+    await raw.flush()
+    await _expect_calm(raw)
+    await _good_ping(server)
+
+
+async def test_a_message_in_tiny_frames_gets_goaway_enhance_your_calm(server: RunningServer) -> None:
+    # Issue #10, observation 3: a 1 MB message in 1-byte DATA frames cost ~430 bytes of memory a byte.
+    raw = await RawH2.open(server.port)
+    stream_id = raw.conn.get_next_available_stream_id()
+    raw.conn.send_headers(stream_id, request_headers(PING, server.port))
+    data = grpc_message(pb.PingRequest(message="y" * 3000))
+    for i in range(len(data)):
+        raw.conn.send_data(stream_id, data[i : i + 1])
+    with contextlib.suppress(trio.BrokenResourceError):  # closed under the flood
+        await raw.flush()
+    await _expect_calm(raw)
+    await _good_ping(server)
+
+
+async def test_request_bytes_buffered_per_connection_are_bounded(nursery: trio.Nursery) -> None:
+    # Issue #10, observation 3: 190 streams each holding a 4 MiB message less 4 bytes, on one connection,
+    # held 895 MB.
+    server = await start_server(nursery, max_message_bytes=10_000, max_connection_buffer_bytes=25_000)
+    raw = await RawH2.open(server.port)
+    partial = []
+    for _ in range(3):
+        stream_id = raw.conn.get_next_available_stream_id()
+        raw.conn.send_headers(stream_id, request_headers(PING, server.port))
+        raw.conn.send_data(stream_id, b"\x00" + (10_000).to_bytes(4, "big") + b"z" * 9_996)
+        partial.append(stream_id)
+    await raw.flush()
+    with trio.fail_after(10):
+        await raw.read_until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == partial[2])
+    trailers = raw.trailers_of(partial[2])
+    assert trailers is not None and trailers["grpc-status"] == str(Status.RESOURCE_EXHAUSTED.value)
+    assert "max_connection_buffer_bytes=25000" in trailers["grpc-message"]
+    assert trailers["trio-bridge-limit"] == "max_connection_buffer_bytes"
+    assert raw.goaway() is None  # the other calls go on
+    for stream_id in partial[:2]:  # and are answered once their message is whole
+        raw.conn.send_data(stream_id, b"z" * 4, end_stream=True)
+    await raw.flush()
+    with trio.fail_after(10):
+        for stream_id in partial[:2]:
+            await raw.read_until(
+                lambda e, s=stream_id: isinstance(e, h2.events.StreamEnded) and e.stream_id == s
+            )
+    await raw.aclose()
+
+
+async def test_a_silent_connection_is_closed_after_the_handshake_timeout(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    # Issue #10, observation 2: connections that never sent the preface were held forever.
+    server = await start_server(nursery, handshake_timeout_seconds=5)
+    silent = await trio.open_tcp_stream("127.0.0.1", server.port)
+    started = trio.current_time()
+    with trio.fail_after(60):
+        while await silent.receive_some():  # the server's SETTINGS, then its end
+            pass
+    assert trio.current_time() - started >= 5
+    await silent.aclose()
+    await _good_ping(server)
+
+
+async def test_an_idle_connection_gets_goaway_then_is_closed(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery
+) -> None:
+    server = await start_server(nursery, idle_connection_timeout_seconds=30)
+    raw = await RawH2.open(server.port)
+    stream_id = _ping_call(raw)
+    await raw.flush()
+    await raw.read_until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == stream_id)
+    answered = trio.current_time()
+    with trio.fail_after(120):
+        await raw.read_to_close()
+    assert trio.current_time() - answered >= 30
+    goaway = raw.goaway()
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+
+
+async def test_connections_past_max_connections_are_closed_and_later_ones_served(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_server(nursery, max_connections=3)
+    held = [await RawH2.open(server.port) for _ in range(3)]
+    refused = await trio.open_tcp_stream("127.0.0.1", server.port)
+    with trio.fail_after(10):
+        with contextlib.suppress(trio.BrokenResourceError):  # reset: closed at once
+            assert await refused.receive_some() == b""
+    assert any("max_connections=3" in r.getMessage() for r in caplog.records)
+    await held.pop().aclose()
+    await eventually(lambda: server.metrics.gauge("trio_bridge_connections_open") < 3)
+    await _good_ping(server)
+    for raw in held:
+        await raw.aclose()

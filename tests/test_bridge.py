@@ -16,12 +16,12 @@ from grpclib.config import Configuration
 
 from trio_bridge._bridge import (
     BoundAddress,
-    _CoalescingTransport,
     release_request_buffers,
     run_in_asyncio,
     send_messages,
     serve_grpc,
 )
+from trio_bridge._connections import _CoalescingTransport
 from trio_bridge.proto import unified_bridge as pb
 
 

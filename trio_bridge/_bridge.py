@@ -12,9 +12,7 @@ grpclib's ``Server.close()`` alone sends nothing and leaves accepted connections
 2. the listening socket closes and grpclib cancels the handlers still running;
 3. every accepted connection gets an HTTP/2 GOAWAY and is closed, so no client waits on a dead peer.
 
-Writes: grpclib writes every frame to its socket at once. When a change fans out to many streams of
-one connection, that is one system call per stream; :class:`_CoalescingTransport` gathers the frames
-written in one turn of the event loop and sends them in one call at the end of the turn.
+Connections (coalesced writes, the defences against abusive clients) are ``_connections``'.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ import functools
 import logging
 import ssl
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
@@ -33,12 +30,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 import grpclib.server
 import trio
 import trio_asyncio
-from grpclib.protocol import H2Protocol
 from h2.errors import ErrorCodes
-from h2.settings import SettingCodes
 
+from ._connections import DEFAULT_CONNECTION_LIMITS, ConnectionLimits, GuardedServer, _RequestBuffer
 from ._errors import InvalidArgument, ResourceExhausted, Unimplemented
-from ._status import RequestCodec
 
 if TYPE_CHECKING:
     from grpclib._typing import IServable
@@ -47,125 +42,11 @@ log = logging.getLogger("trio_bridge")
 
 T = TypeVar("T")
 
-#: Bytes a connection gathers before it writes them without waiting for the loop's next turn.
-_FLUSH_AT = 4096
-
 #: The first byte of a gRPC message's 5-byte prefix: not compressed.
 _UNCOMPRESSED_PREFIX = b"\x00"
 
 #: Longest wait for grpclib's handlers to finish after they were cancelled.
 _CLOSE_TIMEOUT = 1.0
-
-
-class _CoalescingTransport(asyncio.Transport):
-    """Wraps a connection's transport: bytes written before the event loop's next turn leave in one
-    ``write`` then, in the order they were written, or as soon as ``_FLUSH_AT`` bytes are gathered
-    (so the first streams of a large fan-out need not wait for the last).
-
-    Closing sends what is gathered first; aborting drops it, as aborting the socket would.
-    """
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        super().__init__()
-        self._transport = transport
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
-            return
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._pending.append(bytes(data))
-        self._pending_size += len(data)
-        if self._pending_size >= _FLUSH_AT:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            self._pending_size = 0
-            if not self._transport.is_closing():
-                self._transport.write(data)
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def abort(self) -> None:
-        self._pending.clear()
-        self._transport.abort()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return self._transport.get_extra_info(name, default)
-
-    def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(map(len, self._pending))
-
-    def can_write_eof(self) -> bool:
-        return self._transport.can_write_eof()
-
-    def write_eof(self) -> None:
-        self._flush()
-        self._transport.write_eof()
-
-    def pause_reading(self) -> None:
-        self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._transport.resume_reading()
-
-    def is_reading(self) -> bool:
-        return self._transport.is_reading()
-
-
-class _CoalescingProtocol(H2Protocol):
-    """grpclib's HTTP/2 protocol on a :class:`_CoalescingTransport`, allowing ``max_streams``
-    concurrent streams (h2's default, 100, would make the 101st call wait without a word)."""
-
-    max_streams = 100
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(_CoalescingTransport(cast(asyncio.Transport, transport)))
-        self.connection._connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
-        self.connection.flush()
-
-
-class _TrackedServer(grpclib.server.Server):
-    """A grpclib Server that remembers its connections, so shutdown can close them, and whose
-    connections coalesce their writes."""
-
-    def __init__(self, handlers: Collection[IServable], max_streams: int) -> None:
-        super().__init__(handlers, codec=RequestCodec())
-        self.connections: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
-        self._max_streams = max_streams
-
-    def _protocol_factory(self) -> H2Protocol:
-        made = super()._protocol_factory()  # registers the connection's handler with the server
-        protocol = _CoalescingProtocol(made.handler, made.config, made.h2_config)
-        protocol.max_streams = self._max_streams
-        self.connections.add(protocol)
-        return protocol
-
-    def close_connections(self) -> int:
-        """Send GOAWAY on every open connection and close it; return how many were closed."""
-        closed = 0
-        for protocol in list(self.connections):
-            connection = getattr(protocol, "connection", None)
-            if connection is None or connection.is_closing():
-                continue
-            try:
-                connection._connection.close_connection()
-                connection.flush()
-            except Exception:  # the peer may already be gone; closing is all that matters now
-                log.debug("GOAWAY failed", exc_info=True)
-            connection.close()
-            closed += 1
-        return closed
 
 
 class _ReadToEnd:
@@ -201,8 +82,7 @@ def release_request_buffers(stream: grpclib.server.Stream[Any, Any]) -> bool:
     buffer = inner.buffer
     if isinstance(buffer, _ReadToEnd):
         return True
-    # Read to its end: the end was received, and at most the end marker is left in the queue.
-    if not (buffer._eof and buffer._acked_size == 0 and buffer._unacked.qsize() <= 1):
+    if not cast(_RequestBuffer, buffer).read_to_end():
         return False
     inner.buffer = _READ_TO_END  # type: ignore[assignment]
     inner.headers_received = inner.trailers_received = _CLIENT_SIDE_ONLY
@@ -384,6 +264,8 @@ class _Resumed(Awaitable[T]):
 class BoundAddress:
     host: str
     port: int
+    #: How many client connections are open right now.
+    open_connections: Callable[[], int] = lambda: 0
 
 
 async def serve_grpc(
@@ -393,7 +275,8 @@ async def serve_grpc(
     port: int,
     drain: Callable[[], Awaitable[None]],
     grace: float,
-    max_streams_per_connection: int = 100,
+    connection_limits: ConnectionLimits = DEFAULT_CONNECTION_LIMITS,
+    max_connections: int = 1000,
     tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[BoundAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -403,12 +286,14 @@ async def serve_grpc(
     shielded from the cancellation that triggers it and takes at most ``grace`` plus about a second.
     """
     async with trio_asyncio.open_loop():
-        server = _TrackedServer(services, max_streams_per_connection)
+        server = GuardedServer(services, connection_limits, max_connections)
         await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=tls)
         listener = cast(asyncio.Server, server._server)
         bound = listener.sockets[0].getsockname()
         log.info("gRPC server listening on %s:%d", bound[0], bound[1])
-        task_status.started(BoundAddress(host=bound[0], port=bound[1]))
+        task_status.started(
+            BoundAddress(host=bound[0], port=bound[1], open_connections=lambda: len(server.connections))
+        )
         try:
             await trio.sleep_forever()
         finally:
@@ -416,7 +301,7 @@ async def serve_grpc(
                 await _shut_down(server, drain, grace)
 
 
-async def _shut_down(server: _TrackedServer, drain: Callable[[], Awaitable[None]], grace: float) -> None:
+async def _shut_down(server: GuardedServer, drain: Callable[[], Awaitable[None]], grace: float) -> None:
     with trio.move_on_after(grace) as drain_scope:
         await drain()
     if drain_scope.cancelled_caught:

@@ -18,9 +18,14 @@ def _limit(default: int, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+#: Limits whose 0 means "derived from the machine" (their help says how).
+_ZERO_MEANS_DERIVED = frozenset({"max_connections"})
+
+
 @dataclass(frozen=True)
 class Limits:
-    """What the server accepts. All values are whole numbers of at least 1."""
+    """What the server accepts. All values are whole numbers of at least 1 (0 where the help says
+    what it means)."""
 
     max_message_bytes: int = _limit(4 * 2**20, "largest request message, in bytes")
     max_value_bytes: int = _limit(
@@ -41,12 +46,40 @@ class Limits:
         1024, "updates a watch may fall behind before its slow-consumer policy applies"
     )
     history_size: int = _limit(1000, "changes each session keeps for watchers that resume")
+    max_connections: int = _limit(
+        0,
+        "client connections open at once; 0: the process's file descriptor limit (raised to its hard "
+        "limit at start) less an eighth, at least 32, kept for everything else",
+    )
+    max_stream_resets_per_second: int = _limit(
+        200, "streams one connection's client may reset a second (HTTP/2 Rapid Reset)"
+    )
+    max_control_frames_per_second: int = _limit(
+        1000, "PING, SETTINGS, PRIORITY and tiny DATA frames one connection may send a second"
+    )
+    max_connection_buffer_bytes: int = _limit(
+        8 * 2**20, "request bytes one connection may have received and not yet read as whole messages"
+    )
+    handshake_timeout_seconds: int = _limit(
+        10, "seconds a new connection has to send the HTTP/2 preface and its SETTINGS"
+    )
+    idle_connection_timeout_seconds: int = _limit(
+        300, "seconds a connection may stay open with no call on it"
+    )
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"limit {item.name} must be a whole number of at least 1, got {value!r}")
+            least = 0 if item.name in _ZERO_MEANS_DERIVED else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(
+                    f"limit {item.name} must be a whole number of at least {least}, got {value!r}"
+                )
+        if self.max_connection_buffer_bytes < self.max_message_bytes + 5:
+            raise ValueError(
+                "max_connection_buffer_bytes must hold one message of max_message_bytes (plus its "
+                "5-byte prefix)"
+            )
         if self.min_heartbeat_interval_ms > self.max_heartbeat_interval_ms:
             raise ValueError("min_heartbeat_interval_ms must not exceed max_heartbeat_interval_ms")
 

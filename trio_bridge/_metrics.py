@@ -33,6 +33,10 @@ class Metrics:
             "trio_bridge_watch_streams_open", "Open WatchVariables streams.", registry=self.registry
         )
         self.open_watch_streams.set_function(lambda: 0)
+        self.open_connections = Gauge(
+            "trio_bridge_connections_open", "Open client connections.", registry=self.registry
+        )
+        self.open_connections.set_function(lambda: 0)
         self.updates_sent = Counter(
             "trio_bridge_updates_sent", "VariableUpdate messages sent.", registry=self.registry
         )
@@ -50,6 +54,9 @@ class Metrics:
     def rpc_count(self, method: str, status: str) -> float:
         value = self.registry.get_sample_value("trio_bridge_rpcs_total", {"method": method, "status": status})
         return value or 0.0
+
+    def gauge(self, name: str) -> float:
+        return self.registry.get_sample_value(name) or 0.0
 
     def start_http(self, host: str, port: int) -> int:
         """Serve /metrics on a background thread; return the bound port."""

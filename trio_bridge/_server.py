@@ -11,6 +11,7 @@ from grpclib.health.check import ServiceStatus
 
 from ._bridge import serve_grpc
 from ._config import ServerConfig
+from ._connections import ConnectionLimits, connections_for, raise_fd_limit
 from ._metrics import Metrics
 from ._security import Tokens, server_tls
 from ._service import CountedHealth, UnifiedBridgeService
@@ -87,11 +88,20 @@ async def serve(
                     tls=tls,
                     drain=drain,
                     grace=config.shutdown_grace,
-                    # room for unary calls beside a full quota of watch streams
-                    max_streams_per_connection=limits.max_watch_streams_per_connection + 100,
+                    connection_limits=ConnectionLimits(
+                        # room for unary calls beside a full quota of watch streams
+                        max_streams=limits.max_watch_streams_per_connection + 100,
+                        max_stream_resets_per_second=limits.max_stream_resets_per_second,
+                        max_control_frames_per_second=limits.max_control_frames_per_second,
+                        max_buffer_bytes=limits.max_connection_buffer_bytes,
+                        handshake_timeout=limits.handshake_timeout_seconds,
+                        idle_timeout=limits.idle_connection_timeout_seconds,
+                    ),
+                    max_connections=limits.max_connections or connections_for(raise_fd_limit()),
                     task_status=task_status,
                 )
             )
+            metrics.open_connections.set_function(bound.open_connections)
             _warn_if_exposed(bound.host, tls is not None, tokens is not None)
             task_status.started(
                 RunningServer(
