@@ -32,7 +32,14 @@ import trio
 import trio_asyncio
 from h2.errors import ErrorCodes
 
-from ._connections import DEFAULT_CONNECTION_LIMITS, ConnectionLimits, GuardedServer, _RequestBuffer
+from ._connections import (
+    DEFAULT_CONNECTION_LIMITS,
+    ConnectionLimits,
+    GuardedServer,
+    _RequestBuffer,
+    connections_for,
+    raise_fd_limit,
+)
 from ._errors import InvalidArgument, ResourceExhausted, Unimplemented
 
 if TYPE_CHECKING:
@@ -276,18 +283,23 @@ async def serve_grpc(
     drain: Callable[[], Awaitable[None]],
     grace: float,
     connection_limits: ConnectionLimits = DEFAULT_CONNECTION_LIMITS,
-    max_connections: int = 1000,
+    max_connections: int = 0,
     tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[BoundAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``services`` on ``host:port`` until cancelled, then shut down in steps (module doc).
 
-    ``task_status.started`` receives the bound address (``port=0`` picks a free port). Shutdown is
+    ``max_connections`` 0 derives the limit from the open-file limit, which is raised from its soft to
+    its hard value (``_connections.connections_for``). ``task_status.started`` receives the bound
+    address (``port=0`` picks a free port). Shutdown is
     shielded from the cancellation that triggers it and takes at most ``grace`` plus about a second.
     """
-    async with trio_asyncio.open_loop():
+    async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(_log_asyncio_error)
         server = GuardedServer(services, connection_limits, max_connections)
         await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=tls)
+        if not max_connections:  # derived, now that the loop and the listener have their files
+            server.max_connections = connections_for(raise_fd_limit())
         listener = cast(asyncio.Server, server._server)
         bound = listener.sockets[0].getsockname()
         log.info("gRPC server listening on %s:%d", bound[0], bound[1])
@@ -299,6 +311,31 @@ async def serve_grpc(
         finally:
             with trio.CancelScope(shield=True):
                 await _shut_down(server, drain, grace)
+
+
+_ACCEPT_FAILED = "socket.accept() out of system resource"
+_accept_failures = {"count": 0, "logged_at": -1e9}
+
+
+def _log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's report of an error no task was there to catch: logged, never raised. (trio-asyncio's
+    own handler raises it into the loop's nursery, which ended the server: an ``accept`` that ran out
+    of file descriptors did.) asyncio backs off from a failed ``accept`` for a second and tries again;
+    that is logged once every ten seconds, with a count, not once per connection."""
+    if context.get("message") == _ACCEPT_FAILED:
+        _accept_failures["count"] += 1
+        now = time.monotonic()
+        if now - _accept_failures["logged_at"] >= 10:
+            _accept_failures["logged_at"] = now
+            log.error(
+                "cannot accept connections: %s (%d time(s) so far); retrying every second; see "
+                "--max-connections",
+                context.get("exception"),
+                _accept_failures["count"],
+            )
+        return
+    exception = context.get("exception")
+    log.error("asyncio: %s", context.get("message", "error"), exc_info=exception)
 
 
 async def _shut_down(server: GuardedServer, drain: Callable[[], Awaitable[None]], grace: float) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Collection
@@ -108,9 +109,14 @@ def raise_fd_limit() -> int:
 
 
 def connections_for(fd_limit: int) -> int:
-    """The default ``max_connections`` for a process that may open ``fd_limit`` files: an eighth of
-    them, at least 32, are kept for everything else (the listener, files, the metrics endpoint)."""
-    return max(1, fd_limit - max(32, fd_limit // 8))
+    """The default ``max_connections`` for this process, which may open ``fd_limit`` files: what it
+    has open now (the interpreter, Trio's and asyncio's own), and an eighth of the limit, at least 32,
+    are kept for everything else (the listener's accepts, files, the metrics endpoint)."""
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:  # no /proc here
+        open_now = 64
+    return max(1, fd_limit - open_now - max(32, fd_limit // 8))
 
 
 class _TokenBucket:

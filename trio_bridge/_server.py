@@ -11,7 +11,7 @@ from grpclib.health.check import ServiceStatus
 
 from ._bridge import serve_grpc
 from ._config import ServerConfig
-from ._connections import ConnectionLimits, connections_for, raise_fd_limit
+from ._connections import ConnectionLimits
 from ._metrics import Metrics
 from ._security import Tokens, server_tls
 from ._service import CountedHealth, UnifiedBridgeService
@@ -97,7 +97,7 @@ async def serve(
                         handshake_timeout=limits.handshake_timeout_seconds,
                         idle_timeout=limits.idle_connection_timeout_seconds,
                     ),
-                    max_connections=limits.max_connections or connections_for(raise_fd_limit()),
+                    max_connections=limits.max_connections,
                     task_status=task_status,
                 )
             )
