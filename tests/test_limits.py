@@ -229,3 +229,174 @@ def test_every_limit_is_a_serve_flag_and_a_readme_row() -> None:
         assert rows.get(flag) == default, f"README Limits table: --{flag} should show {default}"
         assert getattr(defaults, name) == default
         assert getattr(parser.parse_args(["serve", f"--{flag}", "7"]), name) == 7
+
+
+# ---- sizes of what a request may make the server keep (issue #10, observation 3) ----------------------
+
+
+async def test_metadata_and_source_sizes(nursery: trio.Nursery) -> None:
+    # A write with 3.9 MB of metadata cost ~9.8 MB of RSS and the history kept it; a 3.9 MB source on
+    # 10 writes watched by 100 streams became 4.3 GB out.
+    server = await start_server(nursery, max_metadata_entries=3, max_metadata_bytes=100, max_source_bytes=20)
+    with connect(server) as client:
+        session = await new_session(client)
+        await register(client, session, "t", VT.FLOAT, packed(DoubleValue(value=1.0)))
+        value = packed(DoubleValue(value=2.0))
+        many = {f"k{i}": "v" for i in range(4)}
+        big = {"k": "v" * 100}
+        cases = [
+            (
+                pb.CreateSessionRequest(metadata=many),
+                "session metadata has 4 entries",
+                "max_metadata_entries=3",
+            ),
+            (
+                pb.CreateSessionRequest(metadata=big),
+                "session metadata is 101 bytes",
+                "max_metadata_bytes=100",
+            ),
+            (
+                pb.RegisterVariableRequest(
+                    session_id=session, name="u", type=VT.FLOAT, initial_value=value, metadata=big
+                ),
+                "variable 'u' metadata is 101 bytes",
+                "max_metadata_bytes=100",
+            ),
+            (
+                pb.RegisterVariableRequest(
+                    session_id=session, name="u", type=VT.FLOAT, initial_value=value, source="s" * 21
+                ),
+                "source is 21 bytes",
+                "max_source_bytes=20",
+            ),
+            (
+                pb.SetVariableRequest(
+                    session_id=session, variable_identifier="t", value=value, metadata=many
+                ),
+                "update metadata has 4 entries",
+                "max_metadata_entries=3",
+            ),
+            (
+                pb.SetVariablesRequest(
+                    session_id=session,
+                    writes=[pb.VariableWrite(variable_identifier="t", value=value)],
+                    source="é" * 11,
+                ),
+                "source is 22 bytes",
+                "max_source_bytes=20",
+            ),
+        ]
+        calls = {
+            pb.CreateSessionRequest: client.stub.create_session,
+            pb.RegisterVariableRequest: client.stub.register_variable,
+            pb.SetVariableRequest: client.stub.set_variable,
+            pb.SetVariablesRequest: client.stub.set_variables,
+        }
+        for request, *fragments in cases:
+            await expect_status(client, calls[type(request)](request), Status.INVALID_ARGUMENT, *fragments)
+        assert server.store.get_variable(session, "t").version == 1  # nothing was written
+        await client(  # at the limits: accepted
+            client.stub.set_variable(
+                pb.SetVariableRequest(
+                    session_id=session,
+                    variable_identifier="t",
+                    value=value,
+                    metadata={"a": "b" * 98},
+                    source="s" * 20,
+                )
+            )
+        )
+
+
+async def test_constraint_sizes(nursery: trio.Nursery) -> None:
+    # A CHOICE with 100,000 allowed values (850 ms of server CPU) and a tensor constraint of 200,000
+    # dimensions were accepted and copied into every update.
+    server = await start_server(nursery)
+    with connect(server) as client:
+        session = await new_session(client)
+        choice = pb.RegisterVariableRequest(
+            session_id=session,
+            name="c",
+            type=VT.CHOICE,
+            initial_value=packed(StringValue(value="v0")),
+            constraints=pb.Constraints(allowed_values=[f"v{i}" for i in range(100_000)]),
+        )
+        await expect_status(
+            client,
+            client.stub.register_variable(choice),
+            Status.INVALID_ARGUMENT,
+            "100000 allowed values",
+            "max_allowed_values=1000",
+        )
+        tensor = pb.RegisterVariableRequest(
+            session_id=session,
+            name="t",
+            type=VT.TENSOR,
+            initial_value=packed(pb.Tensor(shape=[1], dtype="float32", data=b"\0" * 4)),
+            constraints=pb.Constraints(shape=[1] * 200_000),
+        )
+        await expect_status(
+            client,
+            client.stub.register_variable(tensor),
+            Status.INVALID_ARGUMENT,
+            "200000 dimensions",
+            "max_tensor_dimensions=32",
+        )
+        wide = pb.RegisterVariableRequest(
+            session_id=session,
+            name="w",
+            type=VT.CHOICE,
+            initial_value=packed(StringValue(value="a")),
+            constraints=pb.Constraints(allowed_values=["a", "b" * 70_000]),
+        )
+        await expect_status(
+            client,
+            client.stub.register_variable(wide),
+            Status.INVALID_ARGUMENT,
+            "70001 bytes",
+            "max_constraint_bytes=65536",
+        )
+        assert server.store.list_variables(session) == []
+
+
+async def test_max_session_ttl_seconds(nursery: trio.Nursery) -> None:
+    # Issue #10, observation 5: CreateSession up to max_sessions with ten-year TTLs locked every other
+    # client out.
+    server = await start_server(nursery, max_session_ttl_seconds=3600)
+    with connect(server) as client:
+        await expect_status(
+            client,
+            client.stub.create_session(pb.CreateSessionRequest(ttl_seconds=10 * 365 * 86_400)),
+            Status.INVALID_ARGUMENT,
+            "up to 3600",
+            "max_session_ttl_seconds",
+        )
+        await client(client.stub.create_session(pb.CreateSessionRequest(ttl_seconds=3600)))
+    with pytest.raises(ValueError, match="max_session_ttl_seconds"):
+        await start_server(nursery, max_session_ttl_seconds=3600, session_ttl=7200.0)
+
+
+async def test_max_sessions_per_token(nursery: trio.Nursery, aio_loop: object, tmp_path: Path) -> None:
+    # Issue #10, observation 5: no quota per token.
+    alice, bob = "a" * 20, "b" * 20
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice {alice} all\nbob {bob} own\n")
+    server = await start_server(nursery, token_file=tokens, max_sessions_per_token=2)
+
+    async def scenario() -> None:
+        async with (
+            BridgeClient(server.host, server.port, token=alice) as as_alice,
+            BridgeClient(server.host, server.port, token=bob) as as_bob,
+        ):
+            for client in (as_alice, as_bob):
+                first = (await client.create_session()).session_id
+                await client.create_session()
+                with pytest.raises(ResourceExhausted) as caught:
+                    await client.create_session()
+                assert caught.value.limit == "max_sessions_per_token"
+                assert "holds 2 sessions, its limit max_sessions_per_token=2" in str(caught.value)
+                await client.cleanup_session(first)
+                await client.create_session()  # room again
+
+    await trio_asyncio.aio_as_trio(scenario)()
+    assert server.store.session_count == 4

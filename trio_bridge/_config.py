@@ -35,8 +35,11 @@ class ServerConfig:
     token_file: Path | None = None
 
     def __post_init__(self) -> None:
-        if not 0 < self.session_ttl <= MAX_SESSION_TTL:
-            raise ValueError(f"session_ttl must be more than 0 and at most {MAX_SESSION_TTL:.0f} seconds")
+        if not 0 < self.session_ttl <= min(MAX_SESSION_TTL, self.limits.max_session_ttl_seconds):
+            raise ValueError(
+                f"session_ttl must be more than 0 and at most {self.limits.max_session_ttl_seconds} "
+                f"seconds (the limit max_session_ttl_seconds)"
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("give both tls_cert and tls_key, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:

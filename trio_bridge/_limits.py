@@ -10,8 +10,14 @@ affected. Each field is a ``trio-bridge serve`` flag of the same name (``max_ses
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ._errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from ._types import Constraints
 
 
 def _limit(default: int, help: str) -> Any:
@@ -46,6 +52,22 @@ class Limits:
         1024, "updates a watch may fall behind before its slow-consumer policy applies"
     )
     history_size: int = _limit(1000, "changes each session keeps for watchers that resume")
+    max_metadata_entries: int = _limit(
+        64, "entries in one metadata map (of a session, a variable or a write)"
+    )
+    max_metadata_bytes: int = _limit(16_384, "bytes of one metadata map, keys and values together (UTF-8)")
+    max_source_bytes: int = _limit(1_024, "bytes of a write's or a registration's source (UTF-8)")
+    max_allowed_values: int = _limit(1_000, "allowed values of a choice or module variable")
+    max_tensor_dimensions: int = _limit(32, "dimensions of a tensor constraint's shape")
+    max_constraint_bytes: int = _limit(
+        65_536, "bytes of a variable's allowed values and pattern together (UTF-8)"
+    )
+    max_sessions_per_token: int = _limit(
+        1_000, "sessions created with one token (any scope) held at once; with --token-file only"
+    )
+    max_session_ttl_seconds: int = _limit(
+        604_800, "the longest TTL a session may ask for (and --session-ttl may set), in seconds"
+    )
     max_connections: int = _limit(
         0,
         "client connections open at once; 0: the process's file descriptor limit (raised to its hard "
@@ -94,3 +116,52 @@ def describe() -> list[tuple[str, int, str]]:
         (item.name, getattr(defaults, item.name), item.metadata["help"])
         for item in dataclasses.fields(Limits)
     ]
+
+
+def _utf8(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_metadata(what: str, metadata: Mapping[str, str], limits: Limits) -> None:
+    """InvalidArgument naming the limit when ``metadata`` (of ``what``) has too many entries or bytes."""
+    if len(metadata) > limits.max_metadata_entries:
+        raise InvalidArgument(
+            f"{what} metadata has {len(metadata)} entries, more than its limit max_metadata_entries="
+            f"{limits.max_metadata_entries}"
+        )
+    size = sum(_utf8(key) + _utf8(value) for key, value in metadata.items())
+    if size > limits.max_metadata_bytes:
+        raise InvalidArgument(
+            f"{what} metadata is {size} bytes, more than its limit max_metadata_bytes="
+            f"{limits.max_metadata_bytes}"
+        )
+
+
+def check_source(source: str, limits: Limits) -> None:
+    size = _utf8(source)
+    if size > limits.max_source_bytes:
+        raise InvalidArgument(
+            f"source is {size} bytes, more than its limit max_source_bytes={limits.max_source_bytes}"
+        )
+
+
+def check_constraint_sizes(name: str, constraints: Constraints, limits: Limits) -> None:
+    """InvalidArgument naming the limit when a variable's constraints are larger than the limits allow
+    (checked before anything else about them: a huge list is refused without being looked at)."""
+    allowed = constraints.allowed_values
+    if len(allowed) > limits.max_allowed_values:
+        raise InvalidArgument(
+            f"variable {name!r}: {len(allowed)} allowed values, more than the limit max_allowed_values="
+            f"{limits.max_allowed_values}"
+        )
+    if len(constraints.shape) > limits.max_tensor_dimensions:
+        raise InvalidArgument(
+            f"variable {name!r}: a shape of {len(constraints.shape)} dimensions, more than the limit "
+            f"max_tensor_dimensions={limits.max_tensor_dimensions}"
+        )
+    size = sum(map(_utf8, allowed)) + _utf8(constraints.pattern)
+    if size > limits.max_constraint_bytes:
+        raise InvalidArgument(
+            f"variable {name!r}: allowed values and pattern of {size} bytes, more than the limit "
+            f"max_constraint_bytes={limits.max_constraint_bytes}"
+        )

@@ -56,6 +56,8 @@ async def serve(
             history_size=limits.history_size,
             max_sessions=limits.max_sessions,
             max_variables_per_session=limits.max_variables_per_session,
+            max_sessions_per_owner=limits.max_sessions_per_token,
+            max_ttl=limits.max_session_ttl_seconds,
         )
     metrics = Metrics(
         sessions=lambda: store.session_count,

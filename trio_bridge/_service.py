@@ -35,7 +35,7 @@ from ._bridge import (
     send_messages,
 )
 from ._errors import InvalidArgument, ResourceExhausted
-from ._limits import DEFAULT_LIMITS, Limits
+from ._limits import DEFAULT_LIMITS, Limits, check_constraint_sizes, check_metadata, check_source
 from ._metrics import Metrics
 from ._security import AUTHORIZATION, Principal, Tokens
 from ._status import grpc_error_for, stream_was_cut
@@ -193,6 +193,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
 
     async def create_session(self, message: pb.CreateSessionRequest) -> pb.CreateSessionResponse:
         caller = _caller.get()
+        check_metadata("session", message.metadata, self.limits)
         info = self.store.create_session(
             message.session_id,
             metadata=message.metadata,
@@ -222,13 +223,17 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         # Checked in the order a client would fix them: session, name, type, value.
         self.store.get_session(message.session_id)
         vtype = enc.variable_type_from_proto(message.name, message.type)
+        constraints = enc.constraints_from_proto(message.constraints)
+        check_constraint_sizes(message.name, constraints, self.limits)
+        check_metadata(f"variable {message.name!r}", message.metadata, self.limits)
+        check_source(message.source, self.limits)
         value = self._unpack_value(message.name, vtype, message.initial_value)
         snapshot = self.store.register_variable(
             message.session_id,
             message.name,
             vtype,
             value,
-            constraints=enc.constraints_from_proto(message.constraints),
+            constraints=constraints,
             metadata=message.metadata,
             source=message.source,
         )
@@ -275,6 +280,8 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         source: str,
         metadata: dict[str, str],
     ) -> list[VariableSnapshot]:
+        check_metadata("update", metadata, self.limits)
+        check_source(source, self.limits)
         # Decoding needs each variable's type; no await separates this read from the write below, so
         # no other request can change the variables in between.
         targets = self.store.get_variables(session_id, [w.variable_identifier for w in writes])

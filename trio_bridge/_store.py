@@ -156,18 +156,25 @@ class SessionStore:
         history_size: int = DEFAULT_HISTORY_SIZE,
         max_sessions: int = DEFAULT_LIMITS.max_sessions,
         max_variables_per_session: int = DEFAULT_LIMITS.max_variables_per_session,
+        max_sessions_per_owner: int = DEFAULT_LIMITS.max_sessions_per_token,
+        max_ttl: float = MAX_SESSION_TTL,
         observers: ObserverManager[VariableEvent] | None = None,
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        if not 0 < default_ttl <= MAX_SESSION_TTL:
-            raise ValueError(f"default_ttl must be a positive number of seconds up to {MAX_SESSION_TTL:.0f}")
+        if not 0 < max_ttl <= MAX_SESSION_TTL:
+            raise ValueError(f"max_ttl must be a positive number of seconds up to {MAX_SESSION_TTL:.0f}")
+        if not 0 < default_ttl <= max_ttl:
+            raise ValueError(f"default_ttl must be a positive number of seconds up to {max_ttl:.0f}")
         if history_size < 0:
             raise ValueError("history_size must not be negative")
         self.default_ttl = default_ttl
         self.history_size = history_size
         self.max_sessions = max_sessions
         self.max_variables_per_session = max_variables_per_session
+        self.max_sessions_per_owner = max_sessions_per_owner
+        self.max_ttl = max_ttl
+        self._sessions_by_owner: dict[str, int] = {}  # named owners only
         #: Test hook in the manner of etcd's failpoints: when set, :meth:`checkpoint` calls it with the
         #: checkpoint's name ("watch.subscribed": a watch has subscribed and not yet read).
         self.checkpoint_hook: Callable[[str], None] | None = None
@@ -204,10 +211,10 @@ class SessionStore:
         it for access checks (see :meth:`owner_of`)."""
         if ttl is None or ttl == 0:
             ttl = self.default_ttl
-        if not 0 < ttl <= MAX_SESSION_TTL:
+        if not 0 < ttl <= self.max_ttl:
             raise InvalidArgument(
-                f"ttl_seconds must be a positive number of seconds up to {MAX_SESSION_TTL:.0f} (ten "
-                f"years), got {ttl!r}"
+                f"ttl_seconds must be a positive number of seconds up to {self.max_ttl:.0f} (the limit "
+                f"max_session_ttl_seconds), got {ttl!r}"
             )
         if session_id:
             _check_identifier("session_id", session_id, _SESSION_ID)
@@ -225,6 +232,16 @@ class SessionStore:
                     "max_sessions",
                     self.max_sessions,
                 )
+        if owner and self._sessions_by_owner.get(owner, 0) >= self.max_sessions_per_owner:
+            self.expire_due_sessions()
+            held = self._sessions_by_owner.get(owner, 0)
+            if held >= self.max_sessions_per_owner:
+                raise ResourceExhausted.over_limit(
+                    f"token {owner!r} holds {held} sessions, its limit max_sessions_per_token="
+                    f"{self.max_sessions_per_owner}; clean up sessions that are no longer needed",
+                    "max_sessions_per_token",
+                    self.max_sessions_per_owner,
+                )
         now = self._wall_clock()
         session = _Session(
             id=session_id,
@@ -237,6 +254,8 @@ class SessionStore:
             owner=owner,
         )
         self._sessions[session_id] = session
+        if owner:
+            self._sessions_by_owner[owner] = self._sessions_by_owner.get(owner, 0) + 1
         self._sessions_changed.set()
         return self._info(session)
 
@@ -508,6 +527,10 @@ class SessionStore:
 
     def _end_session(self, session: _Session, *, reason: str) -> int:
         del self._sessions[session.id]
+        if session.owner:
+            left = self._sessions_by_owner.pop(session.owner) - 1
+            if left:
+                self._sessions_by_owner[session.owner] = left
         removed = len(session.variables)
         self._variable_count -= removed
         keys = [session_key(session.id), *(variable_key(v) for v in session.variables)]
