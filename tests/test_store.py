@@ -13,6 +13,7 @@ from trio_bridge import (
     InvalidArgument,
     NotFound,
     ObserverManager,
+    ResourceExhausted,
     SessionStore,
     VariableEvent,
     VariableType,
@@ -300,3 +301,81 @@ async def test_a_reader_cancelled_with_events_queued_loses_none() -> None:
             scope.cancel()
             await subscription.receive_batch(10)  # nothing queued: the wait is cancelled
         assert scope.cancelled_caught
+
+
+# ---- memory budgets (issue #10, observation 3: 1,200 variables x 1 MB in one session held 1.2 GB) ----
+
+MB = 2**20
+
+
+async def test_a_session_holds_at_most_max_session_bytes_and_a_refusal_changes_nothing() -> None:
+    store = SessionStore(max_session_bytes=5 * MB, max_history_bytes=MB)
+    session = store.create_session().session_id
+    registered = 0
+    with pytest.raises(ResourceExhausted) as caught:  # noqa: PT012 (the loop is the scenario)
+        for registered in range(1_200):
+            store.register_variable(session, f"v{registered}", VariableType.STRING, "x" * MB)
+    assert registered == 4
+    assert caught.value.limit == "max_session_bytes"
+    assert "max_session_bytes=5242880" in str(caught.value)
+    held = store.list_variables(session)
+    assert len(held) == 4 and store.stored_bytes <= 5 * MB
+    before = store.stored_bytes
+    with pytest.raises(ResourceExhausted):
+        store.set_variable(session, "v0", "y" * 2 * MB)  # bigger than the room left
+    assert store.get_variable(session, "v0").version == 1 and store.stored_bytes == before
+    store.delete_variable(session, "v3")
+    store.register_variable(session, "again", VariableType.STRING, "x" * MB)  # room again
+
+
+async def test_the_server_holds_at_most_max_stored_bytes_across_sessions() -> None:
+    store = SessionStore(max_session_bytes=4 * MB, max_stored_bytes=6 * MB, max_history_bytes=MB)
+    first, second = store.create_session().session_id, store.create_session().session_id
+    for i in range(3):
+        store.register_variable(first, f"v{i}", VariableType.STRING, "x" * MB)
+    store.register_variable(second, "a", VariableType.STRING, "x" * MB)
+    store.register_variable(second, "b", VariableType.STRING, "x" * MB)
+    with pytest.raises(ResourceExhausted) as caught:
+        store.register_variable(second, "c", VariableType.STRING, "x" * MB)
+    assert caught.value.limit == "max_stored_bytes" and "the server would hold" in str(caught.value)
+    store.cleanup_session(first)
+    store.register_variable(second, "c", VariableType.STRING, "x" * MB)
+
+
+async def test_the_history_is_bounded_in_bytes_and_gives_way_to_new_values() -> None:
+    store = SessionStore(max_session_bytes=8 * MB, max_history_bytes=3 * MB, history_size=1000)
+    session = store.create_session().session_id
+    variable = store.register_variable(session, "v", VariableType.STRING, "").id
+    for i in range(20):
+        store.set_variable(session, "v", str(i) + "x" * MB)  # 20 MB written, one value at a time
+    assert store.changes_since(session, variable, 19) is not None  # the last two (v20, v21) are kept
+    assert store.changes_since(session, variable, 10) is None  # older ones were forgotten: a resync
+    assert store.stored_bytes <= 8 * MB
+    # Values fill the session; what the history held gives way to them.
+    for i in range(5):
+        store.register_variable(session, f"w{i}", VariableType.STRING, "x" * MB)
+    assert store.stored_bytes <= 8 * MB
+
+
+async def test_stored_bytes_return_to_zero_when_everything_is_gone() -> None:
+    store = SessionStore()
+    for round_ in range(3):
+        session = store.create_session().session_id
+        store.register_variable(
+            session, "s", VariableType.STRING, "x" * 1000, metadata={"k": "v"}, source="me"
+        )
+        store.register_variable(session, "e", VariableType.EMBEDDING, (1.0, 2.0))
+        store.register_variable(
+            session, "c", VariableType.CHOICE, "a", constraints=Constraints(allowed_values=("a", "b"))
+        )
+        for i in range(50):
+            store.set_variables(
+                session,
+                [VariableWrite("s", f"{i}" * round_), VariableWrite("c", "b" if i % 2 else "a")],
+                source="w" * i,
+                metadata={"i": str(i)},
+            )
+        store.delete_variable(session, "e")
+        assert store.stored_bytes > 0
+        store.cleanup_session(session)
+    assert store.stored_bytes == 0

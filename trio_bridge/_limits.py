@@ -68,6 +68,15 @@ class Limits:
     max_session_ttl_seconds: int = _limit(
         604_800, "the longest TTL a session may ask for (and --session-ttl may set), in seconds"
     )
+    max_session_bytes: int = _limit(
+        64 * 2**20, "memory one session's variables and history may keep alive, about, in bytes"
+    )
+    max_stored_bytes: int = _limit(
+        2**30, "memory all sessions' variables and histories may keep alive, about, in bytes"
+    )
+    max_history_bytes: int = _limit(
+        16 * 2**20, "memory one session's change history may keep alive, about, in bytes"
+    )
     max_connections: int = _limit(
         0,
         "client connections open at once; 0: the process's file descriptor limit (raised to its hard "

@@ -19,6 +19,7 @@ class Metrics:
         sessions: Callable[[], float],
         variables: Callable[[], float],
         observers: Callable[[], float],
+        stored_bytes: Callable[[], float] = lambda: 0,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         Gauge("trio_bridge_sessions", "Live sessions.", registry=self.registry).set_function(sessions)
@@ -28,6 +29,11 @@ class Metrics:
         Gauge("trio_bridge_observers", "Live observer subscriptions.", registry=self.registry).set_function(
             observers
         )
+        Gauge(
+            "trio_bridge_stored_bytes",
+            "Memory the sessions' variables and histories keep alive, about (see max_stored_bytes).",
+            registry=self.registry,
+        ).set_function(stored_bytes)
         # Read from the service at scrape time: the service is built after the metrics it reports to.
         self.open_watch_streams = Gauge(
             "trio_bridge_watch_streams_open", "Open WatchVariables streams.", registry=self.registry

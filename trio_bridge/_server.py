@@ -58,11 +58,15 @@ async def serve(
             max_variables_per_session=limits.max_variables_per_session,
             max_sessions_per_owner=limits.max_sessions_per_token,
             max_ttl=limits.max_session_ttl_seconds,
+            max_session_bytes=limits.max_session_bytes,
+            max_stored_bytes=limits.max_stored_bytes,
+            max_history_bytes=limits.max_history_bytes,
         )
     metrics = Metrics(
         sessions=lambda: store.session_count,
         variables=lambda: store.variable_count,
         observers=lambda: store.observers.observer_count,
+        stored_bytes=lambda: store.stored_bytes,
     )
     service = UnifiedBridgeService(store, metrics, limits, tokens)
     metrics.open_watch_streams.set_function(lambda: service.open_watches)

@@ -32,7 +32,14 @@ import trio
 from ._errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, VersionConflict
 from ._limits import DEFAULT_LIMITS
 from ._observers import ObserverManager
-from ._types import Constraints, VariableType, check_constraints, check_value
+from ._types import (
+    Constraints,
+    VariableType,
+    approximate_mapping_size,
+    approximate_size,
+    check_constraints,
+    check_value,
+)
 
 DEFAULT_SESSION_TTL = 3600.0
 #: The longest TTL a session may have (ten years): beyond it, expiry times stop being dates.
@@ -107,6 +114,19 @@ class VariableWrite:
     expected_version: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Remembered:
+    """A change in a session's history, with about how much memory it keeps alive."""
+
+    event: VariableEvent
+    size: int
+
+
+#: About what a snapshot and a change cost beyond their values and strings (objects, dictionaries).
+_SNAPSHOT_OVERHEAD = 512
+_EVENT_OVERHEAD = 256
+
+
 @dataclass(slots=True)
 class _Session:
     id: str
@@ -115,12 +135,17 @@ class _Session:
     ttl: float
     last_access: float  # on `clock`
     last_accessed_at: float  # on `wall_clock`
-    history: deque[VariableEvent]
+    history: deque[_Remembered]
     owner: str = ""
     variables: dict[str, VariableSnapshot] = field(default_factory=dict)
     ids_by_name: dict[str, str] = field(default_factory=dict)
     #: Open watches of it: while there is one, it does not expire.
     watchers: int = 0
+    #: About how much memory it keeps alive (its variables and its history), and its history alone.
+    stored_bytes: int = 0
+    history_bytes: int = 0
+    #: Per variable, the size of what every version of it shares (name, constraints, metadata).
+    fixed_sizes: dict[str, int] = field(default_factory=dict)
 
     @property
     def deadline(self) -> float:
@@ -158,6 +183,9 @@ class SessionStore:
         max_variables_per_session: int = DEFAULT_LIMITS.max_variables_per_session,
         max_sessions_per_owner: int = DEFAULT_LIMITS.max_sessions_per_token,
         max_ttl: float = MAX_SESSION_TTL,
+        max_session_bytes: int = DEFAULT_LIMITS.max_session_bytes,
+        max_stored_bytes: int = DEFAULT_LIMITS.max_stored_bytes,
+        max_history_bytes: int = DEFAULT_LIMITS.max_history_bytes,
         observers: ObserverManager[VariableEvent] | None = None,
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] = time.time,
@@ -174,6 +202,10 @@ class SessionStore:
         self.max_variables_per_session = max_variables_per_session
         self.max_sessions_per_owner = max_sessions_per_owner
         self.max_ttl = max_ttl
+        self.max_session_bytes = max_session_bytes
+        self.max_stored_bytes = max_stored_bytes
+        self.max_history_bytes = max_history_bytes
+        self._stored_bytes = 0
         self._sessions_by_owner: dict[str, int] = {}  # named owners only
         #: Test hook in the manner of etcd's failpoints: when set, :meth:`checkpoint` calls it with the
         #: checkpoint's name ("watch.subscribed": a watch has subscribed and not yet read).
@@ -196,6 +228,11 @@ class SessionStore:
     @property
     def variable_count(self) -> int:
         return self._variable_count
+
+    @property
+    def stored_bytes(self) -> int:
+        """About how much memory the sessions keep alive (see ``max_stored_bytes``)."""
+        return self._stored_bytes
 
     # ---- sessions ------------------------------------------------------------------------------
 
@@ -250,7 +287,7 @@ class SessionStore:
             ttl=ttl,
             last_access=self._clock(),
             last_accessed_at=now,
-            history=deque(maxlen=self.history_size),
+            history=deque(),
             owner=owner,
         )
         self._sessions[session_id] = session
@@ -329,6 +366,17 @@ class SessionStore:
         constraints = constraints or Constraints()
         check_constraints(name, vtype, constraints)
         value = check_value(name, vtype, constraints, value)
+        frozen_metadata = _frozen(metadata)
+        fixed = (
+            _SNAPSHOT_OVERHEAD
+            + len(name)
+            + approximate_mapping_size(frozen_metadata)
+            + sum(64 + len(v) for v in constraints.allowed_values)
+            + len(constraints.pattern)
+            + 8 * len(constraints.shape)
+        )
+        size = fixed + approximate_size(value) + len(source)
+        self._make_room(session, size)
         now = self._wall_clock()
         snapshot = VariableSnapshot(
             id=f"var_{uuid.uuid4().hex}",
@@ -337,7 +385,7 @@ class SessionStore:
             type=vtype,
             value=value,
             constraints=constraints,
-            metadata=_frozen(metadata),
+            metadata=frozen_metadata,
             version=1,
             created_at=now,
             last_updated_at=now,
@@ -345,6 +393,8 @@ class SessionStore:
         )
         session.variables[snapshot.id] = snapshot
         session.ids_by_name[name] = snapshot.id
+        session.fixed_sizes[snapshot.id] = fixed
+        self._grow(session, size)
         self._variable_count += 1
         self.observers.publish(
             (session_key(session_id), variable_key(snapshot.id)),
@@ -412,6 +462,16 @@ class SessionStore:
             staged.append(
                 (current, check_value(current.name, current.type, current.constraints, write.value))
             )
+        # What the writes add: each new value (its version replaces the current one, which the history
+        # keeps), and each change in the history.
+        change_size = approximate_mapping_size(update_metadata) + len(source) + _EVENT_OVERHEAD
+        added = sum(
+            (approximate_size(value) - approximate_size(current.value))
+            + (len(source) - len(current.last_update_source))
+            + (approximate_size(value) + change_size)
+            for current, value in staged
+        )
+        self._make_room(session, added)
         now = self._wall_clock()
         results = []
         for current, value in staged:
@@ -434,7 +494,9 @@ class SessionStore:
                 metadata=update_metadata,
                 timestamp=now,
             )
-            session.history.append(event)
+            self._remember(session, event, approximate_size(updated.value) + change_size)
+            self._grow(session, approximate_size(updated.value) - approximate_size(current.value))
+            self._grow(session, len(source) - len(current.last_update_source))
             self.observers.publish((session_key(session_id), variable_key(updated.id)), event)
         return results
 
@@ -443,6 +505,8 @@ class SessionStore:
         snapshot = self._variable(session, identifier)
         del session.variables[snapshot.id]
         del session.ids_by_name[snapshot.name]
+        fixed = session.fixed_sizes.pop(snapshot.id)
+        self._grow(session, -(fixed + approximate_size(snapshot.value) + len(snapshot.last_update_source)))
         self._variable_count -= 1
         self.observers.publish(
             (session_key(session_id), variable_key(snapshot.id)),
@@ -469,7 +533,8 @@ class SessionStore:
             return None
         # Newest first, so the cost is the changes made since ``version``, not the whole history.
         missed: list[VariableEvent] = []
-        for event in reversed(session.history):
+        for remembered in reversed(session.history):
+            event = remembered.event
             variable = event.variable
             if variable is None or variable.id != variable_id:
                 continue
@@ -527,6 +592,7 @@ class SessionStore:
 
     def _end_session(self, session: _Session, *, reason: str) -> int:
         del self._sessions[session.id]
+        self._stored_bytes -= session.stored_bytes
         if session.owner:
             left = self._sessions_by_owner.pop(session.owner) - 1
             if left:
@@ -545,6 +611,47 @@ class SessionStore:
             ),
         )
         return removed
+
+    def _grow(self, session: _Session, size: int) -> None:
+        session.stored_bytes += size
+        self._stored_bytes += size
+
+    def _remember(self, session: _Session, event: VariableEvent, size: int) -> None:
+        """Add a change to the session's history, which keeps at most ``history_size`` changes and
+        ``max_history_bytes``: the oldest go first."""
+        session.history.append(_Remembered(event, size))
+        session.history_bytes += size
+        self._grow(session, size)
+        while session.history and (
+            len(session.history) > self.history_size or session.history_bytes > self.max_history_bytes
+        ):
+            self._forget_oldest(session)
+
+    def _forget_oldest(self, session: _Session) -> None:
+        oldest = session.history.popleft()
+        session.history_bytes -= oldest.size
+        self._grow(session, -oldest.size)
+
+    def _make_room(self, session: _Session, size: int) -> None:
+        """Make room for ``size`` more bytes in the session's budget and the server's, forgetting the
+        session's oldest changes if that is enough; else ResourceExhausted naming the budget, with
+        nothing changed."""
+        for held, limit, name, whose in (
+            (session.stored_bytes, self.max_session_bytes, "max_session_bytes", f"session {session.id!r}"),
+            (self._stored_bytes, self.max_stored_bytes, "max_stored_bytes", "the server"),
+        ):
+            if held - session.history_bytes + size > limit:
+                raise ResourceExhausted.over_limit(
+                    f"{whose} would hold about {held + size} bytes of variables and history, more than "
+                    f"its limit {name}={limit}; delete variables or sessions, or write smaller values",
+                    name,
+                    limit,
+                )
+        while session.history and (
+            session.stored_bytes + size > self.max_session_bytes
+            or self._stored_bytes + size > self.max_stored_bytes
+        ):
+            self._forget_oldest(session)
 
     def _variable(self, session: _Session, identifier: str) -> VariableSnapshot:
         return self._variables(session, [identifier])[0]

@@ -60,6 +60,25 @@ class Tensor:
     data: bytes
 
 
+def approximate_size(value: Any) -> int:
+    """About how many bytes of memory a value of any variable type keeps alive (its payload, with
+    Python's per-object overhead), in constant time: for budgets, not for billing."""
+    if isinstance(value, str):
+        return 64 + len(value) * (1 if value.isascii() else 4)
+    if isinstance(value, Tensor):
+        return 128 + len(value.data) + 8 * len(value.shape)
+    if isinstance(value, bytes):
+        return 40 + len(value)
+    if isinstance(value, tuple):
+        return 64 + 32 * len(value)  # a float object and its pointer each
+    return 32
+
+
+def approximate_mapping_size(mapping: Any) -> int:
+    """The same for a metadata mapping of strings (O(entries))."""
+    return sum(128 + len(key) + len(value) for key, value in mapping.items()) if mapping else 0
+
+
 @dataclass(frozen=True, slots=True)
 class Constraints:
     """The rules a value must keep; each field applies to the types its comment names."""
