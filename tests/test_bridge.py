@@ -232,7 +232,15 @@ def _message(size: int) -> pb.PingResponse:
 async def test_a_batch_reaches_the_client_as_the_same_messages_in_order(nursery: trio.Nursery) -> None:
     # Messages larger than a frame (16 KiB) and batches larger than the client's stream window (64 KiB):
     # the batch is split where HTTP/2 demands, and waits for the window to open.
-    batches = [[0, 1, 200], [], [20_000], [30_000, 5, 40_000, 70_000], [3]]
+    batches = [
+        [0, 1, 200],
+        [],
+        [20_000],
+        [30_000, 5, 40_000, 70_000],
+        [3],
+        [100_000, 100_000, 7],
+        [5, 200_000],
+    ]
     counted: list[int] = []
 
     async def send(stream: grpclib.server.Stream[Any, Any]) -> None:

@@ -379,3 +379,25 @@ async def test_stored_bytes_return_to_zero_when_everything_is_gone() -> None:
         assert store.stored_bytes > 0
         store.cleanup_session(session)
     assert store.stored_bytes == 0
+
+
+async def test_a_subscription_is_full_by_bytes_as_by_count_and_batches_are_capped_in_bytes() -> None:
+    manager: ObserverManager[tuple[str, int]] = ObserverManager(size_of=lambda event: event[1])
+    overflowing = manager.subscribe(["k"], buffer_size=100, max_bytes=1000)
+    with overflowing:
+        for i in range(3):
+            manager.publish(["k"], (f"e{i}", 400))  # the third would make 1200 bytes
+        assert overflowing.overflowed and overflowing.pending == 2
+    lone = manager.subscribe(["big"], buffer_size=100, max_bytes=1000)
+    with lone:
+        manager.publish(["big"], ("huge", 5000))  # alone in the queue, it always fits
+        assert not lone.overflowed and lone.queued_bytes == 5000
+        assert [e for e, _ in lone.take_nowait(10, max_bytes=100)] == ["huge"]
+        assert lone.queued_bytes == 0
+    batched = manager.subscribe(["b"], buffer_size=100, max_bytes=10_000)
+    with batched:
+        for i in range(10):
+            manager.publish(["b"], (f"e{i}", 300))
+        assert [e for e, _ in batched.take_nowait(100, max_bytes=1000)] == ["e0", "e1", "e2", "e3"]
+        assert [e for e, _ in await batched.receive_batch(100, max_bytes=600)] == ["e4", "e5"]
+        assert batched.queued_bytes == 4 * 300

@@ -685,3 +685,25 @@ async def write_string(client: Client, session: str, name: str, value: str) -> N
             )
         )
     )
+
+
+async def test_a_watch_falls_behind_by_at_most_watch_queue_bytes(
+    nursery: trio.Nursery, aio_loop: Any
+) -> None:
+    # Issue #10, observation 3: a stalled watch stream with 1 MB values held ~3 MB each and could queue
+    # 1,024 of them (a gigabyte); the queue is bounded in bytes too.
+    server = await start_server(nursery, watch_queue_bytes=3 * 2**20)
+    with connect(server) as client:
+        session = await _string_session(client, "x")
+
+        def changes() -> None:
+            for i in range(6):
+                server.store.set_variable(session, "x", f"{i}" + "x" * 2**20)
+
+        error, trailers = await _watch_stalled_after_synced(
+            server, watch_request(session, "x", initial=False), changes
+        )
+    assert error is not None and error.status == Status.RESOURCE_EXHAUSTED
+    assert "watch_queue_bytes=3145728" in (error.message or "")
+    x = server.store.get_variable(session, "x").id
+    assert json.loads(trailers["trio-bridge-resume-versions"]) == {x: 1}

@@ -52,6 +52,9 @@ T = TypeVar("T")
 #: The first byte of a gRPC message's 5-byte prefix: not compressed.
 _UNCOMPRESSED_PREFIX = b"\x00"
 
+#: A message at least this long is sent as it is, not joined with others (which would copy it).
+_SENT_ALONE = 64 * 1024
+
 #: Longest wait for grpclib's handlers to finish after they were cancelled.
 _CLOSE_TIMEOUT = 1.0
 
@@ -165,17 +168,26 @@ async def send_messages(
     if not stream._send_initial_metadata_done:
         await stream.send_initial_metadata()
     codec, message_type = stream._codec, stream._send_type
-    chunks = []
+    runs: list[bytes] = []  # what goes to send_data: small messages joined, a large one alone
+    chunks: list[bytes] = []
     ends: list[int] = []  # where each message ends, in bytes from the start of the batch
     for message in messages:
         data = codec.encode(message, message_type)
         chunks.append(_UNCOMPRESSED_PREFIX + len(data).to_bytes(4, "big"))
-        chunks.append(data)
+        if len(data) >= _SENT_ALONE:  # not copied into a joined run: every stream shares its bytes
+            runs.append(b"".join(chunks))
+            runs.append(data)
+            chunks.clear()
+        else:
+            chunks.append(data)
         ends.append((ends[-1] if ends else 0) + 5 + len(data))
+    if chunks:
+        runs.append(b"".join(chunks))
     inner = stream._stream
     started_at = inner.data_sent
     try:
-        await inner.send_data(b"".join(chunks))
+        for run in runs:
+            await inner.send_data(run)
     except BaseException:
         if progress is not None:
             sent = inner.data_sent - started_at

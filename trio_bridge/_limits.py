@@ -51,6 +51,11 @@ class Limits:
     watch_queue_size: int = _limit(
         1024, "updates a watch may fall behind before its slow-consumer policy applies"
     )
+    watch_queue_bytes: int = _limit(
+        8 * 2**20,
+        "memory the updates a watch has fallen behind by may keep alive, about, in bytes, before its "
+        "slow-consumer policy applies",
+    )
     history_size: int = _limit(1000, "changes each session keeps for watchers that resume")
     max_metadata_entries: int = _limit(
         64, "entries in one metadata map (of a session, a variable or a write)"

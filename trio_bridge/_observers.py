@@ -57,9 +57,13 @@ class Subscription(Generic[EventT]):
         buffer_size: int,
         coalescer: Coalescer[EventT] | None,
         on_overflow: Callable[[], object] | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         self._manager = manager
         self._on_overflow = on_overflow
+        self._max_bytes = max_bytes
+        self._size_of = manager.size_of
+        self.queued_bytes = 0  # of the events in the channel, by ``size_of``
         self.keys = keys
         self._send, self._receive = trio.open_memory_channel[EventT | _Interrupted](buffer_size)
         self._coalescer = coalescer
@@ -86,19 +90,30 @@ class Subscription(Generic[EventT]):
         if self._held:  # already coalescing: keep per-key order behind what is held
             self._hold(event)
             return
+        size = self._size_of(event)
+        full_by_bytes = (
+            self._max_bytes is not None
+            and self.queued_bytes + size > self._max_bytes
+            and self._send.statistics().current_buffer_used > 0
+        )
         try:
-            self._send.send_nowait(event)
-        except trio.WouldBlock:
-            if self._coalescer is None:
-                self.overflowed = True
-                self.close()
-                if self._on_overflow is not None:
-                    self._on_overflow()
-            else:
-                self._hold(event)
+            if not full_by_bytes:  # (full by bytes: the same policies as full by count)
+                self._send.send_nowait(event)
+                self.queued_bytes += size
+                return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The reader went away without closing us; drop the observer instead of the event's writer.
             self.close()
+            return
+        except trio.WouldBlock:
+            pass
+        if self._coalescer is None:
+            self.overflowed = True
+            self.close()
+            if self._on_overflow is not None:
+                self._on_overflow()
+        else:
+            self._hold(event)
 
     def _hold(self, event: EventT) -> None:
         assert self._coalescer is not None
@@ -106,33 +121,44 @@ class Subscription(Generic[EventT]):
         older = self._held.get(key)
         self._held[key] = event if older is None else self._coalescer.merge(older, event)
 
-    def take_nowait(self, limit: int) -> list[EventT]:
-        """Up to ``limit`` queued events, oldest first, without waiting (maybe none)."""
+    def take_nowait(self, limit: int, max_bytes: int | None = None) -> list[EventT]:
+        """Up to ``limit`` queued events (and, past the first, up to ``max_bytes`` of them by
+        ``size_of``), oldest first, without waiting (maybe none)."""
         taken: list[EventT] = []
-        while len(taken) < limit:
+        size = 0
+        while len(taken) < limit and (max_bytes is None or not taken or size < max_bytes):
             try:
-                taken.append(cast(EventT, self._receive.receive_nowait()))
+                event = cast(EventT, self._receive.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
+            taken.append(event)
+            event_size = self._size_of(event)
+            size += event_size
+            self.queued_bytes -= event_size
         if len(taken) < limit and self._held and self._send.statistics().current_buffer_used == 0:
             # The channel is empty: what was held back comes next, and the channel takes over again.
             taken.extend(self._held.values())
             self._held.clear()
         return taken
 
-    async def receive_batch(self, limit: int) -> list[EventT]:
+    async def receive_batch(self, limit: int, max_bytes: int | None = None) -> list[EventT]:
         """Wait for at least one event, then take up to ``limit``; return ``[]`` at once when
         :meth:`interrupt` is called meanwhile. Raises ``trio.EndOfChannel`` once the subscription is
         closed and emptied. Always a schedule point, so a reader that never runs out of events still
         lets other tasks run; cancellation loses no event (it is not raised once events are taken)."""
-        taken = self.take_nowait(limit)
+        taken = self.take_nowait(limit, max_bytes)
         if taken:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return taken
         first = await self._receive.receive()
         if isinstance(first, _Interrupted):
             return []
-        return [first, *self.take_nowait(limit - 1)]
+        size = self._size_of(first)
+        self.queued_bytes -= size
+        if max_bytes is not None and size >= max_bytes:
+            return [first]
+        rest = None if max_bytes is None else max_bytes - size
+        return [first, *self.take_nowait(limit - 1, rest)]
 
     def interrupt(self) -> None:
         """Make a reader waiting in :meth:`receive_batch` return now, with no events (a cheaper way to
@@ -165,10 +191,17 @@ class Subscription(Generic[EventT]):
 class ObserverManager(Generic[EventT]):
     """Subscriptions keyed by variable (or session) id, fed without ever blocking the publisher."""
 
-    def __init__(self, *, default_buffer_size: int = DEFAULT_BUFFER_SIZE) -> None:
+    def __init__(
+        self,
+        *,
+        default_buffer_size: int = DEFAULT_BUFFER_SIZE,
+        size_of: Callable[[EventT], int] = lambda event: 0,
+    ) -> None:
         if default_buffer_size < 1:
             raise ValueError("default_buffer_size must be at least 1")
         self.default_buffer_size = default_buffer_size
+        #: About how much memory an event keeps alive, for subscriptions bounded in bytes.
+        self.size_of = size_of
         self._by_key: dict[Hashable, set[Subscription[EventT]]] = {}
         self._count = 0
 
@@ -188,13 +221,16 @@ class ObserverManager(Generic[EventT]):
         buffer_size: int | None = None,
         coalescer: Coalescer[EventT] | None = None,
         on_overflow: Callable[[], object] | None = None,
+        max_bytes: int | None = None,
     ) -> Subscription[EventT]:
         """Register a new observer under ``keys``; it hears of every event published from now on.
-        ``on_overflow`` is called (by the publisher, synchronously) when it overflows."""
+        It is full at ``buffer_size`` events or at ``max_bytes`` of them by ``size_of`` (whichever
+        comes first; an event alone always fits). ``on_overflow`` is called (by the publisher,
+        synchronously) when it overflows."""
         size = self.default_buffer_size if buffer_size is None else buffer_size
         if size < 1:
             raise ValueError("buffer_size must be at least 1")
-        subscription = Subscription(self, frozenset(keys), size, coalescer, on_overflow)
+        subscription = Subscription(self, frozenset(keys), size, coalescer, on_overflow, max_bytes)
         for key in subscription.keys:
             self._by_key.setdefault(key, set()).add(subscription)
         self._count += 1

@@ -372,6 +372,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             plan,
             send=send,
             queue_size=self.limits.watch_queue_size,
+            queue_bytes=self.limits.watch_queue_bytes,
             on_sent=self.metrics.updates_sent.inc,
         )
         self._watches.add(watch)

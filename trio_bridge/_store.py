@@ -103,6 +103,8 @@ class VariableEvent:
     reason: str = ""
     #: How many earlier changes this one stands for (a slow watcher's coalesced queue); 0 normally.
     replaces: int = 0
+    #: About how much memory it keeps alive (its new value, metadata, source), for watch queue budgets.
+    size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +152,10 @@ class _Session:
     @property
     def deadline(self) -> float:
         return math.inf if self.watchers else self.last_access + self.ttl
+
+
+def _event_size(event: VariableEvent) -> int:
+    return event.size
 
 
 def session_key(session_id: str) -> tuple[str, str]:
@@ -211,7 +217,7 @@ class SessionStore:
         #: checkpoint's name ("watch.subscribed": a watch has subscribed and not yet read).
         self.checkpoint_hook: Callable[[str], None] | None = None
         self.observers: ObserverManager[VariableEvent] = (
-            observers if observers is not None else ObserverManager()
+            observers if observers is not None else ObserverManager(size_of=_event_size)
         )
         self._clock = clock
         self._wall_clock = wall_clock
@@ -398,7 +404,9 @@ class SessionStore:
         self._variable_count += 1
         self.observers.publish(
             (session_key(session_id), variable_key(snapshot.id)),
-            VariableEvent(EventKind.REGISTERED, session_id, snapshot, source=source, timestamp=now),
+            VariableEvent(
+                EventKind.REGISTERED, session_id, snapshot, source=source, timestamp=now, size=size
+            ),
         )
         return snapshot
 
@@ -493,8 +501,9 @@ class SessionStore:
                 source=source,
                 metadata=update_metadata,
                 timestamp=now,
+                size=approximate_size(updated.value) + change_size,
             )
-            self._remember(session, event, approximate_size(updated.value) + change_size)
+            self._remember(session, event, event.size)
             self._grow(session, approximate_size(updated.value) - approximate_size(current.value))
             self._grow(session, len(source) - len(current.last_update_source))
             self.observers.publish((session_key(session_id), variable_key(updated.id)), event)

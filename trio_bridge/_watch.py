@@ -38,8 +38,10 @@ from ._store import EventKind, SessionStore, VariableEvent, session_key, variabl
 from .proto.unified_bridge import VariableUpdate
 
 DEFAULT_HEARTBEAT_INTERVAL_MS = 30_000
-#: Most updates sent in one trio→asyncio hop.
+#: Most updates sent in one trio→asyncio hop, and (past the first) most bytes of them, about: what a
+#: stream whose client stopped reading holds in its send.
 BATCH_LIMIT = 512
+BATCH_BYTES = 2**20
 SLOW_CONSUMER_POLICIES = ("close", "coalesce")
 RESUME_TRAILER = "trio-bridge-resume-versions"
 SUBSCRIBED_CHECKPOINT = "watch.subscribed"
@@ -198,12 +200,14 @@ class WatchStream:
         *,
         send: SendBatch,
         queue_size: int = DEFAULT_LIMITS.watch_queue_size,
+        queue_bytes: int = DEFAULT_LIMITS.watch_queue_bytes,
         on_sent: Callable[[int], object] = lambda count: None,
     ) -> None:
         self._store = store
         self._plan = plan
         self._send_batch = send
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
         self._on_sent = on_sent
         self._sent: dict[str, int] = {}  # variable id → highest version put into a batch
         # variable id → the version a resume of this stream starts from: the highest version whose batch
@@ -231,6 +235,7 @@ class WatchStream:
             self._store.observers.subscribe(
                 keys,
                 buffer_size=self._queue_size,
+                max_bytes=self._queue_bytes,
                 coalescer=COALESCER if plan.coalesce else None,
                 on_overflow=self._cut_send_short,
             ) as subscription,
@@ -264,15 +269,15 @@ class WatchStream:
             if self._shutting_down:
                 # Send what was accepted before the server began to drain (it accepts no more),
                 # then end: no write that returned OK misses a watcher that was connected.
-                events = subscription.take_nowait(BATCH_LIMIT)
+                events = subscription.take_nowait(BATCH_LIMIT, BATCH_BYTES)
                 if not events:
                     self._end(Unavailable("the server is shutting down; reconnect and resume"))
                     break
             elif self._heartbeat_due:
-                events = subscription.take_nowait(BATCH_LIMIT)
+                events = subscription.take_nowait(BATCH_LIMIT, BATCH_BYTES)
             else:
                 try:  # what is queued, else wait until an event comes or _wake interrupts the wait
-                    events = await subscription.receive_batch(BATCH_LIMIT)
+                    events = await subscription.receive_batch(BATCH_LIMIT, BATCH_BYTES)
                 except trio.EndOfChannel:
                     events = []
                     if not subscription.overflowed:  # only an overflow closes it under us
@@ -421,8 +426,9 @@ class WatchStream:
 
     def _end_overflowed(self, *, stream_cut: bool = False) -> None:
         ending = ResourceExhausted(
-            f"the watch fell {self._queue_size} updates behind (the client reads slower than the "
-            f"variables change) and was closed; resume from the versions in trailing metadata "
+            f"the watch fell behind by more than its limits watch_queue_size={self._queue_size} updates "
+            f"or watch_queue_bytes={self._queue_bytes} (the client reads slower than the variables "
+            f"change) and was closed; resume from the versions in trailing metadata "
             f"{RESUME_TRAILER!r}, or watch with option slow_consumer=coalesce",
             {RESUME_TRAILER: json.dumps(self._resume_versions(), sort_keys=True)},
         )
