@@ -246,3 +246,27 @@ async def test_connections_past_max_connections_are_closed_and_later_ones_served
     await _good_ping(server)
     for raw in held:
         await raw.aclose()
+
+
+async def test_request_bytes_buffered_on_all_connections_are_bounded(nursery: trio.Nursery) -> None:
+    server = await start_server(
+        nursery, max_message_bytes=10_000, max_connection_buffer_bytes=25_000, max_request_buffer_bytes=35_000
+    )
+    raws = [await RawH2.open(server.port) for _ in range(4)]
+    streams = []
+    for raw in raws:  # 10,001 bytes waiting on each: the fourth goes over 35,000
+        stream_id = raw.conn.get_next_available_stream_id()
+        raw.conn.send_headers(stream_id, request_headers(PING, server.port))
+        raw.conn.send_data(stream_id, b"\x00" + (10_000).to_bytes(4, "big") + b"z" * 9_996)
+        streams.append(stream_id)
+        probe = _ping_call(raw)  # answered once the server has read what came before it
+        await raw.flush()
+        with trio.fail_after(10):
+            await raw.read_until(lambda e, p=probe: isinstance(e, h2.events.StreamEnded) and e.stream_id == p)
+    last, last_stream = raws[-1], streams[-1]
+    with trio.fail_after(10):
+        await last.read_until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == last_stream)
+    trailers = last.trailers_of(last_stream)
+    assert trailers is not None and "max_request_buffer_bytes=35000" in trailers["grpc-message"]
+    for raw in raws:
+        await raw.aclose()

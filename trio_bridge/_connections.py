@@ -19,7 +19,8 @@ h2o did for that CVE:
 * **Unsent bytes**: while the connection's socket does not take what the server writes (the client
   does not read: its PING and SETTINGS acknowledgements included), the connection is not read either.
 * **Request bytes buffered** for messages not yet read whole, per connection
-  (``max_connection_buffer_bytes``), in one ``bytearray`` per stream (grpclib kept an object per DATA
+  (``max_connection_buffer_bytes``) and in all (``max_request_buffer_bytes``), in one ``bytearray`` per
+  stream (grpclib kept an object per DATA
   frame: a message sent in 1-byte frames cost some 430 bytes per byte). Over it, the call that went
   over gets RESOURCE_EXHAUSTED naming the limit.
 * **Time**: a connection that has not sent the HTTP/2 preface and its SETTINGS within
@@ -82,10 +83,9 @@ class ConnectionLimits:
     max_stream_resets_per_second: int = 200
     max_control_frames_per_second: int = 1000
     max_buffer_bytes: int = 8 * 2**20
+    max_total_buffer_bytes: int = 256 * 2**20
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
-    #: The name of the buffer limit, for the message of a call that goes over it.
-    buffer_limit_name: str = "max_connection_buffer_bytes"
 
 
 DEFAULT_CONNECTION_LIMITS = ConnectionLimits()
@@ -222,8 +222,9 @@ class _RequestBuffer:
         self._ack(ack_size)
         if self._refused is not None:
             return
-        if not self._owner._buffer_take(len(data)):
-            self._refused = self._owner._over_buffer_budget(len(self._data) + len(data))
+        refusal = self._owner._buffer_take(len(data))
+        if refusal is not None:
+            self._refused = refusal
             self._owner._buffer_release(len(self._data))
             self._data = bytearray()
         else:
@@ -273,9 +274,11 @@ class GuardedProtocol(H2Protocol):
         limits: ConnectionLimits,
         on_made: Callable[[GuardedProtocol], bool],
         on_lost: Callable[[GuardedProtocol], None],
+        all_buffered: list[int],
     ) -> None:
         super().__init__(made.handler, made.config, made.h2_config)
         self.limits = limits
+        self._all_buffered = all_buffered  # one counter, shared by every connection of the server
         self.on_made = on_made
         self.on_lost = on_lost
 
@@ -435,23 +438,31 @@ class GuardedProtocol(H2Protocol):
 
     # ---- the request-bytes budget ------------------------------------------------------------------
 
-    def _buffer_take(self, size: int) -> bool:
-        if self._buffered + size > self.limits.max_buffer_bytes:
-            return False
+    def _buffer_take(self, size: int) -> ResourceExhausted | None:
+        """Count ``size`` more request bytes buffered, or say which budget refuses them."""
+        for held, limit, name, whose in (
+            (self._buffered, self.limits.max_buffer_bytes, "max_connection_buffer_bytes", "this connection"),
+            (
+                self._all_buffered[0],
+                self.limits.max_total_buffer_bytes,
+                "max_request_buffer_bytes",
+                "the server",
+            ),
+        ):
+            if held + size > limit:
+                return ResourceExhausted.over_limit(
+                    f"{whose} has more request bytes waiting to be read whole than its limit {name}="
+                    f"{limit}; send whole messages, fewer at a time, or retry later",
+                    name,
+                    limit,
+                )
         self._buffered += size
-        return True
+        self._all_buffered[0] += size
+        return None
 
     def _buffer_release(self, size: int) -> None:
         self._buffered -= size
-
-    def _over_buffer_budget(self, size: int) -> ResourceExhausted:
-        limit, name = self.limits.max_buffer_bytes, self.limits.buffer_limit_name
-        return ResourceExhausted.over_limit(
-            f"this connection's calls have more request bytes waiting to be read whole than its limit "
-            f"{name}={limit} (this call had {size}); send whole messages, fewer at a time",
-            name,
-            limit,
-        )
+        self._all_buffered[0] -= size
 
     # ---- pausing: unsent bytes, waiting streams ----------------------------------------------------
 
@@ -530,11 +541,12 @@ class GuardedServer(grpclib.server.Server):
         self.limits = limits
         self.max_connections = max_connections
         self.refused = 0
+        self.buffered = [0]  # request bytes buffered on all connections
         self._refusal_logged_at = -1e9
 
     def _protocol_factory(self) -> H2Protocol:
         made = super()._protocol_factory()  # registers the connection's handler with the server
-        return GuardedProtocol(made, self.limits, self._admit, self.connections.discard)
+        return GuardedProtocol(made, self.limits, self._admit, self.connections.discard, self.buffered)
 
     def _admit(self, protocol: GuardedProtocol) -> bool:
         if len(self.connections) >= self.max_connections:

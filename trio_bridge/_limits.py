@@ -96,6 +96,9 @@ class Limits:
     max_connection_buffer_bytes: int = _limit(
         8 * 2**20, "request bytes one connection may have received and not yet read as whole messages"
     )
+    max_request_buffer_bytes: int = _limit(
+        256 * 2**20, "request bytes all connections together may have received and not yet read whole"
+    )
     handshake_timeout_seconds: int = _limit(
         10, "seconds a new connection has to send the HTTP/2 preface and its SETTINGS"
     )
@@ -111,10 +114,10 @@ class Limits:
                 raise ValueError(
                     f"limit {item.name} must be a whole number of at least {least}, got {value!r}"
                 )
-        if self.max_connection_buffer_bytes < self.max_message_bytes + 5:
+        if min(self.max_connection_buffer_bytes, self.max_request_buffer_bytes) < self.max_message_bytes + 5:
             raise ValueError(
-                "max_connection_buffer_bytes must hold one message of max_message_bytes (plus its "
-                "5-byte prefix)"
+                "max_connection_buffer_bytes and max_request_buffer_bytes must each hold one message "
+                "of max_message_bytes (plus its 5-byte prefix)"
             )
         if self.min_heartbeat_interval_ms > self.max_heartbeat_interval_ms:
             raise ValueError("min_heartbeat_interval_ms must not exceed max_heartbeat_interval_ms")

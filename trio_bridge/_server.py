@@ -100,6 +100,7 @@ async def serve(
                         max_stream_resets_per_second=limits.max_stream_resets_per_second,
                         max_control_frames_per_second=limits.max_control_frames_per_second,
                         max_buffer_bytes=limits.max_connection_buffer_bytes,
+                        max_total_buffer_bytes=limits.max_request_buffer_bytes,
                         handshake_timeout=limits.handshake_timeout_seconds,
                         idle_timeout=limits.idle_connection_timeout_seconds,
                     ),
