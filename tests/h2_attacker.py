@@ -9,6 +9,8 @@ ATTACK is one of:
 - ``settings-flood``: SETTINGS frames, likewise;
 - ``tiny-frames``: request messages of 64 KiB in 1-byte DATA frames;
 - ``partial-messages``: on each connection, streams each sending a 4 MiB message less 4 bytes;
+- ``stalled-watchers``: CONNECTIONS connections, each with 90 watch streams whose window never opens,
+  while 1 MB values are written to what they watch (a stream the server ends is opened again);
 - ``silent``: CONNECTIONS TCP connections that send nothing at all;
 - ``preface-only``: CONNECTIONS connections that send the HTTP/2 preface and SETTINGS, then nothing.
 
@@ -39,11 +41,11 @@ PING_REQUEST = b"\x00\x00\x00\x00\x03\x0a\x01x"  # a PingRequest(message="x") wi
 counts: Counter[str] = Counter()
 
 
-def headers(port: int) -> list[tuple[str, str]]:
+def headers(port: int, path: str = PING) -> list[tuple[str, str]]:
     return [
         (":method", "POST"),
         (":scheme", "http"),
-        (":path", PING),
+        (":path", path),
         (":authority", f"{HOST}:{port}"),
         ("content-type", "application/grpc"),
         ("te", "trailers"),
@@ -51,14 +53,14 @@ def headers(port: int) -> list[tuple[str, str]]:
 
 
 class Connection:
-    def __init__(self, port: int, *, read: bool = True) -> None:
+    def __init__(self, port: int, *, read: bool = True, window: int = 2**31 - 1) -> None:
         self.port = port
         self.sock = socket.create_connection((HOST, port))
         self.sock.setblocking(False)
         self.read = read
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.h2.initiate_connection()
-        self.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        self.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
         self.closed = False
         counts["connections opened"] += 1
         self.send()
@@ -100,6 +102,8 @@ class Connection:
                 self.close_seen()
                 return
             for event in events:
+                if isinstance(event, h2.events.StreamReset | h2.events.StreamEnded):
+                    counts["streams ended by the server"] += 1
                 if isinstance(event, h2.events.ConnectionTerminated):
                     code = h2.errors.ErrorCodes(event.error_code).name
                     counts[f"GOAWAY {code}"] += 1
@@ -210,6 +214,71 @@ def partial_messages(port: int, deadline: float, connections: int) -> None:
         time.sleep(0.01)
 
 
+def _message(message: object) -> bytes:
+    data = bytes(message)  # type: ignore[call-overload]
+    return b"\x00" + len(data).to_bytes(4, "big") + data
+
+
+def stalled_watchers(port: int, deadline: float, connections: int) -> None:
+    import grpc  # the writer is a well-behaved stock client
+
+    from trio_bridge.proto import unified_bridge as pb
+    from trio_bridge.proto.google.protobuf import Any as PbAny
+    from trio_bridge.proto.google.protobuf import StringValue
+
+    service = "/unified_bridge.UnifiedBridge/"
+    channel = grpc.insecure_channel(f"{HOST}:{port}")
+
+    def call(method: str, message: object) -> None:
+        channel.unary_unary(service + method)(bytes(message), timeout=30)  # type: ignore[call-overload]
+
+    session = f"stall-{port}"
+    call("CreateSession", pb.CreateSessionRequest(session_id=session))
+    call(
+        "RegisterVariable",
+        pb.RegisterVariableRequest(
+            session_id=session,
+            name="big",
+            type=pb.VariableType.STRING,
+            initial_value=PbAny.pack(StringValue()),
+        ),
+    )
+    request = _message(pb.WatchVariablesRequest(session_id=session, variable_identifiers=["big"]))
+    pool = []
+    for _ in range(connections):
+        connection = Connection(port, window=0)
+        for _ in range(90):
+            stream_id = connection.h2.get_next_available_stream_id()
+            connection.h2.send_headers(stream_id, headers(port, service + "WatchVariables"))
+            connection.h2.send_data(stream_id, request, end_stream=True)
+            counts["streams opened"] += 1
+        connection.send()
+        pool.append(connection)
+    print("attacking", flush=True)
+    value = 0
+    while time.monotonic() < deadline:
+        value += 1
+        big = PbAny.pack(StringValue(value=f"{value}" + "v" * (2**20 - 100)))
+        call("SetVariable", pb.SetVariableRequest(session_id=session, variable_identifier="big", value=big))
+        counts["values written"] += 1
+        for connection in pool:  # reopen as many streams as the server ended (they fell behind)
+            connection.read = True
+            ended_before = counts["streams ended by the server"]
+            connection.drain()
+            if connection.closed:
+                continue
+            for _ in range(counts["streams ended by the server"] - ended_before):
+                try:
+                    stream_id = connection.h2.get_next_available_stream_id()
+                    connection.h2.send_headers(stream_id, headers(port, service + "WatchVariables"))
+                    connection.h2.send_data(stream_id, request, end_stream=True)
+                    counts["streams reopened"] += 1
+                except h2.exceptions.ProtocolError:
+                    break
+            connection.send()
+        time.sleep(0.05)
+
+
 def hold(port: int, deadline: float, connections: int, preface: bool) -> None:
     held: list[socket.socket | Connection] = []
     for _ in range(connections):
@@ -249,6 +318,8 @@ def main(port: int, attack: str, seconds: float, connections: int) -> None:
         tiny_frames(port, deadline)
     elif attack == "partial-messages":
         partial_messages(port, deadline, connections)
+    elif attack == "stalled-watchers":
+        stalled_watchers(port, deadline, connections)
     elif attack in ("silent", "preface-only"):
         hold(port, deadline, connections, preface=attack == "preface-only")
     else:

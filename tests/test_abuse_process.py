@@ -266,6 +266,17 @@ def test_attack_leaves_the_server_up_and_the_good_client_served(
         assert "Traceback" not in server.log.read_text()
 
 
+def test_stalled_watchers_of_large_values(tmp_path: Path, report: Callable[[str], None]) -> None:
+    # Issue #10, observation 3: ~3 MB per stalled watch stream (client window 0, 1 MB values): 300
+    # streams held 974 MB, and 10,000 were allowed.
+    connections = 4 if STRESS else 2
+    with server_process(tmp_path) as server:
+        figures = attack(server, "stalled-watchers", connections=connections)
+        # What the watches queue is shared (the same updates); each holds at most its queue's bytes.
+        _check(figures, report, budget_mb=figures.rss_start_mb + 100 + 2 * 8)
+        assert figures.counts.get("values written", 0) >= 5, figures.line()
+
+
 def test_rapid_reset_on_many_connections(tmp_path: Path, report: Callable[[str], None]) -> None:
     with server_process(tmp_path) as server:
         figures = attack(server, "rapid-reset", connections=8 if STRESS else 3)
