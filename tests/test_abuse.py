@@ -270,3 +270,22 @@ async def test_request_bytes_buffered_on_all_connections_are_bounded(nursery: tr
     assert trailers is not None and "max_request_buffer_bytes=35000" in trailers["grpc-message"]
     for raw in raws:
         await raw.aclose()
+
+
+async def test_a_connection_that_goes_away_gives_back_its_buffered_bytes(nursery: trio.Nursery) -> None:
+    server = await start_server(
+        nursery, max_message_bytes=10_000, max_connection_buffer_bytes=25_000, max_request_buffer_bytes=25_000
+    )
+    for _ in range(5):  # 20,002 bytes waiting each time: over the server's 25,000 unless given back
+        raw = await RawH2.open(server.port)
+        for _ in range(2):
+            stream_id = raw.conn.get_next_available_stream_id()
+            raw.conn.send_headers(stream_id, request_headers(PING, server.port))
+            raw.conn.send_data(stream_id, b"\x00" + (10_000).to_bytes(4, "big") + b"z" * 9_996)
+        probe = _ping_call(raw)
+        await raw.flush()
+        with trio.fail_after(10):
+            await raw.read_until(lambda e, p=probe: isinstance(e, h2.events.StreamEnded) and e.stream_id == p)
+        assert all(raw.trailers_of(s) is None for s in (1, 3))  # still waiting for the rest
+        await raw.aclose()
+        await eventually(lambda: server.metrics.gauge("trio_bridge_connections_open") == 0)

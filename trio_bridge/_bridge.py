@@ -52,8 +52,10 @@ T = TypeVar("T")
 #: The first byte of a gRPC message's 5-byte prefix: not compressed.
 _UNCOMPRESSED_PREFIX = b"\x00"
 
-#: A message at least this long is sent as it is, not joined with others (which would copy it).
-_SENT_ALONE = 64 * 1024
+#: A message at least this long is sent as it is, not joined with others (which would copy it); smaller
+#: ones are joined into runs of about this much (an HTTP/2 frame's worth), so a stream whose client
+#: does not read holds at most one run of its own.
+_SENT_ALONE = 16 * 1024
 
 #: Longest wait for grpclib's handlers to finish after they were cancelled.
 _CLOSE_TIMEOUT = 1.0
@@ -154,9 +156,10 @@ class BatchProgress(Protocol):
 async def send_messages(
     stream: grpclib.server.Stream[Any, Any], messages: Sequence[Any], progress: BatchProgress | None = None
 ) -> None:
-    """Send ``messages`` on a server-streaming ``stream``, in order, as one run of bytes: the same bytes
-    as one ``stream.send_message`` call each, but one HTTP/2 DATA frame (split only where flow control
-    or the peer's frame size demand) and one write instead of one per message.
+    """Send ``messages`` on a server-streaming ``stream``, in order: the same bytes as one
+    ``stream.send_message`` call each, but small messages joined into runs of about a frame's worth
+    (one DATA frame and one write for many messages), and a large one handed over as it is, not
+    copied, so that the streams it fans out to share its bytes.
 
     Cancellation: as ``send_message``; a batch cut short by it may have gone out in part, in order:
     ``progress`` then says how many messages went out whole, and whether it stopped inside one.
@@ -168,26 +171,28 @@ async def send_messages(
     if not stream._send_initial_metadata_done:
         await stream.send_initial_metadata()
     codec, message_type = stream._codec, stream._send_type
-    runs: list[bytes] = []  # what goes to send_data: small messages joined, a large one alone
-    chunks: list[bytes] = []
-    ends: list[int] = []  # where each message ends, in bytes from the start of the batch
-    for message in messages:
-        data = codec.encode(message, message_type)
-        chunks.append(_UNCOMPRESSED_PREFIX + len(data).to_bytes(4, "big"))
-        if len(data) >= _SENT_ALONE:  # not copied into a joined run: every stream shares its bytes
-            runs.append(b"".join(chunks))
-            runs.append(data)
-            chunks.clear()
-        else:
-            chunks.append(data)
-        ends.append((ends[-1] if ends else 0) + 5 + len(data))
-    if chunks:
-        runs.append(b"".join(chunks))
     inner = stream._stream
     started_at = inner.data_sent
+    ends: list[int] = []  # where each message ends, in bytes from the start of the batch
     try:
-        for run in runs:
-            await inner.send_data(run)
+        run: list[bytes] = []  # small messages joined, up to a frame's worth: the only copy made
+        run_size = 0
+        for message in messages:
+            data = codec.encode(message, message_type)
+            ends.append((ends[-1] if ends else 0) + 5 + len(data))
+            run.append(_UNCOMPRESSED_PREFIX + len(data).to_bytes(4, "big"))
+            if len(data) >= _SENT_ALONE:  # as it is: every stream shares its bytes
+                await inner.send_data(b"".join(run))
+                await inner.send_data(data)
+                run, run_size = [], 0
+                continue
+            run.append(data)
+            run_size += 5 + len(data)
+            if run_size >= _SENT_ALONE:
+                await inner.send_data(b"".join(run))
+                run, run_size = [], 0
+        if run:
+            await inner.send_data(b"".join(run))
     except BaseException:
         if progress is not None:
             sent = inner.data_sent - started_at

@@ -15,7 +15,8 @@ h2o did for that CVE:
 * **Budgets per connection, per second**: streams the client resets (``max_stream_resets_per_second``)
   and frames that cost work but carry no request (PING, SETTINGS, PRIORITY, and tiny DATA frames past
   the first few of a stream: ``max_control_frames_per_second``), each a token bucket holding one
-  second's worth.
+  second's worth; for ten seconds after an address was told to calm down, its new connections' buckets
+  start empty (reconnecting buys no new burst).
 * **Unsent bytes**: while the connection's socket does not take what the server writes (the client
   does not read: its PING and SETTINGS acknowledgements included), the connection is not read either.
 * **Request bytes buffered** for messages not yet read whole, per connection
@@ -108,23 +109,28 @@ def raise_fd_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
+#: The most connections the default ``max_connections`` allows, whatever the open-file limit.
+MAX_DEFAULT_CONNECTIONS = 10_000
+
+
 def connections_for(fd_limit: int) -> int:
     """The default ``max_connections`` for this process, which may open ``fd_limit`` files: what it
     has open now (the interpreter, Trio's and asyncio's own), and an eighth of the limit, at least 32,
-    are kept for everything else (the listener's accepts, files, the metrics endpoint)."""
+    are kept for everything else (the listener's accepts, files, the metrics endpoint); at most
+    ``MAX_DEFAULT_CONNECTIONS``."""
     try:
         open_now = len(os.listdir("/proc/self/fd"))
     except OSError:  # no /proc here
         open_now = 64
-    return max(1, fd_limit - open_now - max(32, fd_limit // 8))
+    return max(1, min(MAX_DEFAULT_CONNECTIONS, fd_limit - open_now - max(32, fd_limit // 8)))
 
 
 class _TokenBucket:
-    """``rate`` tokens a second, holding at most one second's worth."""
+    """``rate`` tokens a second, holding at most one second's worth; ``full`` or empty at first."""
 
-    def __init__(self, rate: int) -> None:
+    def __init__(self, rate: int, *, full: bool = True) -> None:
         self._rate = float(rate)
-        self._tokens = float(rate)
+        self._tokens = float(rate) if full else 0.0
         self._at = time.monotonic()
 
     def take(self) -> bool:
@@ -135,6 +141,27 @@ class _TokenBucket:
             return False
         self._tokens -= 1.0
         return True
+
+
+#: How long an address that was told to calm down gets no burst allowance on new connections.
+_PENALTY_SECONDS = 10.0
+
+
+class _Penalties:
+    """Client addresses recently told ENHANCE_YOUR_CALM: their new connections start with empty
+    budgets (the steady rate, no burst), so an attacker gains nothing by reconnecting."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+
+    def note(self, host: str) -> None:
+        now = time.monotonic()
+        if len(self._until) > 10_000:  # forget the expired ones (bounded memory)
+            self._until = {h: t for h, t in self._until.items() if t > now}
+        self._until[host] = now + _PENALTY_SECONDS
+
+    def penalized(self, host: str) -> bool:
+        return self._until.get(host, 0.0) > time.monotonic()
 
 
 class _CoalescingTransport(asyncio.Transport):
@@ -275,10 +302,12 @@ class GuardedProtocol(H2Protocol):
         on_made: Callable[[GuardedProtocol], bool],
         on_lost: Callable[[GuardedProtocol], None],
         all_buffered: list[int],
+        penalties: _Penalties,
     ) -> None:
         super().__init__(made.handler, made.config, made.h2_config)
         self.limits = limits
         self._all_buffered = all_buffered  # one counter, shared by every connection of the server
+        self._penalties = penalties
         self.on_made = on_made
         self.on_lost = on_lost
 
@@ -289,8 +318,11 @@ class GuardedProtocol(H2Protocol):
         self._calmed = False
         self._live = 0  # handlers started and not finished
         self._waiting: deque[tuple[Stream, Any, Callable[[], None]]] = deque()
-        self._resets = _TokenBucket(self.limits.max_stream_resets_per_second)
-        self._control = _TokenBucket(self.limits.max_control_frames_per_second)
+        peer = self._raw_transport.get_extra_info("peername")
+        self._host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        full = not self._penalties.penalized(self._host)
+        self._resets = _TokenBucket(self.limits.max_stream_resets_per_second, full=full)
+        self._control = _TokenBucket(self.limits.max_control_frames_per_second, full=full)
         self._frames: dict[int, int] = {}  # stream id → DATA frames received
         self._buffered = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -362,6 +394,7 @@ class GuardedProtocol(H2Protocol):
         if self._calmed:
             return
         self._calmed = True
+        self._penalties.note(self._host)
         peer = self._raw_transport.get_extra_info("peername")
         log.warning("closing the connection from %s: %s (HTTP/2 ENHANCE_YOUR_CALM)", peer, why)
         self._go_away(ErrorCodes.ENHANCE_YOUR_CALM)
@@ -461,8 +494,9 @@ class GuardedProtocol(H2Protocol):
         return None
 
     def _buffer_release(self, size: int) -> None:
-        self._buffered -= size
-        self._all_buffered[0] -= size
+        if self._buffered:  # 0 once the connection is gone (its bytes were given back at once)
+            self._buffered -= size
+            self._all_buffered[0] -= size
 
     # ---- pausing: unsent bytes, waiting streams ----------------------------------------------------
 
@@ -518,6 +552,9 @@ class GuardedProtocol(H2Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
         self._waiting.clear()
+        # Give back what its streams still hold, whether or not their handlers ever run to release it.
+        self._all_buffered[0] -= self._buffered
+        self._buffered = 0
         self.on_lost(self)
         if hasattr(self, "processor"):
             super().connection_lost(exc)
@@ -542,11 +579,14 @@ class GuardedServer(grpclib.server.Server):
         self.max_connections = max_connections
         self.refused = 0
         self.buffered = [0]  # request bytes buffered on all connections
+        self.penalties = _Penalties()
         self._refusal_logged_at = -1e9
 
     def _protocol_factory(self) -> H2Protocol:
         made = super()._protocol_factory()  # registers the connection's handler with the server
-        return GuardedProtocol(made, self.limits, self._admit, self.connections.discard, self.buffered)
+        return GuardedProtocol(
+            made, self.limits, self._admit, self.connections.discard, self.buffered, self.penalties
+        )
 
     def _admit(self, protocol: GuardedProtocol) -> bool:
         if len(self.connections) >= self.max_connections:

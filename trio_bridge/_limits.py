@@ -85,7 +85,8 @@ class Limits:
     max_connections: int = _limit(
         0,
         "client connections open at once; 0: the process's file descriptor limit (raised to its hard "
-        "limit at start) less an eighth, at least 32, kept for everything else",
+        "limit at start) less what is open and an eighth (at least 32) kept for everything else, at "
+        "most 10,000",
     )
     max_stream_resets_per_second: int = _limit(
         200, "streams one connection's client may reset a second (HTTP/2 Rapid Reset)"
