@@ -298,10 +298,11 @@ def hold(port: int, deadline: float, connections: int, preface: bool) -> None:
         sock = item.sock if isinstance(item, Connection) else item
         sock.setblocking(False)
         try:
-            if sock.recv(1 << 16) == b"":
-                closed += 1
+            while sock.recv(1 << 16):  # what the server sent (SETTINGS, GOAWAY), then its end
+                pass
+            closed += 1
         except BlockingIOError:
-            pass
+            pass  # open still
         except OSError:
             closed += 1
         sock.close()

@@ -266,6 +266,17 @@ def test_attack_leaves_the_server_up_and_the_good_client_served(
         assert "Traceback" not in server.log.read_text()
 
 
+def test_connections_that_send_only_the_preface(tmp_path: Path, report: Callable[[str], None]) -> None:
+    # Issue #10, observation 2: 5,000 silent and preface-only connections (~25 KB each) were held
+    # forever. Silent ones are closed after the handshake timeout (tests/test_abuse.py); preface-only
+    # ones count toward max_connections and go after the idle timeout.
+    connections = 5_000 if STRESS else 500
+    with server_process(tmp_path, "--idle-connection-timeout-seconds", "2") as server:
+        figures = attack(server, "preface-only", seconds=4.0, connections=connections)
+        _check(figures, report, budget_mb=figures.rss_start_mb + 100 + connections * 30 / 1024)
+        assert figures.counts.get("connections closed by the server", 0) >= 1, figures.line()
+
+
 def test_stalled_watchers_of_large_values(tmp_path: Path, report: Callable[[str], None]) -> None:
     # Issue #10, observation 3: ~3 MB per stalled watch stream (client window 0, 1 MB values): 300
     # streams held 974 MB, and 10,000 were allowed.
