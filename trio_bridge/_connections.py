@@ -72,6 +72,9 @@ _FLUSH_AT = 4096
 #: counted as a control frame: it costs a frame's work for almost no data.
 _TINY_FRAME = 1024
 _FRAMES_BEFORE_TINY_COUNTS = 4
+#: Handlers one connection starts at a time; more wait for the loop's next turn, behind what other
+#: connections have queued meanwhile (a burst of streams on one connection delays no one much).
+_STARTS_PER_TURN = 16
 #: Streams that may wait for a handler on one connection, as a multiple of ``max_streams`` (as Go).
 _WAITING_FACTOR = 4
 
@@ -317,6 +320,7 @@ class GuardedProtocol(H2Protocol):
         self._greeted = False
         self._calmed = False
         self._live = 0  # handlers started and not finished
+        self._start_scheduled = False
         self._waiting: deque[tuple[Stream, Any, Callable[[], None]]] = deque()
         peer = self._raw_transport.get_extra_info("peername")
         self._host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
@@ -438,7 +442,14 @@ class GuardedProtocol(H2Protocol):
         return release
 
     def _start_waiting(self) -> None:
+        started = 0
         while self._waiting and self._live < self.limits.max_streams and not self._calmed:
+            if started == _STARTS_PER_TURN:  # the rest after what other connections have queued
+                if not self._start_scheduled:
+                    self._start_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._start_later)
+                break
+            started += 1
             stream, headers, release = self._waiting.popleft()
             if not stream.closable:  # reset (or its connection closing) before a handler started
                 release()
@@ -455,6 +466,11 @@ class GuardedProtocol(H2Protocol):
         else:
             self._resume("streams wait for a handler")
             self._when_idle()
+
+    def _start_later(self) -> None:
+        self._start_scheduled = False
+        if not self._raw_transport.is_closing():
+            self._start_waiting()
 
     def _cancel(self, stream: Stream) -> None:
         for index, (waiting, _, release) in enumerate(self._waiting):
