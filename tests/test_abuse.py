@@ -42,8 +42,7 @@ async def test_a_compressed_message_is_unimplemented_without_a_traceback(
     raw.conn.send_headers(stream_id, request_headers(PING, server.port, **extra))
     raw.conn.send_data(stream_id, b"\x01" + len(body).to_bytes(4, "big") + body, end_stream=True)
     await raw.flush()
-    with trio.fail_after(10):
-        await raw.read_until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == stream_id)
+    await _wait_ended(raw, stream_id)
     trailers = raw.trailers_of(stream_id)
     assert trailers is not None and trailers["grpc-status"] == str(Status.UNIMPLEMENTED.value)
     assert "compressed" in trailers["grpc-message"] and "identity" in trailers["grpc-message"]
@@ -62,8 +61,7 @@ async def test_health_watch_streams_count_toward_the_watch_stream_limits(nursery
     for _ in range(4):
         opened.append(first.start_call(HEALTH_WATCH, HealthCheckRequest(), end=True))
     await first.flush()
-    with trio.fail_after(10):
-        await first.read_until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == opened[3])
+    await _wait_ended(first, opened[3])
     trailers = first.trailers_of(opened[3])
     assert trailers is not None and trailers["grpc-status"] == str(Status.RESOURCE_EXHAUSTED.value)
     assert "max_watch_streams_per_connection=3" in trailers["grpc-message"]
@@ -72,8 +70,7 @@ async def test_health_watch_streams_count_toward_the_watch_stream_limits(nursery
 
     more = [second.start_call(HEALTH_WATCH, HealthCheckRequest(), end=True) for _ in range(3)]
     await second.flush()
-    with trio.fail_after(10):
-        await second.read_until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == more[2])
+    await _wait_ended(second, more[2])
     trailers = second.trailers_of(more[2])
     assert trailers is not None and "max_watch_streams=5" in trailers["grpc-message"]
     assert server.service.open_watches == 5
@@ -89,13 +86,25 @@ def _ping_call(raw: RawH2) -> int:
     return raw.start_call(PING, pb.PingRequest(message="x"))
 
 
+def _partial_ping(raw: RawH2) -> int:
+    """Queue a call whose 10,000-byte message stops 4 bytes short: 10,001 bytes wait for the rest."""
+    stream_id = raw.conn.get_next_available_stream_id()
+    raw.conn.send_headers(stream_id, request_headers(PING, raw.port))
+    raw.conn.send_data(stream_id, b"\x00" + (10_000).to_bytes(4, "big") + b"z" * 9_996)
+    return stream_id
+
+
+async def _wait_ended(raw: RawH2, stream_id: int) -> None:
+    with trio.fail_after(10):
+        await raw.read_until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == stream_id)
+
+
 async def _good_ping(server: RunningServer) -> None:
     """A well-behaved call on a connection of its own still works."""
     raw = await RawH2.open(server.port)
     stream_id = _ping_call(raw)
     await raw.flush()
-    with trio.fail_after(10):
-        await raw.read_until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == stream_id)
+    await _wait_ended(raw, stream_id)
     trailers = raw.trailers_of(stream_id)
     assert trailers is not None and trailers["grpc-status"] == "0"
     await raw.aclose()
@@ -138,8 +147,7 @@ async def test_streams_reset_in_the_read_that_opened_them_never_start_a_handler(
         raw.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
     last = _ping_call(raw)
     await raw.flush()
-    with trio.fail_after(10):
-        await raw.read_until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == last)
+    await _wait_ended(raw, last)
     assert raw.goaway() is None
     assert server.metrics.rpc_count("Ping", "OK") == 1  # only the last one
     assert server.metrics.rpc_count("Ping", "CANCELLED") == 0
@@ -177,13 +185,10 @@ async def test_request_bytes_buffered_per_connection_are_bounded(nursery: trio.N
     raw = await RawH2.open(server.port)
     partial = []
     for _ in range(3):
-        stream_id = raw.conn.get_next_available_stream_id()
-        raw.conn.send_headers(stream_id, request_headers(PING, server.port))
-        raw.conn.send_data(stream_id, b"\x00" + (10_000).to_bytes(4, "big") + b"z" * 9_996)
+        stream_id = _partial_ping(raw)
         partial.append(stream_id)
     await raw.flush()
-    with trio.fail_after(10):
-        await raw.read_until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == partial[2])
+    await _wait_ended(raw, partial[2])
     trailers = raw.trailers_of(partial[2])
     assert trailers is not None and trailers["grpc-status"] == str(Status.RESOURCE_EXHAUSTED.value)
     assert "max_connection_buffer_bytes=25000" in trailers["grpc-message"]
@@ -255,17 +260,13 @@ async def test_request_bytes_buffered_on_all_connections_are_bounded(nursery: tr
     raws = [await RawH2.open(server.port) for _ in range(4)]
     streams = []
     for raw in raws:  # 10,001 bytes waiting on each: the fourth goes over 35,000
-        stream_id = raw.conn.get_next_available_stream_id()
-        raw.conn.send_headers(stream_id, request_headers(PING, server.port))
-        raw.conn.send_data(stream_id, b"\x00" + (10_000).to_bytes(4, "big") + b"z" * 9_996)
+        stream_id = _partial_ping(raw)
         streams.append(stream_id)
         probe = _ping_call(raw)  # answered once the server has read what came before it
         await raw.flush()
-        with trio.fail_after(10):
-            await raw.read_until(lambda e, p=probe: isinstance(e, h2.events.StreamEnded) and e.stream_id == p)
+        await _wait_ended(raw, probe)
     last, last_stream = raws[-1], streams[-1]
-    with trio.fail_after(10):
-        await last.read_until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == last_stream)
+    await _wait_ended(last, last_stream)
     trailers = last.trailers_of(last_stream)
     assert trailers is not None and "max_request_buffer_bytes=35000" in trailers["grpc-message"]
     for raw in raws:
@@ -279,13 +280,10 @@ async def test_a_connection_that_goes_away_gives_back_its_buffered_bytes(nursery
     for _ in range(5):  # 20,002 bytes waiting each time: over the server's 25,000 unless given back
         raw = await RawH2.open(server.port)
         for _ in range(2):
-            stream_id = raw.conn.get_next_available_stream_id()
-            raw.conn.send_headers(stream_id, request_headers(PING, server.port))
-            raw.conn.send_data(stream_id, b"\x00" + (10_000).to_bytes(4, "big") + b"z" * 9_996)
+            _partial_ping(raw)
         probe = _ping_call(raw)
         await raw.flush()
-        with trio.fail_after(10):
-            await raw.read_until(lambda e, p=probe: isinstance(e, h2.events.StreamEnded) and e.stream_id == p)
+        await _wait_ended(raw, probe)
         assert all(raw.trailers_of(s) is None for s in (1, 3))  # still waiting for the rest
         await raw.aclose()
         await eventually(lambda: server.metrics.gauge("trio_bridge_connections_open") == 0)
