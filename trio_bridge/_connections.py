@@ -330,7 +330,6 @@ class GuardedProtocol(H2Protocol):
         self._frames: dict[int, int] = {}  # stream id → DATA frames received
         self._buffered = 0
         self._timer: asyncio.TimerHandle | None = None
-        self.goaway_sent = False
         if not self.on_made(self):
             self._raw_transport.abort()  # over the connection limit: no HTTP/2 at all
             return
@@ -410,7 +409,6 @@ class GuardedProtocol(H2Protocol):
             self.connection.flush()
         except Exception:  # the peer may already be gone; closing is all that matters now
             log.debug("GOAWAY failed", exc_info=True)
-        self.goaway_sent = True
         self._waiting.clear()
         self.connection.close()
         self.processor.close("Connection closed: " + code.name)
@@ -434,6 +432,7 @@ class GuardedProtocol(H2Protocol):
 
     def _releaser(self, stream: Stream, release_stream: Callable[[], None]) -> Callable[[], None]:
         def release() -> None:
+            self._frames.pop(cast(int, stream.id), None)
             buffer = stream.buffer
             if isinstance(buffer, _RequestBuffer):
                 buffer.drop()
