@@ -133,7 +133,9 @@ async def test_rapid_reset_gets_goaway_enhance_your_calm(
         except trio.BrokenResourceError:
             break
     await _expect_calm(raw)
-    assert any("stream resets a second" in r.getMessage() for r in caplog.records)
+    assert any("max_stream_resets_per_second=200" in r.getMessage() for r in caplog.records)
+    goaway = raw.goaway()
+    assert goaway is not None and b"max_stream_resets_per_second=200" in (goaway.additional_data or b"")
     assert server.metrics.rpc_count("Ping", "OK") == 0  # no reset stream ever reached a handler
     await _good_ping(server)
 
@@ -161,6 +163,8 @@ async def test_a_ping_flood_gets_goaway_enhance_your_calm(server: RunningServer)
         raw.conn.ping(i.to_bytes(8, "big"))
     await raw.flush()
     await _expect_calm(raw)
+    goaway = raw.goaway()
+    assert goaway is not None and b"max_control_frames_per_second=1000" in (goaway.additional_data or b"")
     await _good_ping(server)
 
 

@@ -366,7 +366,10 @@ class GuardedProtocol(H2Protocol):
         self.connection.flush()
         self._start_waiting()
         if len(self._waiting) > _WAITING_FACTOR * self.limits.max_streams:
-            self.calm_down(f"more than {_WAITING_FACTOR * self.limits.max_streams} streams waiting")
+            self.calm_down(
+                f"more than {_WAITING_FACTOR * self.limits.max_streams} streams waiting for a handler "
+                f"(four times max_watch_streams_per_connection + 100)"
+            )
 
     def _abuse_in(self, event: object) -> str | None:
         """What ``event`` overran, if anything."""
@@ -375,13 +378,16 @@ class GuardedProtocol(H2Protocol):
         elif isinstance(event, StreamReset):
             self._frames.pop(event.stream_id, None)
             if event.remote_reset and not self._resets.take():
-                return f"more than {self.limits.max_stream_resets_per_second} stream resets a second"
+                return (
+                    f"more stream resets a second than the limit max_stream_resets_per_second="
+                    f"{self.limits.max_stream_resets_per_second}"
+                )
         elif isinstance(event, DataReceived):
             count = self._frames.get(event.stream_id, 0) + 1
             self._frames[event.stream_id] = count
             tiny = len(event.data) < _TINY_FRAME and event.stream_ended is None
             if tiny and count > _FRAMES_BEFORE_TINY_COUNTS and not self._control.take():
-                return f"more than {self.limits.max_control_frames_per_second} control frames a second"
+                return self._too_many_control_frames()
         elif isinstance(event, StreamEnded):
             self._frames.pop(event.stream_id, None)
         elif isinstance(event, PingReceived | PriorityUpdated | RemoteSettingsChanged):
@@ -389,8 +395,14 @@ class GuardedProtocol(H2Protocol):
                 self._greeted = True  # the preface and the client's first SETTINGS
                 self._when_idle()
             elif not self._control.take():
-                return f"more than {self.limits.max_control_frames_per_second} control frames a second"
+                return self._too_many_control_frames()
         return None
+
+    def _too_many_control_frames(self) -> str:
+        return (
+            f"more PING, SETTINGS, PRIORITY and tiny DATA frames a second than the limit "
+            f"max_control_frames_per_second={self.limits.max_control_frames_per_second}"
+        )
 
     def calm_down(self, why: str) -> None:
         """Abuse: GOAWAY with ENHANCE_YOUR_CALM, and close the connection."""
@@ -400,12 +412,13 @@ class GuardedProtocol(H2Protocol):
         self._penalties.note(self._host)
         peer = self._raw_transport.get_extra_info("peername")
         log.warning("closing the connection from %s: %s (HTTP/2 ENHANCE_YOUR_CALM)", peer, why)
-        self._go_away(ErrorCodes.ENHANCE_YOUR_CALM)
+        self._go_away(ErrorCodes.ENHANCE_YOUR_CALM, why)
 
-    def _go_away(self, code: ErrorCodes) -> None:
+    def _go_away(self, code: ErrorCodes, why: str) -> None:
+        """GOAWAY with ``code`` and ``why`` as its debug data, and close the connection."""
         self._disarm()
         try:
-            self.connection._connection.close_connection(error_code=code)
+            self.connection._connection.close_connection(error_code=code, additional_data=why.encode())
             self.connection.flush()
         except Exception:  # the peer may already be gone; closing is all that matters now
             log.debug("GOAWAY failed", exc_info=True)
@@ -562,7 +575,10 @@ class GuardedProtocol(H2Protocol):
 
     def _idle_expired(self) -> None:
         if not self._live and not self._waiting:
-            self._go_away(ErrorCodes.NO_ERROR)
+            self._go_away(
+                ErrorCodes.NO_ERROR,
+                f"no call for {self.limits.idle_timeout:.0f}s (idle_connection_timeout_seconds)",
+            )
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
