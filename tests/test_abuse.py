@@ -6,6 +6,7 @@ process, with a well-behaved client measuring its latency beside them, are in ``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import zlib
@@ -15,12 +16,14 @@ import h2.events
 import pytest
 import trio
 import trio.testing
+import trio_asyncio
 from grpclib.const import Status
 from grpclib.health.v1.health_pb2 import HealthCheckRequest
 
 from tests.h2raw import PING, RawH2, grpc_message, request_headers
 from tests.support import eventually, start_server
 from trio_bridge import RunningServer
+from trio_bridge.client import BridgeClient
 from trio_bridge.proto import unified_bridge as pb
 
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
@@ -291,3 +294,19 @@ async def test_a_connection_that_goes_away_gives_back_its_buffered_bytes(nursery
         assert all(raw.trailers_of(s) is None for s in (1, 3))  # still waiting for the rest
         await raw.aclose()
         await eventually(lambda: server.metrics.gauge("trio_bridge_connections_open") == 0)
+
+
+async def test_a_client_whose_idle_connection_was_closed_reconnects_on_its_next_call(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, aio_loop: object
+) -> None:
+    server = await start_server(nursery, idle_connection_timeout_seconds=30)
+
+    async def scenario() -> None:
+        async with BridgeClient(server.host, server.port) as client:
+            session = (await client.create_session()).session_id
+            await asyncio.sleep(120)  # the server closed the idle connection meanwhile
+            assert server.metrics.gauge("trio_bridge_connections_open") == 0
+            assert (await client.get_session(session)).session_id == session
+
+    await trio_asyncio.aio_as_trio(scenario)()
+    assert server.metrics.rpc_count("GetSession", "OK") == 1
