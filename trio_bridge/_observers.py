@@ -186,6 +186,7 @@ class Subscription(Generic[EventT]):
         self.close()
         self._receive.close()
         self._held.clear()
+        self._on_overflow = None  # it may refer back to the subscription's owner
 
 
 class ObserverManager(Generic[EventT]):

@@ -242,15 +242,20 @@ class WatchStream:
             self._store.keep_alive(plan.session_id),
         ):
             self._subscription = subscription
-            self._store.checkpoint(SUBSCRIBED_CHECKPOINT)
-            self._initial = self._initial_updates()
-            self._last_sent = trio.current_time()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._heartbeats, subscription)
-                # The sender is the nursery's body: one Trio task fewer per open stream.
-                await self._sender(subscription, nursery.cancel_scope)
-        assert self._ending is not None
-        raise self._ending
+            try:
+                self._store.checkpoint(SUBSCRIBED_CHECKPOINT)
+                self._initial = self._initial_updates()
+                self._last_sent = trio.current_time()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeats, subscription)
+                    # The sender is the nursery's body: one Trio task fewer per open stream.
+                    await self._sender(subscription, nursery.cancel_scope)
+            finally:
+                # Unlinked, an ended stream is freed at once rather than by a garbage collection.
+                self._subscription = self._sending = None
+        ending, self._ending = self._ending, None  # raised, it must not refer back to the stream
+        assert ending is not None
+        raise ending
 
     # ---- the sender and the heartbeat task ---------------------------------------------------------
 
