@@ -417,3 +417,16 @@ async def test_watch_raises_typed_errors_for_statuses_it_cannot_resume_from(
         return kinds
 
     assert await in_asyncio(scenario) == ["initial_value", "synced"]
+
+
+def test_the_reconnect_delay_stays_bounded_however_many_attempts_failed() -> None:
+    # The 100,000-update fault run: a watcher whose long replays were cut short before `synced` counted
+    # ~1,000 failures in a row, and 0.1 * 2**1030 overflowed (OverflowError from the watch).
+    import random
+
+    from trio_bridge.client import Reconnect
+
+    policy = Reconnect(initial_delay=0.1, max_delay=5.0)
+    rng = random.Random(1)
+    for attempt in (0, 10, 1_030, 100_000):
+        assert 0 <= policy.delay(attempt, rng) <= 5.0

@@ -79,7 +79,9 @@ class Reconnect:
     max_attempts: int | None = None
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        return rng.uniform(0, min(self.max_delay, self.initial_delay * 2**attempt))
+        """The wait before attempt ``attempt + 1``: up to ``initial_delay * 2**attempt``, at most
+        ``max_delay`` (however many attempts: the exponent is capped before it overflows)."""
+        return rng.uniform(0, min(self.max_delay, self.initial_delay * 2 ** min(attempt, 64)))
 
 
 _RETRYABLE_STATUSES = (Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED)
@@ -360,8 +362,8 @@ class BridgeClient:
                     request, liveness=interval * self.reconnect.liveness_factor
                 ):
                     event = _event(update)
-                    if event.kind == enc.SYNCED:
-                        failures = 0
+                    if event.kind != enc.HEARTBEAT:
+                        failures = 0  # progress (a long replay cut short before its `synced` is too)
                     if event.variable is not None:
                         if event.kind == enc.VARIABLE_DELETED:
                             delivered.pop(event.variable.id, None)
