@@ -96,17 +96,18 @@ class Subscription(Generic[EventT]):
             and self.queued_bytes + size > self._max_bytes
             and self._send.statistics().current_buffer_used > 0
         )
-        try:
-            if not full_by_bytes:  # (full by bytes: the same policies as full by count)
+        if not full_by_bytes:  # full by bytes or by count: the same policies
+            try:
                 self._send.send_nowait(event)
+            except trio.WouldBlock:
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The reader went away without closing us; drop the observer instead of the writer.
+                self.close()
+                return
+            else:
                 self.queued_bytes += size
                 return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # The reader went away without closing us; drop the observer instead of the event's writer.
-            self.close()
-            return
-        except trio.WouldBlock:
-            pass
         if self._coalescer is None:
             self.overflowed = True
             self.close()
