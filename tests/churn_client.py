@@ -4,7 +4,10 @@ connection), prints "ready" once all are synced, then ends them the way MODE say
 - ``cancel``: each call is cancelled (HTTP/2 RST_STREAM);
 - ``deadline``: nothing; each call ends when its deadline passes;
 - ``close``: the connections are closed under the calls;
-- ``kill``: nothing; the test kills this process (SIGKILL).
+- ``kill``: nothing; the test kills this process (SIGKILL);
+- ``calls``: no watch; STREAMS rounds of unary calls that succeed and fail (Ping; GetVariable of a
+  variable that is not there, NOT_FOUND; WatchVariables of a session that is not there, NOT_FOUND),
+  then prints "ready".
 
     python tests/churn_client.py PORT SESSION VARIABLE STREAMS MODE
 """
@@ -23,7 +26,34 @@ PER_CONNECTION = 90
 DEADLINE = 2.0
 
 
+async def unary_calls(port: int, session: str, rounds: int) -> None:
+    service = "/unified_bridge.UnifiedBridge/"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        ping = channel.unary_unary(service + "Ping")
+        get = channel.unary_unary(service + "GetVariable")
+        watch = channel.unary_stream(service + "WatchVariables")
+        for _ in range(rounds):
+            await ping(bytes(pb.PingRequest(message="x")))
+            for call in (
+                get(bytes(pb.GetVariableRequest(session_id=session, variable_identifier="missing"))),
+                watch(bytes(pb.WatchVariablesRequest(session_id="missing", variable_identifiers=["x"]))),
+            ):
+                try:
+                    if isinstance(call, grpc.aio.UnaryStreamCall):
+                        async for _ in call:
+                            pass
+                    else:
+                        await call
+                except grpc.aio.AioRpcError as error:
+                    if error.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+    print("ready", flush=True)
+
+
 async def main(port: int, session: str, variable: str, streams: int, mode: str) -> None:
+    if mode == "calls":
+        await unary_calls(port, session, streams)
+        return
     channels = [
         grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
         for _ in range(-(-streams // PER_CONNECTION))

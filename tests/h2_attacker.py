@@ -22,6 +22,7 @@ server closed, GOAWAYs by error code, streams opened, frames sent.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
@@ -232,7 +233,7 @@ def stalled_watchers(port: int, deadline: float, connections: int) -> None:
     def call(method: str, message: object) -> None:
         channel.unary_unary(service + method)(bytes(message), timeout=30)  # type: ignore[call-overload]
 
-    session = f"stall-{port}"
+    session = f"stall-{port}-{os.getpid()}"
     call("CreateSession", pb.CreateSessionRequest(session_id=session))
     call(
         "RegisterVariable",

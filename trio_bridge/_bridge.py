@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import functools
+import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import grpclib.server
+import outcome
 import trio
 import trio_asyncio
 from h2.errors import ErrorCodes
@@ -101,8 +102,11 @@ def release_request_buffers(stream: grpclib.server.Stream[Any, Any]) -> bool:
     return True
 
 
-def check_request_framing(stream: grpclib.server.Stream[Any, Any], max_bytes: int, limit_name: str) -> None:
-    """Make reading ``stream``'s request refuse, before reading a message's body:
+@contextlib.contextmanager
+def request_framing_checked(
+    stream: grpclib.server.Stream[Any, Any], max_bytes: int, limit_name: str
+) -> Iterator[None]:
+    """In the block, make reading ``stream``'s request refuse, before reading a message's body:
 
     * one longer than ``max_bytes``, with :class:`ResourceExhausted` naming ``limit_name`` (grpclib
       would otherwise buffer whatever length the message's 5-byte gRPC prefix claims, up to 4 GiB);
@@ -111,6 +115,8 @@ def check_request_framing(stream: grpclib.server.Stream[Any, Any], max_bytes: in
 
     and a request that ends before the length its prefix claims with :class:`InvalidArgument`
     (grpclib fails an assertion there). grpclib reads a message as its 5-byte prefix, then its body.
+    The check is gone after the block (it refers to the stream it is stored on: left there, the two
+    would be garbage for a collection instead of freed with the call).
     """
     inner = stream._stream
     read = inner.recv_data
@@ -144,6 +150,10 @@ def check_request_framing(stream: grpclib.server.Stream[Any, Any], max_bytes: in
         return data
 
     inner.recv_data = recv_data  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del inner.recv_data
 
 
 class BatchProgress(Protocol):
@@ -215,14 +225,38 @@ def reset_stream(stream: grpclib.server.Stream[Any, Any], error_code: ErrorCodes
     stream._cancel_done = True
 
 
-def run_in_trio(fn: Callable[..., Awaitable[T]], *args: object) -> Awaitable[T]:
-    """From asyncio (a grpclib handler): run the Trio function ``fn`` and await its result.
+async def run_in_trio(fn: Callable[..., Awaitable[T]], *args: object) -> T:
+    """From asyncio (a grpclib handler): run the Trio function ``fn`` in a Trio task and return its
+    result (or raise its exception).
 
     Cancelling the awaiting asyncio task (grpclib does so when the client resets the stream, its
     deadline passes or its connection drops) cancels the Trio task: that is how Trio code learns that
     the peer is gone.
+
+    Nothing of the call is left in a reference cycle (it is freed when it ends, not by a garbage
+    collection): what ``fn`` raises crosses over as an outcome, not through trio-asyncio's frames
+    (one of which would hold it), and trio-asyncio's future lets go of the closure it is given that
+    refers back to the future's own handle.
     """
-    return cast(Awaitable[T], trio_asyncio.trio_as_aio(fn)(*args))
+    future = cast(Any, asyncio.get_running_loop()).trio_as_future(_captured, fn, *args)
+    try:
+        captured: outcome.Outcome[T] = await future
+    finally:
+        del future.cancel  # AsyncHandle's wrapped_cancel, which refers to the handle holding the future
+        del future  # it holds the outcome
+    try:
+        return captured.unwrap()
+    finally:
+        del captured  # it holds the exception raised, whose traceback holds this frame
+
+
+async def _captured(fn: Callable[..., Awaitable[T]], *args: object) -> outcome.Outcome[T]:
+    """In the Trio task: ``fn``'s result or exception as an outcome. BaseExceptions propagate as
+    they would have: trio.Cancelled belongs to the cancel scope trio-asyncio put around this task."""
+    try:
+        return outcome.Value(await fn(*args))
+    except Exception as exc:
+        return outcome.Error(exc)
 
 
 async def run_in_asyncio(fn: Callable[..., Coroutine[Any, Any, T]], *args: object) -> T:
@@ -275,11 +309,13 @@ class _Resumed(Awaitable[T]):
                 coroutine.close()
                 raise
             except BaseException as thrown:  # the task's cancellation: deliver it where it belongs
-                step: Callable[[], object] = functools.partial(coroutine.throw, thrown)
-            else:
-                step = functools.partial(coroutine.send, sent)
+                try:
+                    waiting_on = coroutine.throw(thrown)
+                except StopIteration as finished:
+                    return cast(T, finished.value)
+                continue
             try:
-                waiting_on = step()
+                waiting_on = coroutine.send(sent)
             except StopIteration as finished:
                 return cast(T, finished.value)
 

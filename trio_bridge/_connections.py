@@ -470,9 +470,9 @@ class GuardedProtocol(H2Protocol):
             self._start_handler(stream, headers, release)
             task = self.handler._tasks.get(stream)  # type: ignore[attr-defined]
             if task is None:  # never made (grpclib's handler is closing)
-                self._handler_done(None)
+                self._handler_done(stream)
             else:
-                task.add_done_callback(self._handler_done)
+                task.add_done_callback(lambda _, stream=stream: self._handler_done(stream))
         if self._waiting:
             self._pause("streams wait for a handler")
         else:
@@ -493,7 +493,13 @@ class GuardedProtocol(H2Protocol):
         if stream in self.handler._tasks:  # type: ignore[attr-defined]
             self._cancel_handler(stream)
 
-    def _handler_done(self, task: object) -> None:
+    def _handler_done(self, stream: Stream) -> None:
+        wrapper = stream.wrapper
+        if wrapper is not None:
+            # grpclib's Wrapper keeps the error it raised to end the handler (the client reset the
+            # stream, the deadline passed), and that error's traceback holds the handler's frame,
+            # which holds the Wrapper: a reference cycle per cancelled call, garbage for a collection.
+            wrapper._error = None
         self._live -= 1
         self._start_waiting()
 
@@ -581,6 +587,11 @@ class GuardedProtocol(H2Protocol):
             )
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        # asyncio's socket transport keeps a bound method of its own (the reader it registered), a
+        # reference cycle that would make every closed connection garbage for a collection; the
+        # reader is never called again once the connection is lost.
+        if getattr(self._raw_transport, "_read_ready_cb", None) is not None:
+            self._raw_transport._read_ready_cb = None  # type: ignore[attr-defined]
         self._disarm()
         self._waiting.clear()
         # Give back what its streams still hold, whether or not their handlers ever run to release it.

@@ -27,8 +27,8 @@ from h2.errors import ErrorCodes
 
 from . import _encoding as enc
 from ._bridge import (
-    check_request_framing,
     release_request_buffers,
+    request_framing_checked,
     reset_stream,
     run_in_asyncio,
     run_in_trio,
@@ -129,15 +129,19 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             status = Status.OK.name
             caller = _caller.set(None)
             try:
+                scope_checked: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
                 if self.tokens is not None:
                     # Before anything of the request is read.
                     header = stream.metadata.get(AUTHORIZATION) if stream.metadata else None
                     principal = self.tokens.principal_for(header if isinstance(header, str) else None)
                     _caller.set(principal)
                     if method != "CreateSession":
-                        self._check_scope_on_read(stream, principal)
-                check_request_framing(stream, self.limits.max_message_bytes, "max_message_bytes")
-                await func(stream)
+                        scope_checked = self._scope_checked_on_read(stream, principal)
+                with (
+                    scope_checked,
+                    request_framing_checked(stream, self.limits.max_message_bytes, "max_message_bytes"),
+                ):
+                    await func(stream)
             except asyncio.CancelledError:
                 status = Status.CANCELLED.name
                 raise
@@ -152,12 +156,15 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
                 status = error.status.name
                 if stream_was_cut(exc):
                     reset_stream(stream, ErrorCodes.ENHANCE_YOUR_CALM)  # read as RESOURCE_EXHAUSTED
-                    return
-                if not trailers:
-                    raise error from None
-                await stream.send_trailing_metadata(
-                    status=error.status, status_message=error.message, metadata=trailers
-                )
+                elif not stream._stream._transport.is_closing():  # else nothing can be sent
+                    # Sent here rather than raised for grpclib to send: raised, its traceback would
+                    # hold this frame, which holds it (garbage for a collection after every error).
+                    await stream.send_trailing_metadata(
+                        status=error.status,
+                        status_message=error.message,
+                        status_details=error.details,
+                        metadata=trailers or None,
+                    )
             finally:
                 _caller.reset(caller)
                 self._in_flight -= 1
@@ -167,9 +174,11 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
 
         return guarded
 
-    def _check_scope_on_read(self, stream: Stream[Any, Any], principal: Principal) -> None:
-        """Make reading the request refuse a session outside ``principal``'s scope exactly as if it
-        did not exist (NOT_FOUND, the same message): a caller learns nothing of others' sessions."""
+    @contextlib.contextmanager
+    def _scope_checked_on_read(self, stream: Stream[Any, Any], principal: Principal) -> Iterator[None]:
+        """In the block, make reading the request refuse a session outside ``principal``'s scope
+        exactly as if it did not exist (NOT_FOUND, the same message): a caller learns nothing of
+        others' sessions. (Gone after the block: it refers to the stream it is stored on.)"""
         read = stream.recv_message
 
         async def recv_message() -> Any:
@@ -181,6 +190,10 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             return message
 
         stream.recv_message = recv_message  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del stream.recv_message
 
     # ---- unary RPCs ------------------------------------------------------------------------------
 

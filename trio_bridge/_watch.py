@@ -255,7 +255,10 @@ class WatchStream:
                 self._subscription = self._sending = None
         ending, self._ending = self._ending, None  # raised, it must not refer back to the stream
         assert ending is not None
-        raise ending
+        try:
+            raise ending
+        finally:
+            del ending  # nor may this frame, which its traceback holds, refer to it
 
     # ---- the sender and the heartbeat task ---------------------------------------------------------
 
