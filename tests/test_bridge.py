@@ -16,6 +16,7 @@ from grpclib.config import Configuration
 
 from trio_bridge._bridge import (
     BoundAddress,
+    _run_callbacks_in_batches,
     release_request_buffers,
     run_in_asyncio,
     send_messages,
@@ -36,20 +37,35 @@ async def test_a_coroutine_that_never_waits_finishes_in_the_calling_trio_task(ai
     assert ran_in == [None]  # no asyncio task was needed
 
 
-async def test_a_coroutine_that_waits_goes_on_in_an_asyncio_task(aio_loop: Any) -> None:
+async def test_a_coroutine_that_waits_goes_on_in_the_calling_trio_task(aio_loop: Any) -> None:
     steps: list[str] = []
+    caller = trio.lowlevel.current_task()
 
     async def waits_twice() -> str:
-        steps.append("started" if asyncio.current_task() is None else "started in a task")
-        await asyncio.sleep(0)
-        assert asyncio.current_task() is not None
-        steps.append("after first wait")
-        await asyncio.sleep(0.001)
-        steps.append("after second wait")
+        for label in ("started", "after a bare yield", "after a future"):
+            assert asyncio.current_task() is None  # never handed to an asyncio task
+            assert trio.lowlevel.current_task() is caller
+            steps.append(label)
+            if label == "started":
+                await asyncio.sleep(0)
+            elif label == "after a bare yield":
+                await asyncio.sleep(0.001)
         return "done"
 
     assert await run_in_asyncio(waits_twice) == "done"
-    assert steps == ["started", "after first wait", "after second wait"]
+    assert steps == ["started", "after a bare yield", "after a future"]
+
+
+async def test_cancelling_the_trio_caller_cancels_the_future_it_waits_for(aio_loop: Any) -> None:
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def waits() -> None:
+        await future
+
+    with trio.move_on_after(0.01) as scope:
+        await run_in_asyncio(waits)
+    assert scope.cancelled_caught
+    assert future.cancelled()  # as asyncio's Task.cancel does: nothing is left waiting on it
 
 
 @pytest.mark.parametrize("wait_first", [False, True])
@@ -106,21 +122,88 @@ async def test_cancelling_the_trio_caller_cancels_the_coroutine_where_it_waits(a
     assert events == ["cancelled", "finally"]
 
 
-async def test_a_coroutine_cancelled_before_its_task_ran_is_closed(aio_loop: Any) -> None:
+async def test_a_coroutine_cancelled_at_its_first_wait_is_cancelled_there(aio_loop: Any) -> None:
     events: list[str] = []
 
     async def waits() -> None:
         try:
             await asyncio.sleep(0)
             events.append("resumed")
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            raise
         finally:
             events.append("finally")
 
     with trio.CancelScope() as scope:
-        scope.cancel()  # the hand-over to asyncio is cancelled at once
+        scope.cancel()  # cancelled before the first wait began
         await run_in_asyncio(waits)
     assert scope.cancelled_caught
-    assert "finally" in events
+    assert events == ["cancelled", "finally"]
+
+
+async def test_a_coroutine_that_will_not_be_cancelled_is_closed(aio_loop: Any) -> None:
+    events: list[str] = []
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            events.append("cancelled, waits again")
+        try:
+            await asyncio.sleep(0)
+        finally:
+            events.append("closed")
+
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await run_in_asyncio(stubborn)
+    assert scope.cancelled_caught
+    assert events == ["cancelled, waits again", "closed"]
+
+
+async def test_asyncio_callbacks_ready_together_run_together_in_order(aio_loop: Any) -> None:
+    # trio-asyncio ran one callback per round of Trio's scheduler: a call's every step waited behind
+    # every callback queued before it, a round each (issue #10: the good client's p99 under attack).
+    _run_callbacks_in_batches(aio_loop)
+    rounds = 0
+    ran: list[tuple[int, int]] = []
+    all_ran = trio.Event()
+
+    async def count_rounds() -> None:
+        nonlocal rounds
+        while True:
+            rounds += 1
+            await trio.lowlevel.checkpoint()
+
+    def callback(index: int) -> None:
+        ran.append((index, rounds))
+        if index == 19:
+            all_ran.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(count_rounds)
+        for index in range(20):
+            aio_loop.call_soon(callback, index)
+        await all_ran.wait()
+        nursery.cancel_scope.cancel()
+    assert [index for index, _ in ran] == list(range(20))
+    assert len({round_ for _, round_ in ran}) <= 2  # one batch (the first callback may come alone)
+
+
+async def test_trio_tasks_started_from_asyncio_in_one_batch_all_run(aio_loop: Any) -> None:
+    _run_callbacks_in_batches(aio_loop)
+    results: list[int] = []
+
+    async def in_trio(value: int) -> int:
+        await trio.lowlevel.checkpoint()
+        return value
+
+    async def many() -> None:
+        results.extend(await asyncio.gather(*(trio_asyncio.trio_as_aio(in_trio)(i) for i in range(50))))
+
+    await trio_asyncio.aio_as_trio(many)()
+    assert results == list(range(50))
 
 
 class _RecordingTransport(asyncio.Transport):

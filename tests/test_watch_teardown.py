@@ -17,6 +17,7 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+import trio_bridge._service
 from tests.h2raw import WATCH as WATCH_PATH
 from tests.h2raw import RawH2
 from tests.support import Client, eventually, start_server, start_watch
@@ -264,3 +265,43 @@ async def test_a_cancel_while_writers_are_busy_is_a_cancel_not_a_fault(
     assert metrics.rpc_count("WatchVariables", "CANCELLED") == len(watchers)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert server.store.observers.observer_count == 0
+
+
+class _CountedTurns:
+    """The service's turns for ending watch streams, counting how many waited for one."""
+
+    def __init__(self, turns: trio.Semaphore) -> None:
+        self.turns = turns
+        self.most_waiting = 0
+        self.taken = 0
+
+    async def acquire(self) -> None:
+        self.most_waiting = max(
+            self.most_waiting, self.turns.statistics().tasks_waiting + 1 - self.turns.value
+        )
+        await self.turns.acquire()
+        self.taken += 1
+
+    def release(self) -> None:
+        self.turns.release()
+
+
+async def test_a_burst_of_endings_takes_turns_and_gives_every_turn_back(
+    client: Client, server: RunningServer, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One CleanupSession ends every watch of the session at once (NOT_FOUND), as one write can overflow
+    # hundreds: their endings reach asyncio's loop a bounded number at a time (so that other calls'
+    # steps are not queued behind all of them), and every turn taken is given back.
+    turns = _CountedTurns(server.service._endings)
+    monkeypatch.setattr(server.service, "_endings", turns)
+    session = await _session(client)
+    watchers = [await start_watch(nursery, client, _request(session)) for _ in range(90)]
+    for watcher in watchers:
+        await watcher.wait_synced()
+    await client(client.stub.cleanup_session(pb.CleanupSessionRequest(session_id=session)))
+    for watcher in watchers:
+        await watcher.ended.wait()
+        assert isinstance(watcher.error, GRPCError) and watcher.error.status == Status.NOT_FOUND
+    assert turns.taken == 90
+    assert turns.most_waiting > 0  # more ended at once than there are turns: some waited for one
+    await eventually(lambda: turns.turns.value == trio_bridge._service.ENDINGS_AT_ONCE)

@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import heapq
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
@@ -32,6 +33,8 @@ import outcome
 import trio
 import trio_asyncio
 from h2.errors import ErrorCodes
+from sniffio import thread_local as sniffio_library
+from trio_asyncio._handles import AsyncHandle
 
 from ._connections import (
     DEFAULT_CONNECTION_LIMITS,
@@ -259,65 +262,81 @@ async def _captured(fn: Callable[..., Awaitable[T]], *args: object) -> outcome.O
         return outcome.Error(exc)
 
 
-async def run_in_asyncio(fn: Callable[..., Coroutine[Any, Any, T]], *args: object) -> T:
-    """From Trio: run the asyncio coroutine function ``fn`` and return its result.
+def call_soon_in_asyncio(callback: Callable[[], object]) -> None:
+    """From Trio: run ``callback`` on asyncio's loop after the callbacks queued there now (those that
+    the calling Trio task queues before its next checkpoint included)."""
+    trio_asyncio.current_loop.get().call_soon(callback)
 
-    The coroutine starts at once, in the calling Trio task, and runs there until it first has to wait
-    for asyncio; most grpclib sends never do (the flow-control window is open and the socket takes the
-    bytes), and they finish without a round trip through trio-asyncio's loop, which costs tens of µs
-    per call (see ``nox -s bench``). A coroutine that does wait is handed, at the point where it
-    waits, to an asyncio task on the loop, and awaited.
+
+async def run_in_asyncio(fn: Callable[..., Coroutine[Any, Any, T]], *args: object) -> T:
+    """From Trio: run the asyncio coroutine function ``fn`` (grpclib's sending) and return its result.
+
+    The coroutine runs in the calling Trio task, driven step by step as an asyncio task would drive
+    it: when it waits for an asyncio future (a flow-control window, a paused transport), the Trio task
+    sleeps until the future is done (the future's done-callback wakes it). It is never handed to an
+    asyncio task: that cost a task, a round through trio-asyncio's loop each way, and, with thousands
+    of blocked streams, queues of such rounds that every other call waited behind. So ``fn`` must not
+    need ``asyncio.current_task()`` (grpclib's sends do not).
 
     Cancellation and scheduling: a coroutine that never waits runs like a synchronous call: no
     checkpoint, no schedule point (one would cost a Trio scheduling round per send, about 10 µs; the
-    caller's own loop has a schedule point where it waits for work). Once the coroutine is in an
-    asyncio task, cancelling the Trio caller cancels that task and raises ``trio.Cancelled`` when it
-    has finished.
+    caller's own loop has a schedule point where it waits for work). Cancelling the Trio caller while
+    the coroutine waits cancels the future it waits for and throws ``asyncio.CancelledError`` into it
+    at once, where it waits, as asyncio's ``Task.cancel`` would; then ``trio.Cancelled`` is raised
+    (or whatever else the coroutine raised while it was cancelled).
     """
     coroutine = fn(*args)
     try:
         waiting_on = coroutine.send(None)
-    except StopIteration as finished:
-        return cast(T, finished.value)
-    try:
-        result: T = await trio_asyncio.aio_as_trio(_finish)(coroutine, waiting_on)
-        return result
-    finally:
-        coroutine.close()  # a no-op once it has finished; closes it if its task never ran
-
-
-async def _finish(coroutine: Coroutine[Any, Any, T], waiting_on: object) -> T:
-    """In an asyncio task: go on with ``coroutine``, which was started elsewhere and yielded
-    ``waiting_on`` (the future it waits for) to its driver."""
-    return await _Resumed(coroutine, waiting_on)
-
-
-class _Resumed(Awaitable[T]):
-    """Drives a started coroutine from where it yielded ``waiting_on``: the asyncio task awaiting this
-    sees exactly what it would have seen had it run the coroutine from the start."""
-
-    def __init__(self, coroutine: Coroutine[Any, Any, T], waiting_on: object) -> None:
-        self._coroutine = coroutine
-        self._waiting_on = waiting_on
-
-    def __await__(self) -> Generator[Any, Any, T]:
-        coroutine, waiting_on = self._coroutine, self._waiting_on
         while True:
             try:
-                sent = yield waiting_on
-            except GeneratorExit:
-                coroutine.close()
+                await _until_done(waiting_on)
+            except trio.Cancelled:
+                _cancel_where_it_waits(coroutine, waiting_on)
                 raise
-            except BaseException as thrown:  # the task's cancellation: deliver it where it belongs
-                try:
-                    waiting_on = coroutine.throw(thrown)
-                except StopIteration as finished:
-                    return cast(T, finished.value)
-                continue
-            try:
-                waiting_on = coroutine.send(sent)
-            except StopIteration as finished:
-                return cast(T, finished.value)
+            waiting_on = coroutine.send(None)
+    except StopIteration as finished:
+        return cast(T, finished.value)
+    finally:
+        coroutine.close()  # a no-op once it has finished
+
+
+async def _until_done(waiting_on: object) -> None:
+    """Sleep until ``waiting_on`` (what an asyncio coroutine yielded to its driver: a future, or None
+    for a bare yield) is done. Cancellation: stops waiting, leaves the future alone."""
+    if waiting_on is None:  # asyncio.sleep(0): let the others run
+        await trio.lowlevel.checkpoint()
+        return
+    if not asyncio.isfuture(waiting_on):
+        raise RuntimeError(f"an asyncio coroutine yielded {waiting_on!r}, not a future")
+    future = waiting_on
+    future._asyncio_future_blocking = False  # as asyncio's Task does with what it is handed
+    if future.done():
+        return
+    task = trio.lowlevel.current_task()
+
+    def wake(_: object) -> None:
+        trio.lowlevel.reschedule(task)
+
+    def abort(_: object) -> trio.lowlevel.Abort:
+        future.remove_done_callback(wake)
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    future.add_done_callback(wake)
+    await trio.lowlevel.wait_task_rescheduled(abort)
+
+
+def _cancel_where_it_waits(coroutine: Coroutine[Any, Any, Any], waiting_on: object) -> None:
+    """Cancel ``coroutine`` as asyncio's ``Task.cancel`` does: the future it waits for, and a
+    CancelledError thrown in where it waits, which it is expected to let out. One that waits again
+    instead is closed."""
+    if asyncio.isfuture(waiting_on):
+        waiting_on.cancel()
+    try:
+        coroutine.throw(asyncio.CancelledError())
+    except (asyncio.CancelledError, StopIteration):
+        return
+    coroutine.close()
 
 
 @dataclass(frozen=True)
@@ -349,6 +368,7 @@ async def serve_grpc(
     """
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(_log_asyncio_error)
+        _run_callbacks_in_batches(loop)
         server = GuardedServer(services, connection_limits, max_connections)
         await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=tls)
         if not max_connections:  # derived, now that the loop and the listener have their files
@@ -364,6 +384,59 @@ async def serve_grpc(
         finally:
             with trio.CancelScope(shield=True):
                 await _shut_down(server, drain, grace)
+
+
+#: How long trio-asyncio's loop runs ready asyncio callbacks before it lets Trio's tasks run.
+_CALLBACK_BATCH_SECONDS = 0.002
+
+
+def _run_callbacks_in_batches(loop: trio_asyncio.TrioEventLoop) -> None:
+    """Make ``loop`` run the asyncio callbacks that are ready in batches of up to
+    ``_CALLBACK_BATCH_SECONDS``, as asyncio's own loop runs what is ready, rather than one per round of
+    Trio's scheduler (trio-asyncio 0.16 runs one callback, then a schedule point with a cancel scope).
+
+    One a round cost a full round of the scheduler per callback (every Trio task, an epoll check, a
+    cancel scope made and closed): under load, hundreds of callbacks queued, and a call's every step
+    waited behind all of them, one round each (the good client's p99 during an abuse test, issue #10).
+    Order is kept: callbacks run in the order they were queued, timers when they are due; the Trio
+    tasks that callbacks start (``trio_as_aio``) have all started before the next batch (trio-asyncio
+    waited for each). Cancellation: as trio-asyncio's loop (shielded; it ends when the loop is
+    stopped).
+    """
+    run_one = loop._main_loop_one
+    queue = loop._q_recv
+    timers: list[asyncio.TimerHandle] = loop._timers
+
+    async def run_ready(no_wait: bool = False) -> None:
+        await run_one(no_wait)  # waits for the first callback (or the first timer due)
+        if no_wait:
+            return
+        last_started: AsyncHandle | None = None
+        until = time.perf_counter() + _CALLBACK_BATCH_SECONDS
+        while time.perf_counter() < until:
+            if timers and timers[0].when() <= loop.time():
+                handle: asyncio.Handle = heapq.heappop(timers)
+            else:
+                try:
+                    handle = queue.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                if isinstance(handle, asyncio.TimerHandle):
+                    heapq.heappush(timers, handle)
+                    continue
+            if isinstance(handle, AsyncHandle):  # a Trio task to start
+                handle._context.run(loop._nursery.start_soon, handle._run, name=handle._callback)
+                last_started = handle
+            elif not handle.cancelled():
+                previous, sniffio_library.name = sniffio_library.name, "asyncio"
+                try:
+                    handle._run()
+                finally:
+                    sniffio_library.name = previous
+        if last_started is not None:  # the batch's Trio tasks run before the next batch
+            await last_started._started.wait()
+
+    loop._main_loop_one = run_ready
 
 
 _ACCEPT_FAILED = "socket.accept() out of system resource"

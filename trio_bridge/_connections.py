@@ -74,7 +74,7 @@ _TINY_FRAME = 1024
 _FRAMES_BEFORE_TINY_COUNTS = 4
 #: Handlers one connection starts at a time; more wait for the loop's next turn, behind what other
 #: connections have queued meanwhile (a burst of streams on one connection delays no one much).
-_STARTS_PER_TURN = 16
+_STARTS_PER_TURN = 4
 #: Streams that may wait for a handler on one connection, as a multiple of ``max_streams`` (as Go).
 _WAITING_FACTOR = 4
 

@@ -27,6 +27,7 @@ from h2.errors import ErrorCodes
 
 from . import _encoding as enc
 from ._bridge import (
+    call_soon_in_asyncio,
     release_request_buffers,
     request_framing_checked,
     reset_stream,
@@ -34,7 +35,7 @@ from ._bridge import (
     run_in_trio,
     send_messages,
 )
-from ._errors import InvalidArgument, ResourceExhausted
+from ._errors import BridgeError, InvalidArgument, ResourceExhausted
 from ._limits import DEFAULT_LIMITS, Limits, check_constraint_sizes, check_metadata, check_source
 from ._metrics import Metrics
 from ._security import AUTHORIZATION, Principal, Tokens
@@ -46,6 +47,8 @@ from ._watch import BatchProgress, WatchPlan, WatchStream, plan_watch
 from .proto import unified_bridge as pb
 
 WATCH_PATH = "/unified_bridge.UnifiedBridge/WatchVariables"
+#: Watch streams that may be ending with a status at once; more wait their turn (``_run_watch``).
+ENDINGS_AT_ONCE = 8
 
 _RawHandler = Callable[[Stream[Any, Any]], Awaitable[None]]
 
@@ -73,6 +76,8 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         self.limits = limits
         self.tokens = tokens
         self._watches: set[WatchStream] = set()
+        # Watch streams ending with a status whose asyncio side may not have run yet (_run_watch).
+        self._endings = trio.Semaphore(ENDINGS_AT_ONCE)
         # Watch calls admitted (counted from the request, before their stream starts), in all and by
         # connection (its peer address).
         self._admitted_watches = 0
@@ -393,6 +398,15 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             watch.shut_down()
         try:
             await watch.run()
+        except BridgeError:
+            # One write can overflow hundreds of streams at once. Each ending wakes its asyncio side
+            # (which sends the status) through asyncio's loop, first come first served: all at once,
+            # every other call's next step would wait behind hundreds of them. They take turns, a
+            # bounded number at a time: a turn is given back once asyncio's loop has run what was
+            # queued there before this call's wake-up.
+            await self._endings.acquire()
+            call_soon_in_asyncio(self._endings.release)
+            raise
         finally:
             self._watches.discard(watch)
 
