@@ -494,6 +494,10 @@ class GuardedProtocol(H2Protocol):
             self._cancel_handler(stream)
 
     def _handler_done(self, stream: Stream) -> None:
+        # grpclib's handler drops its finished tasks only every tenth stream it accepts: on a closed
+        # connection, never; each would keep the stream, and through it the whole connection's h2
+        # state, alive until the server swept the connection's handler some connections later.
+        self.handler._tasks.pop(stream, None)  # type: ignore[attr-defined]
         wrapper = stream.wrapper
         if wrapper is not None:
             # grpclib's Wrapper keeps the error it raised to end the handler (the client reset the
