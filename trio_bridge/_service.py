@@ -403,7 +403,8 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             # (which sends the status) through asyncio's loop, first come first served: all at once,
             # every other call's next step would wait behind hundreds of them. They take turns, a
             # bounded number at a time: a turn is given back once asyncio's loop has run what was
-            # queued there before this call's wake-up.
+            # queued there before the turn was taken (the wake-ups of earlier turns; this call's own
+            # comes just after), so at most about twice ENDINGS_AT_ONCE wake-ups wait there at once.
             await self._endings.acquire()
             call_soon_in_asyncio(self._endings.release)
             raise
