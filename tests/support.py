@@ -13,7 +13,7 @@ import trio
 import trio_asyncio
 from grpclib.client import Channel
 
-from trio_bridge import Limits, RunningServer, ServerConfig, SessionStore, serve
+from trio_bridge import Limits, MemoryStore, RunningServer, ServerConfig, serve
 from trio_bridge.proto import unified_bridge as pb
 
 T = TypeVar("T")
@@ -32,7 +32,7 @@ def connect(server: RunningServer, **channel_options: Any) -> Iterator[Client]:
 
 
 async def start_server(
-    nursery: trio.Nursery, *, store: SessionStore | None = None, **config: Any
+    nursery: trio.Nursery, *, store: MemoryStore | None = None, **config: Any
 ) -> RunningServer:
     """Start a server on a free loopback port in ``nursery``; return once it is listening. ``config``
     holds ServerConfig fields and Limits fields alike."""

@@ -83,7 +83,8 @@ async def _churn(server: RunningServer, session: str, streams: int, mode: str) -
             process.kill()
             await process.wait()
     await eventually(
-        lambda: server.store.observers.observer_count == 0 and server.service.open_watches == 0, limit=120
+        lambda: server.store.cache.observers.observer_count == 0 and server.service.open_watches == 0,
+        limit=120,
     )
 
 
@@ -92,8 +93,8 @@ async def test_churn_of_streams_leaves_nothing_behind(
 ) -> None:
     per_mode = 625 if STRESS else 60  # x 4 modes x 4 rounds: 10,000 streams in the stress run
     server = await start_server(nursery, max_watch_streams=per_mode, max_watch_streams_per_connection=100)
-    session = server.store.create_session().session_id
-    server.store.register_variable(session, "t", VariableType.INTEGER, 0)
+    session = (await server.store.create_session()).session_id
+    await server.store.register_variable(session, "t", VariableType.INTEGER, 0)
     before = _stream_objects()
     tasks: list[int] = []
     left: list[dict[str, int]] = []
@@ -108,7 +109,7 @@ async def test_churn_of_streams_leaves_nothing_behind(
         f"churn: {opened} streams opened and ended ({', '.join(MODES)}); Trio tasks after each round "
         f"{tasks}; per-stream objects before {before}, after each round {left}"
     )
-    assert server.store.observers.observer_count == 0
+    assert server.store.cache.observers.observer_count == 0
     assert len(set(tasks)) == 1, tasks  # not one task more than after the first round
     for after in left:
         assert {name: after[name] for name in _OURS} == {name: before[name] for name in _OURS}
@@ -155,9 +156,9 @@ async def test_faults_lose_duplicate_or_reorder_nothing(
     writes = 25_000 if STRESS else 600  # per variable: 100,000 updates in the stress run
     watchers = 6
     server = await start_server(nursery, watch_queue_size=16, history_size=2 * writes * len(variables))
-    session = server.store.create_session().session_id
+    session = (await server.store.create_session()).session_id
     for name in variables:
-        server.store.register_variable(session, name, VariableType.INTEGER, 0)
+        await server.store.register_variable(session, name, VariableType.INTEGER, 0)
     proxy = DroppingProxy(server.port)
     await nursery.start(proxy.run)
 

@@ -107,8 +107,8 @@ async def test_sessions_and_typed_variables(server: RunningServer) -> None:
 async def test_errors_are_one_line_on_stderr(
     server: RunningServer, args: list[str], code: int, line: str
 ) -> None:
-    server.store.create_session("lab")
-    server.store.register_variable(
+    await server.store.create_session("lab")
+    await server.store.register_variable(
         "lab", "temperature", VariableType.FLOAT, 20.0, constraints=Constraints(maximum=60.0)
     )
     assert (await cli(server, *args, expect=code)).startswith(line)

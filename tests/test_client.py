@@ -20,9 +20,9 @@ from trio_bridge import (
     AlreadyExists,
     Constraints,
     InvalidArgument,
+    MemoryStore,
     NotFound,
     RunningServer,
-    SessionStore,
     Tensor,
     VariableType,
     VersionConflict,
@@ -132,8 +132,8 @@ async def _consume(client: BridgeClient, collector: Collector, session: str, **o
 
 
 async def test_watch_yields_typed_events_and_filters_heartbeats(server: RunningServer, aio_loop: Any) -> None:
-    session = server.store.create_session().session_id
-    server.store.register_variable(session, "t", VariableType.FLOAT, 1.0)
+    session = (await server.store.create_session()).session_id
+    await server.store.register_variable(session, "t", VariableType.FLOAT, 1.0)
 
     async def scenario() -> list[WatchEvent]:
         events = []
@@ -155,7 +155,7 @@ async def test_watch_yields_typed_events_and_filters_heartbeats(server: RunningS
     change = events[-1]
     assert change.variable is not None and (change.variable.value, change.variable.version) == (2.0, 2)
     assert (change.old_value, change.source, change.metadata) == (1.0, "me", {"k": "v"})
-    await eventually(lambda: server.store.observers.observer_count == 0)  # aclose ended the stream
+    await eventually(lambda: server.store.cache.observers.observer_count == 0)  # aclose ended the stream
 
 
 async def _watch_across(
@@ -165,7 +165,7 @@ async def _watch_across(
     *,
     writes: int,
     last: int,
-    write: Callable[[int], None],
+    write: Callable[[int], Awaitable[object]],
     config: Configuration | None = None,
     pause_while_writing: bool = False,
     heartbeat_interval: float | None = None,
@@ -190,7 +190,7 @@ async def _watch_across(
                     synced_once.set()
                     if pause_while_writing:  # read nothing while all the writes happen
                         for i in range(writes):
-                            write(i)
+                            await write(i)
                 if event.variable is not None and event.variable.version == last:
                     done.set()
                     return
@@ -201,7 +201,7 @@ async def _watch_across(
         await interrupt()
         if not pause_while_writing:
             for i in range(writes):
-                write(i)
+                await write(i)
         with trio.fail_after(30):
             await done.wait()
     return events
@@ -215,8 +215,8 @@ def _assert_every_version_once(events: list[WatchEvent], last: int) -> None:
 
 async def test_watch_resumes_after_resource_exhausted(nursery: trio.Nursery) -> None:
     server = await start_server(nursery, watch_queue_size=4)
-    session = server.store.create_session().session_id
-    server.store.register_variable(session, "t", VariableType.STRING, "")
+    session = (await server.store.create_session()).session_id
+    await server.store.register_variable(session, "t", VariableType.STRING, "")
     small_window = Configuration(http2_connection_window_size=2**16 - 1, http2_stream_window_size=2**16 - 1)
 
     async def nothing() -> None:
@@ -237,9 +237,9 @@ async def test_watch_resumes_after_resource_exhausted(nursery: trio.Nursery) -> 
 
 
 async def test_watch_resumes_across_a_server_restart(nursery: trio.Nursery, aio_loop: Any) -> None:
-    store = SessionStore()
-    session = store.create_session().session_id
-    store.register_variable(session, "t", VariableType.INTEGER, 0)
+    store = MemoryStore()
+    session = (await store.create_session()).session_id
+    await store.register_variable(session, "t", VariableType.INTEGER, 0)
     first_server = trio.CancelScope()
     port_holder: list[int] = []
 
@@ -255,9 +255,9 @@ async def test_watch_resumes_across_a_server_restart(nursery: trio.Nursery, aio_
 
     async def restart() -> None:
         first_server.cancel()  # the stream ends with UNAVAILABLE
-        await eventually(lambda: store.observers.observer_count == 0)
+        await eventually(lambda: store.cache.observers.observer_count == 0)
         for i in range(5):
-            store.set_variable(session, "t", 100 + i)  # changes while no server runs
+            await store.set_variable(session, "t", 100 + i)  # changes while no server runs
         await start_server(nursery, store=store, port=port_holder[0])
 
     events = await _watch_across(
@@ -272,15 +272,15 @@ async def test_watch_resumes_across_a_server_restart(nursery: trio.Nursery, aio_
 
 
 async def test_watch_resumes_when_the_connection_is_cut(server: RunningServer, nursery: trio.Nursery) -> None:
-    session = server.store.create_session().session_id
-    server.store.register_variable(session, "t", VariableType.INTEGER, 0)
+    session = (await server.store.create_session()).session_id
+    await server.store.register_variable(session, "t", VariableType.INTEGER, 0)
     proxy = DroppingProxy(server.port)
     await nursery.start(proxy.run)
 
     async def cut() -> None:
         assert proxy.drop_all() >= 1
         for i in range(5):
-            server.store.set_variable(session, "t", 100 + i)
+            await server.store.set_variable(session, "t", 100 + i)
 
     events = await _watch_across(
         proxy.port,
@@ -300,8 +300,8 @@ async def test_a_connection_lost_while_it_is_made_is_a_connection_error_and_the_
     """grpclib hands out a connection that was lost between being made and being used (a peer that
     resets it at once), and the call then fails inside grpclib with an AttributeError. Seen in the
     100,000-update fault run; here the loss is made to happen at exactly that moment."""
-    session = server.store.create_session().session_id
-    server.store.register_variable(session, "t", VariableType.INTEGER, 7)
+    session = (await server.store.create_session()).session_id
+    await server.store.register_variable(session, "t", VariableType.INTEGER, 7)
     lost = 0
     real_create = Channel._create_connection
 
@@ -331,8 +331,8 @@ async def test_a_connection_lost_while_it_is_made_is_a_connection_error_and_the_
 
 
 async def test_many_watches_are_spread_over_connections(server: RunningServer, aio_loop: Any) -> None:
-    session = server.store.create_session().session_id
-    server.store.register_variable(session, "t", VariableType.INTEGER, 0)
+    session = (await server.store.create_session()).session_id
+    await server.store.register_variable(session, "t", VariableType.INTEGER, 0)
 
     async def scenario() -> int:
         async with BridgeClient(server.host, server.port) as client:
@@ -345,15 +345,15 @@ async def test_many_watches_are_spread_over_connections(server: RunningServer, a
             return connections
 
     assert await in_asyncio(scenario) == 3  # 90 streams per connection at most
-    await eventually(lambda: server.store.observers.observer_count == 0)
+    await eventually(lambda: server.store.cache.observers.observer_count == 0)
 
 
 async def test_the_client_spreads_watches_thinner_when_the_server_allows_fewer(
     nursery: trio.Nursery, aio_loop: Any
 ) -> None:
     server = await start_server(nursery, max_watch_streams_per_connection=3)
-    session = server.store.create_session().session_id
-    server.store.register_variable(session, "t", VariableType.INTEGER, 0)
+    session = (await server.store.create_session()).session_id
+    await server.store.register_variable(session, "t", VariableType.INTEGER, 0)
 
     async def scenario() -> int:
         fast = Reconnect(initial_delay=0.001, max_delay=0.01)
@@ -373,8 +373,8 @@ async def test_the_client_spreads_watches_thinner_when_the_server_allows_fewer(
 async def test_a_silent_connection_counts_as_dead_and_the_watch_resumes(
     server: RunningServer, nursery: trio.Nursery
 ) -> None:
-    session = server.store.create_session().session_id
-    server.store.register_variable(session, "t", VariableType.INTEGER, 0)
+    session = (await server.store.create_session()).session_id
+    await server.store.register_variable(session, "t", VariableType.INTEGER, 0)
     proxy = DroppingProxy(server.port)
     await nursery.start(proxy.run)
 
@@ -397,8 +397,8 @@ async def test_a_silent_connection_counts_as_dead_and_the_watch_resumes(
 async def test_watch_raises_typed_errors_for_statuses_it_cannot_resume_from(
     server: RunningServer, aio_loop: Any
 ) -> None:
-    session = server.store.create_session().session_id
-    server.store.register_variable(session, "t", VariableType.FLOAT, 1.0)
+    session = (await server.store.create_session()).session_id
+    await server.store.register_variable(session, "t", VariableType.FLOAT, 1.0)
 
     kinds: list[str] = []
 

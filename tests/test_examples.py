@@ -47,5 +47,5 @@ async def test_greenhouse_controller_reacts_to_the_sensor(server: RunningServer)
         "24.5 °C",
         "sensor finished",
     ]
-    heater = server.store.get_variable("greenhouse", "heater")
+    heater = await server.store.get_variable("greenhouse", "heater")
     assert (heater.value, heater.version, heater.last_update_source) == (False, 3, "controller")

@@ -63,7 +63,8 @@ async def _end_streams(server: RunningServer, session: str, mode: str, streams: 
             await _client(argv)
         ended = 3 * streams if mode == "calls" else streams
     await eventually(
-        lambda: server.store.observers.observer_count == 0 and server.service.open_watches == 0, limit=60
+        lambda: server.store.cache.observers.observer_count == 0 and server.service.open_watches == 0,
+        limit=60,
     )
     return ended
 
@@ -71,8 +72,8 @@ async def _end_streams(server: RunningServer, session: str, mode: str, streams: 
 @pytest.fixture
 async def server(nursery: trio.Nursery) -> tuple[RunningServer, str]:
     running = await start_server(nursery, max_watch_streams_per_connection=100)
-    session = running.store.create_session().session_id
-    running.store.register_variable(session, "t", VariableType.INTEGER, 0)
+    session = (await running.store.create_session()).session_id
+    await running.store.register_variable(session, "t", VariableType.INTEGER, 0)
     return running, session
 
 

@@ -226,8 +226,8 @@ async def test_stock_grpcio_aio_client_consumes_the_watch_stream(
         return released[-1]
 
     monkeypatch.setattr(trio_bridge._service, "release_request_buffers", recorded)
-    session = server.store.create_session().session_id
-    server.store.register_variable(session, "t", VariableType.FLOAT, 0.5)
+    session = (await server.store.create_session()).session_id
+    await server.store.register_variable(session, "t", VariableType.FLOAT, 0.5)
     target = f"{server.host}:{server.port}"
     process = await trio.lowlevel.open_process(
         [sys.executable, "-c", AIO_WATCHER, str(stubs_dir), target, session], stdout=subprocess.PIPE
@@ -240,7 +240,7 @@ async def test_stock_grpcio_aio_client_consumes_the_watch_stream(
             assert chunk, f"the grpc.aio client ended early: {output!r}"
             output += chunk
         for value in (1.0, 2.0, 3.0):
-            server.store.set_variable(session, "t", value)
+            await server.store.set_variable(session, "t", value)
         async for chunk in process.stdout:
             output += chunk
         assert await process.wait() == 0

@@ -146,7 +146,7 @@ async def test_max_message_bytes_refuses_before_reading_and_keeps_the_connection
             "request message is",
             "max_message_bytes=1024",
         )
-        assert server.store.session_count == 0
+        assert server.store.cache.session_count == 0
         reply = await client(client.stub.ping(pb.PingRequest(message="still here")))  # same connection
         assert reply.message == "still here"
 
@@ -294,7 +294,7 @@ async def test_metadata_and_source_sizes(nursery: trio.Nursery) -> None:
         }
         for request, *fragments in cases:
             await expect_status(client, calls[type(request)](request), Status.INVALID_ARGUMENT, *fragments)
-        assert server.store.get_variable(session, "t").version == 1  # nothing was written
+        assert (await server.store.get_variable(session, "t")).version == 1  # nothing was written
         await client(  # at the limits: accepted
             client.stub.set_variable(
                 pb.SetVariableRequest(
@@ -356,7 +356,7 @@ async def test_constraint_sizes(nursery: trio.Nursery) -> None:
             "70001 bytes",
             "max_constraint_bytes=65536",
         )
-        assert server.store.list_variables(session) == []
+        assert await server.store.list_variables(session) == []
 
 
 async def test_max_session_ttl_seconds(nursery: trio.Nursery) -> None:
@@ -399,4 +399,4 @@ async def test_max_sessions_per_token(nursery: trio.Nursery, aio_loop: object, t
                 await client.create_session()  # room again
 
     await trio_asyncio.aio_as_trio(scenario)()
-    assert server.store.session_count == 4
+    assert server.store.cache.session_count == 4

@@ -456,7 +456,7 @@ async def test_ttl_expiry_over_the_wire(
             await client(client.stub.get_session(pb.GetSessionRequest(session_id="kept-alive")))
         # 60 s idle for "short-lived": the expiry task has removed it without anyone asking.
         await trio.testing.wait_all_tasks_blocked()
-        assert server.store.session_count == 1
+        assert server.store.cache.session_count == 1
         await expect_status(
             client,
             client.stub.get_session(pb.GetSessionRequest(session_id="short-lived")),

@@ -115,8 +115,8 @@ async def test_every_rpc_needs_a_valid_token(nursery: trio.Nursery, aio_loop: An
         assert "not-a-real-token" not in str(caught.value)  # never echoed
     await _ping(server, token=ALICE)
 
-    session = server.store.create_session(owner="alice").session_id
-    server.store.register_variable(session, "t", VariableType.INTEGER, 0)
+    session = (await server.store.create_session(owner="alice")).session_id
+    await server.store.register_variable(session, "t", VariableType.INTEGER, 0)
 
     async def watch_without_token() -> None:
         async with BridgeClient(server.host, server.port, reconnect=None) as client:
@@ -168,7 +168,7 @@ async def test_own_scope_sees_only_its_sessions_and_others_look_absent(
             assert (await alice.get(carols, "secret")).value == 42
 
     await in_asyncio(scenario)
-    assert server.store.get_variable("carols", "secret").value == 42  # bob changed nothing
+    assert (await server.store.get_variable("carols", "secret")).value == 42  # bob changed nothing
 
 
 async def test_health_answers_without_a_token(nursery: trio.Nursery, aio_loop: Any, token_file: Path) -> None:
@@ -231,7 +231,7 @@ async def test_cli_client_speaks_tls_with_a_token(
         check=False,
     )
     assert ok.returncode == 0, ok.stderr.decode()
-    assert server.store.owner_of("from-cli") == "bob"
+    assert await server.store.owner_of("from-cli") == "bob"
     refused = await trio.run_process(
         [*base, "--tls-ca", str(pki["ca"]), "--id", "no-token"], capture_stderr=True, check=False
     )

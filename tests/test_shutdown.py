@@ -62,8 +62,8 @@ async def test_shutdown_first_sends_every_change_accepted_before_it(aio_loop: An
                     )
 
         server: RunningServer = await nursery.start(serve_until_cancelled)
-        session = server.store.create_session().session_id
-        server.store.register_variable(session, "s", VariableType.STRING, "")
+        session = (await server.store.create_session()).session_id
+        await server.store.register_variable(session, "s", VariableType.STRING, "")
         changes = 1500  # of 1 KB each: more than the sender takes in one batch (BATCH_LIMIT)
         synced, go = threading.Event(), threading.Event()
 
@@ -98,8 +98,8 @@ async def test_shutdown_first_sends_every_change_accepted_before_it(aio_loop: An
             clients.start_soon(run_watch)
             await wait_for(synced)
             for index in range(changes):  # accepted: each returns its new version
-                server.store.set_variable(session, "s", f"{index:04d}" + "x" * 1000)
-            assert server.store.observers.observer_count == 1
+                await server.store.set_variable(session, "s", f"{index:04d}" + "x" * 1000)
+            assert server.store.cache.observers.observer_count == 1
             health = grpc.insecure_channel(f"{server.host}:{server.port}")
 
             def check_health() -> str:

@@ -1,4 +1,4 @@
-"""SessionStore and ObserverManager on their own: versions, compare-and-set, atomic batches, TTL, events."""
+"""MemoryStore and ObserverManager on their own: versions, compare-and-set, atomic batches, TTL, events."""
 
 from __future__ import annotations
 
@@ -11,80 +11,84 @@ from trio_bridge import (
     Constraints,
     EventKind,
     InvalidArgument,
+    MemoryStore,
     NotFound,
     ObserverManager,
     ResourceExhausted,
-    SessionStore,
     VariableEvent,
     VariableType,
     VariableWrite,
     VersionConflict,
 )
-from trio_bridge._store import session_key, variable_key
+from trio_bridge.storage import session_key, variable_key
 
 
 @pytest.fixture
-def store() -> SessionStore:
-    return SessionStore(default_ttl=60.0)
+def store() -> MemoryStore:
+    return MemoryStore(default_ttl=60.0)
 
 
-def _session_with_counter(store: SessionStore) -> str:
-    session = store.create_session("s1").session_id
-    store.register_variable(session, "counter", VariableType.INTEGER, 0, constraints=Constraints(minimum=0))
+async def _session_with_counter(store: MemoryStore) -> str:
+    session = (await store.create_session("s1")).session_id
+    await store.register_variable(
+        session, "counter", VariableType.INTEGER, 0, constraints=Constraints(minimum=0)
+    )
     return session
 
 
-async def test_version_starts_at_one_and_rises_by_one_per_change(store: SessionStore) -> None:
-    session = _session_with_counter(store)
-    assert store.get_variable(session, "counter").version == 1
+async def test_version_starts_at_one_and_rises_by_one_per_change(store: MemoryStore) -> None:
+    session = await _session_with_counter(store)
+    assert (await store.get_variable(session, "counter")).version == 1
     for expected_version in range(2, 7):
-        snapshot = store.set_variable(session, "counter", expected_version * 10, source="test")
+        snapshot = await store.set_variable(session, "counter", expected_version * 10, source="test")
         assert snapshot.version == expected_version
         assert snapshot.last_update_source == "test"
-    by_id = store.get_variable(session, snapshot.id)
-    assert by_id == store.get_variable(session, "counter")
+    by_id = await store.get_variable(session, snapshot.id)
+    assert by_id == await store.get_variable(session, "counter")
     assert by_id.value == 60
 
 
-async def test_refused_value_leaves_value_and_version_unchanged(store: SessionStore) -> None:
-    session = _session_with_counter(store)
-    before = store.get_variable(session, "counter")
+async def test_refused_value_leaves_value_and_version_unchanged(store: MemoryStore) -> None:
+    session = await _session_with_counter(store)
+    before = await store.get_variable(session, "counter")
     with pytest.raises(InvalidArgument, match=r"variable 'counter' .*below minimum 0"):
-        store.set_variable(session, "counter", -1)
-    assert store.get_variable(session, "counter") == before
+        await store.set_variable(session, "counter", -1)
+    assert await store.get_variable(session, "counter") == before
 
 
-async def test_compare_and_set(store: SessionStore) -> None:
-    session = _session_with_counter(store)
-    store.set_variable(session, "counter", 1, expected_version=1)
+async def test_compare_and_set(store: MemoryStore) -> None:
+    session = await _session_with_counter(store)
+    await store.set_variable(session, "counter", 1, expected_version=1)
     with pytest.raises(VersionConflict, match="expected version 1, but the current version is 2") as caught:
-        store.set_variable(session, "counter", 99, expected_version=1)
+        await store.set_variable(session, "counter", 99, expected_version=1)
     assert caught.value.current == 2
-    current = store.get_variable(session, "counter")
+    current = await store.get_variable(session, "counter")
     assert (current.value, current.version) == (1, 2)
 
 
-async def test_read_modify_write_cycles_lose_no_update(store: SessionStore) -> None:
+async def test_read_modify_write_cycles_lose_no_update(store: MemoryStore) -> None:
     """Two clients interleave read-modify-write; with CAS every increment lands exactly once."""
-    session = _session_with_counter(store)
+    session = await _session_with_counter(store)
     applied = 0
     for _ in range(50):
-        a = store.get_variable(session, "counter")
-        b = store.get_variable(session, "counter")
-        store.set_variable(session, "counter", a.value + 1, expected_version=a.version)
+        a = await store.get_variable(session, "counter")
+        b = await store.get_variable(session, "counter")
+        await store.set_variable(session, "counter", a.value + 1, expected_version=a.version)
         applied += 1
         with pytest.raises(VersionConflict):
-            store.set_variable(session, "counter", b.value + 1, expected_version=b.version)
-        fresh = store.get_variable(session, "counter")
-        store.set_variable(session, "counter", fresh.value + 1, expected_version=fresh.version)
+            await store.set_variable(session, "counter", b.value + 1, expected_version=b.version)
+        fresh = await store.get_variable(session, "counter")
+        await store.set_variable(session, "counter", fresh.value + 1, expected_version=fresh.version)
         applied += 1
-    assert store.get_variable(session, "counter").value == applied
+    assert (await store.get_variable(session, "counter")).value == applied
 
 
-async def test_batch_is_all_or_nothing(store: SessionStore) -> None:
-    session = _session_with_counter(store)
-    store.register_variable(session, "label", VariableType.STRING, "a", constraints=Constraints(max_length=3))
-    before = store.list_variables(session)
+async def test_batch_is_all_or_nothing(store: MemoryStore) -> None:
+    session = await _session_with_counter(store)
+    await store.register_variable(
+        session, "label", VariableType.STRING, "a", constraints=Constraints(max_length=3)
+    )
+    before = await store.list_variables(session)
     for bad_batch, error in [
         ([VariableWrite("counter", 5), VariableWrite("label", "toolong")], InvalidArgument),
         ([VariableWrite("counter", 5), VariableWrite("missing", 1)], NotFound),
@@ -92,63 +96,63 @@ async def test_batch_is_all_or_nothing(store: SessionStore) -> None:
         ([VariableWrite("counter", 5), VariableWrite("counter", 6)], InvalidArgument),
     ]:
         with pytest.raises(error):
-            store.set_variables(session, bad_batch)
-        assert store.list_variables(session) == before
-    results = store.set_variables(session, [VariableWrite("counter", 5), VariableWrite("label", "b")])
+            await store.set_variables(session, bad_batch)
+        assert await store.list_variables(session) == before
+    results = await store.set_variables(session, [VariableWrite("counter", 5), VariableWrite("label", "b")])
     assert [(r.name, r.value, r.version) for r in results] == [("counter", 5, 2), ("label", "b", 2)]
 
 
-async def test_unknown_names_are_all_named(store: SessionStore) -> None:
-    session = _session_with_counter(store)
+async def test_unknown_names_are_all_named(store: MemoryStore) -> None:
+    session = await _session_with_counter(store)
     with pytest.raises(NotFound, match="has no variables 'a', 'b'"):
-        store.get_variables(session, ["counter", "a", "b"])
+        await store.get_variables(session, ["counter", "a", "b"])
     with pytest.raises(NotFound, match="session 'nope' not found"):
-        store.get_session("nope")
+        await store.get_session("nope")
 
 
-async def test_names_and_ids_are_unique(store: SessionStore) -> None:
-    session = _session_with_counter(store)
+async def test_names_and_ids_are_unique(store: MemoryStore) -> None:
+    session = await _session_with_counter(store)
     with pytest.raises(AlreadyExists, match="already has a variable named 'counter'"):
-        store.register_variable(session, "counter", VariableType.INTEGER, 1)
+        await store.register_variable(session, "counter", VariableType.INTEGER, 1)
     with pytest.raises(AlreadyExists, match="session 's1' already exists"):
-        store.create_session("s1")
+        await store.create_session("s1")
     with pytest.raises(InvalidArgument, match="variable name 'bad name' must match"):
-        store.register_variable(session, "bad name", VariableType.INTEGER, 1)
-    assert store.create_session().session_id != store.create_session().session_id
+        await store.register_variable(session, "bad name", VariableType.INTEGER, 1)
+    assert (await store.create_session()).session_id != (await store.create_session()).session_id
 
 
-async def test_delete_and_cleanup_keep_counts(store: SessionStore) -> None:
-    session = _session_with_counter(store)
-    store.register_variable(session, "x", VariableType.BOOLEAN, True)
-    assert (store.session_count, store.variable_count) == (1, 2)
-    store.delete_variable(session, "x")
+async def test_delete_and_cleanup_keep_counts(store: MemoryStore) -> None:
+    session = await _session_with_counter(store)
+    await store.register_variable(session, "x", VariableType.BOOLEAN, True)
+    assert (store.cache.session_count, store.cache.variable_count) == (1, 2)
+    await store.delete_variable(session, "x")
     with pytest.raises(NotFound):
-        store.get_variable(session, "x")
-    assert store.variable_count == 1
-    assert store.cleanup_session(session) == 1
-    assert (store.session_count, store.variable_count) == (0, 0)
+        await store.get_variable(session, "x")
+    assert store.cache.variable_count == 1
+    assert await store.cleanup_session(session) == 1
+    assert (store.cache.session_count, store.cache.variable_count) == (0, 0)
     with pytest.raises(NotFound):
-        store.cleanup_session(session)
+        await store.cleanup_session(session)
 
 
 async def test_ttl_expiry_is_driven_by_the_clock(autojump_clock: trio.testing.MockClock) -> None:
-    store = SessionStore(default_ttl=60.0)
+    store = MemoryStore(default_ttl=60.0)
     async with trio.open_nursery() as nursery:
-        await nursery.start(store.run_expiry)
-        with store.observers.subscribe([session_key("idle")]) as watcher:
-            store.create_session("idle")
-            store.create_session("busy")
-            store.create_session("short", ttl=5.0)
+        await nursery.start(store.run)
+        with store.cache.observers.subscribe([session_key("idle")]) as watcher:
+            await store.create_session("idle")
+            await store.create_session("busy")
+            await store.create_session("short", ttl=5.0)
             await trio.sleep(4.0)
-            assert {s.session_id for s in store.list_sessions()} == {"idle", "busy", "short"}
+            assert {s.session_id for s in await store.list_sessions()} == {"idle", "busy", "short"}
             await trio.sleep(1.5)  # "short" has been idle 5.5 s
-            assert {s.session_id for s in store.list_sessions()} == {"idle", "busy"}
+            assert {s.session_id for s in await store.list_sessions()} == {"idle", "busy"}
             for _ in range(5):  # every access restarts the TTL
                 await trio.sleep(30.0)
-                store.get_session("busy")
-            assert store.session_count == 1
+                await store.get_session("busy")
+            assert store.cache.session_count == 1
             with pytest.raises(NotFound):
-                store.get_session("idle")
+                await store.get_session("idle")
             event = watcher.receive.receive_nowait()
             assert (event.kind, event.session_id, event.reason) == (
                 EventKind.SESSION_ENDED,
@@ -159,26 +163,26 @@ async def test_ttl_expiry_is_driven_by_the_clock(autojump_clock: trio.testing.Mo
 
 
 async def test_expired_session_is_gone_before_the_sweep_runs(mock_clock: trio.testing.MockClock) -> None:
-    store = SessionStore(default_ttl=10.0)  # no run_expiry task at all
-    store.create_session("s")
+    store = MemoryStore(default_ttl=10.0)  # no run_expiry task at all
+    await store.create_session("s")
     mock_clock.jump(10.0)
     with pytest.raises(NotFound, match="may have expired"):
-        store.get_session("s")
-    assert store.session_count == 0
-    store.create_session("s")  # the id is free again
+        await store.get_session("s")
+    assert store.cache.session_count == 0
+    await store.create_session("s")  # the id is free again
 
 
-async def test_changes_are_published_in_version_order_to_every_observer(store: SessionStore) -> None:
-    session = _session_with_counter(store)
-    counter = store.get_variable(session, "counter")
+async def test_changes_are_published_in_version_order_to_every_observer(store: MemoryStore) -> None:
+    session = await _session_with_counter(store)
+    counter = await store.get_variable(session, "counter")
     with (
-        store.observers.subscribe([variable_key(counter.id)]) as by_variable,
-        store.observers.subscribe([session_key(session), variable_key(counter.id)]) as by_both,
+        store.cache.observers.subscribe([variable_key(counter.id)]) as by_variable,
+        store.cache.observers.subscribe([session_key(session), variable_key(counter.id)]) as by_both,
     ):
-        assert store.observers.observer_count == 2
+        assert store.cache.observers.observer_count == 2
         for value in range(1, 6):
-            store.set_variable(session, "counter", value, metadata={"why": str(value)})
-        store.delete_variable(session, "counter")
+            await store.set_variable(session, "counter", value, metadata={"why": str(value)})
+        await store.delete_variable(session, "counter")
         for watcher in (by_variable, by_both):
             events: list[VariableEvent] = []
             while True:
@@ -191,22 +195,22 @@ async def test_changes_are_published_in_version_order_to_every_observer(store: S
             assert [e.old_value for e in changes] == [0, 1, 2, 3, 4]
             assert changes[-1].metadata == {"why": "5"}
             assert events[-1].kind is EventKind.DELETED
-    assert store.observers.observer_count == 0
+    assert store.cache.observers.observer_count == 0
 
 
 async def test_a_full_observer_never_blocks_the_writer() -> None:
     observers: ObserverManager[VariableEvent] = ObserverManager(default_buffer_size=4)
-    store = SessionStore(observers=observers)
-    session = _session_with_counter(store)
-    counter_id = store.get_variable(session, "counter").id
+    store = MemoryStore(observers=observers)
+    session = await _session_with_counter(store)
+    counter_id = (await store.get_variable(session, "counter")).id
     with observers.subscribe([variable_key(counter_id)]) as stalled:
         for value in range(1, 101):
-            store.set_variable(session, "counter", value)
+            await store.set_variable(session, "counter", value)
         assert stalled.overflowed
         assert observers.observer_count == 0
         received = [event async for event in stalled.receive]  # ends: the channel was closed
         assert [e.variable.version for e in received if e.variable] == [2, 3, 4, 5]
-    assert store.get_variable(session, "counter").version == 101
+    assert (await store.get_variable(session, "counter")).version == 101
 
 
 async def test_leaving_the_block_by_cancellation_unregisters() -> None:
@@ -309,76 +313,76 @@ MB = 2**20
 
 
 async def test_a_session_holds_at_most_max_session_bytes_and_a_refusal_changes_nothing() -> None:
-    store = SessionStore(max_session_bytes=5 * MB, max_history_bytes=MB)
-    session = store.create_session().session_id
+    store = MemoryStore(max_session_bytes=5 * MB, max_history_bytes=MB)
+    session = (await store.create_session()).session_id
     registered = 0
     with pytest.raises(ResourceExhausted) as caught:  # noqa: PT012 (the loop is the scenario)
         for registered in range(1_200):
-            store.register_variable(session, f"v{registered}", VariableType.STRING, "x" * MB)
+            await store.register_variable(session, f"v{registered}", VariableType.STRING, "x" * MB)
     assert registered == 4
     assert caught.value.limit == "max_session_bytes"
     assert "max_session_bytes=5242880" in str(caught.value)
-    held = store.list_variables(session)
-    assert len(held) == 4 and store.stored_bytes <= 5 * MB
-    before = store.stored_bytes
+    held = await store.list_variables(session)
+    assert len(held) == 4 and store.cache.stored_bytes <= 5 * MB
+    before = store.cache.stored_bytes
     with pytest.raises(ResourceExhausted):
-        store.set_variable(session, "v0", "y" * 2 * MB)  # bigger than the room left
-    assert store.get_variable(session, "v0").version == 1 and store.stored_bytes == before
-    store.delete_variable(session, "v3")
-    store.register_variable(session, "again", VariableType.STRING, "x" * MB)  # room again
+        await store.set_variable(session, "v0", "y" * 2 * MB)  # bigger than the room left
+    assert (await store.get_variable(session, "v0")).version == 1 and store.cache.stored_bytes == before
+    await store.delete_variable(session, "v3")
+    await store.register_variable(session, "again", VariableType.STRING, "x" * MB)  # room again
 
 
 async def test_the_server_holds_at_most_max_stored_bytes_across_sessions() -> None:
-    store = SessionStore(max_session_bytes=4 * MB, max_stored_bytes=6 * MB, max_history_bytes=MB)
-    first, second = store.create_session().session_id, store.create_session().session_id
+    store = MemoryStore(max_session_bytes=4 * MB, max_stored_bytes=6 * MB, max_history_bytes=MB)
+    first, second = (await store.create_session()).session_id, (await store.create_session()).session_id
     for i in range(3):
-        store.register_variable(first, f"v{i}", VariableType.STRING, "x" * MB)
-    store.register_variable(second, "a", VariableType.STRING, "x" * MB)
-    store.register_variable(second, "b", VariableType.STRING, "x" * MB)
+        await store.register_variable(first, f"v{i}", VariableType.STRING, "x" * MB)
+    await store.register_variable(second, "a", VariableType.STRING, "x" * MB)
+    await store.register_variable(second, "b", VariableType.STRING, "x" * MB)
     with pytest.raises(ResourceExhausted) as caught:
-        store.register_variable(second, "c", VariableType.STRING, "x" * MB)
+        await store.register_variable(second, "c", VariableType.STRING, "x" * MB)
     assert caught.value.limit == "max_stored_bytes" and "the server would hold" in str(caught.value)
-    store.cleanup_session(first)
-    store.register_variable(second, "c", VariableType.STRING, "x" * MB)
+    await store.cleanup_session(first)
+    await store.register_variable(second, "c", VariableType.STRING, "x" * MB)
 
 
 async def test_the_history_is_bounded_in_bytes_and_gives_way_to_new_values() -> None:
-    store = SessionStore(max_session_bytes=8 * MB, max_history_bytes=3 * MB, history_size=1000)
-    session = store.create_session().session_id
-    variable = store.register_variable(session, "v", VariableType.STRING, "").id
+    store = MemoryStore(max_session_bytes=8 * MB, max_history_bytes=3 * MB, history_size=1000)
+    session = (await store.create_session()).session_id
+    variable = (await store.register_variable(session, "v", VariableType.STRING, "")).id
     for i in range(20):
-        store.set_variable(session, "v", str(i) + "x" * MB)  # 20 MB written, one value at a time
-    assert store.changes_since(session, variable, 19) is not None  # the last two (v20, v21) are kept
-    assert store.changes_since(session, variable, 10) is None  # older ones were forgotten: a resync
-    assert store.stored_bytes <= 8 * MB
+        await store.set_variable(session, "v", str(i) + "x" * MB)  # 20 MB written, one value at a time
+    assert store.cache.changes_since(session, variable, 19) is not None  # the last two (v20, v21) are kept
+    assert store.cache.changes_since(session, variable, 10) is None  # older ones were forgotten: a resync
+    assert store.cache.stored_bytes <= 8 * MB
     # Values fill the session; what the history held gives way to them.
     for i in range(5):
-        store.register_variable(session, f"w{i}", VariableType.STRING, "x" * MB)
-    assert store.stored_bytes <= 8 * MB
+        await store.register_variable(session, f"w{i}", VariableType.STRING, "x" * MB)
+    assert store.cache.stored_bytes <= 8 * MB
 
 
 async def test_stored_bytes_return_to_zero_when_everything_is_gone() -> None:
-    store = SessionStore()
+    store = MemoryStore()
     for round_ in range(3):
-        session = store.create_session().session_id
-        store.register_variable(
+        session = (await store.create_session()).session_id
+        await store.register_variable(
             session, "s", VariableType.STRING, "x" * 1000, metadata={"k": "v"}, source="me"
         )
-        store.register_variable(session, "e", VariableType.EMBEDDING, (1.0, 2.0))
-        store.register_variable(
+        await store.register_variable(session, "e", VariableType.EMBEDDING, (1.0, 2.0))
+        await store.register_variable(
             session, "c", VariableType.CHOICE, "a", constraints=Constraints(allowed_values=("a", "b"))
         )
         for i in range(50):
-            store.set_variables(
+            await store.set_variables(
                 session,
                 [VariableWrite("s", f"{i}" * round_), VariableWrite("c", "b" if i % 2 else "a")],
                 source="w" * i,
                 metadata={"i": str(i)},
             )
-        store.delete_variable(session, "e")
-        assert store.stored_bytes > 0
-        store.cleanup_session(session)
-    assert store.stored_bytes == 0
+        await store.delete_variable(session, "e")
+        assert store.cache.stored_bytes > 0
+        await store.cleanup_session(session)
+    assert store.cache.stored_bytes == 0
 
 
 async def test_a_subscription_is_full_by_bytes_as_by_count_and_batches_are_capped_in_bytes() -> None:

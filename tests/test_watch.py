@@ -81,11 +81,11 @@ async def test_a_write_between_subscribe_and_read_is_seen_exactly_once(
     session, ids = await new_session(client, temperature=20.0)
     injected = []
 
-    def write_at_the_worst_moment(checkpoint: str) -> None:
+    async def write_at_the_worst_moment(checkpoint: str) -> None:
         if checkpoint == "watch.subscribed" and not injected:
-            injected.append(server.store.set_variable(session, "temperature", 99.0, source="racer"))
+            injected.append(await server.store.set_variable(session, "temperature", 99.0, source="racer"))
 
-    server.store.checkpoint_hook = write_at_the_worst_moment
+    server.store.cache.checkpoint_hook = write_at_the_worst_moment
     watcher = await start_watch(nursery, client, watch_request(session, "temperature"))
     await watcher.wait_synced()
     assert injected, "the checkpoint hook did not run"
@@ -317,11 +317,11 @@ async def test_an_open_watch_keeps_its_session_alive_whatever_the_heartbeat_inte
         response = await client(client.stub.create_session(pb.CreateSessionRequest(ttl_seconds=session_ttl)))
         assert response.session is not None
         session = response.session.session_id
-        server.store.register_variable(session, "t", VT.FLOAT, 0.0)
+        await server.store.register_variable(session, "t", VT.FLOAT, 0.0)
         watcher = await start_watch(nursery, client, watch_request(session, "t"))
         await watcher.wait_synced()
         await trio.sleep(100.0)  # three default heartbeat intervals, many TTLs
-        assert not watcher.ended.is_set() and server.store.session_count == 1
+        assert not watcher.ended.is_set() and server.store.cache.session_count == 1
         assert watcher.kinds().count("heartbeat") == 3
         info = await client(client.stub.get_session(pb.GetSessionRequest(session_id=session)))
         assert info.session is not None
@@ -329,9 +329,9 @@ async def test_an_open_watch_keeps_its_session_alive_whatever_the_heartbeat_inte
         watcher.cancel_scope.cancel()
         await eventually(lambda: server.service.open_watches == 0)
         await trio.sleep(ttl / 2)
-        assert server.store.session_count == 1  # the TTL counts from the end of the last watch
+        assert server.store.cache.session_count == 1  # the TTL counts from the end of the last watch
         await trio.sleep(ttl)
-        assert server.store.session_count == 0
+        assert server.store.cache.session_count == 0
 
 
 async def test_heartbeats_keep_a_watched_session_alive(
@@ -344,7 +344,7 @@ async def test_heartbeats_keep_a_watched_session_alive(
             nursery, client, watch_request(session, "t", heartbeat_interval_ms="20000")
         )
         await watcher.wait_for(lambda w: w.kinds().count("heartbeat") >= 10)  # 200 s, TTL 60 s
-        assert server.store.session_count == 1
+        assert server.store.cache.session_count == 1
         assert watcher.error is None
 
 
@@ -361,7 +361,7 @@ async def test_server_shutdown_ends_streams_with_unavailable(nursery: trio.Nurse
     channel.close()
     assert isinstance(watcher.error, GRPCError) and watcher.error.status == Status.UNAVAILABLE
     assert "shutting down" in (watcher.error.message or "")
-    assert server.store.observers.observer_count == 0 and server.service.open_watches == 0
+    assert server.store.cache.observers.observer_count == 0 and server.service.open_watches == 0
 
 
 # ---- 7. resume -------------------------------------------------------------------------------------------
@@ -448,7 +448,7 @@ async def _stalled_then_drained(
                 received.append(first)
                 big = "x" * 4000
                 for i in range(writes):  # the writer never waits on the stalled watcher
-                    server.store.set_variable(session, names[i % len(names)], f"{big}{i}")
+                    await server.store.set_variable(session, names[i % len(names)], f"{big}{i}")
                 async for update in stream:
                     received.append(update)
                     if final_versions(received) == {name: writes // len(names) + 1 for name in names}:
@@ -512,7 +512,7 @@ async def test_a_slow_consumer_is_closed_with_resume_versions_and_loses_nothing(
         for variable_id, version in resume.items():
             versions = [v for v in rest.versions(variable_id)]
             assert versions == list(range(version + 1, 101 + 1))  # 100 writes each: versions 2..101
-        assert server.store.observers.observer_count == 1  # only `rest` is left
+        assert server.store.cache.observers.observer_count == 1  # only `rest` is left
 
 
 async def test_coalesce_keeps_the_newest_change_and_says_how_many_it_replaces(
@@ -560,7 +560,7 @@ async def _watch_stalled_after_synced(
                 while (update := await stream.recv_message()) is not None:
                     if update.update_type == "synced":
                         break
-                make_changes()
+                await make_changes()
                 async for _ in stream:
                     pass
         except GRPCError as exc:
@@ -584,16 +584,16 @@ async def test_the_resume_trailer_names_every_watched_variable_so_a_resume_loses
     server = await start_server(nursery, watch_queue_size=32, history_size=10_000)
     with connect(server) as client:
         session = await _string_session(client, "x", "y")
-        ids = {s.name: s.id for s in server.store.list_variables(session)}
+        ids = {s.name: s.id for s in await server.store.list_variables(session)}
         request = watch_request(session, "x", "y", initial=False)
         if first_watch == "resumed":
             request.resume_versions = {"x": 1, "y": 1}
 
-        def changes() -> None:
+        async def changes() -> None:
             for i in range(4):
-                server.store.set_variable(session, "x", f"{i}" + "x" * 200_000)
+                await server.store.set_variable(session, "x", f"{i}" + "x" * 200_000)
             for i in range(96):
-                server.store.set_variable(session, "y", f"y{i}")
+                await server.store.set_variable(session, "y", f"y{i}")
 
         error, trailers = await _watch_stalled_after_synced(server, request, changes)
         assert error is not None and error.status == Status.RESOURCE_EXHAUSTED
@@ -615,16 +615,16 @@ async def test_the_resume_trailer_of_a_session_watch_names_variables_registered_
     with connect(server) as client:
         session = await _string_session(client, "x")
 
-        def changes() -> None:
-            server.store.register_variable(session, "late", VT.STRING, "first")
+        async def changes() -> None:
+            await server.store.register_variable(session, "late", VT.STRING, "first")
             for i in range(20):
-                server.store.set_variable(session, "x", f"x{i}")
+                await server.store.set_variable(session, "x", f"x{i}")
 
         error, trailers = await _watch_stalled_after_synced(
             server, watch_request(session, initial=False), changes
         )
         assert error is not None and error.status == Status.RESOURCE_EXHAUSTED
-        ids = {s.name: s.id for s in server.store.list_variables(session)}
+        ids = {s.name: s.id for s in await server.store.list_variables(session)}
         resume = json.loads(trailers["trio-bridge-resume-versions"])
         assert resume == {ids["x"]: 1, ids["late"]: 0}  # 0: never delivered, it came after the start
 
@@ -649,7 +649,7 @@ async def test_an_overflowed_stream_ends_at_once_though_its_client_reads_nothing
     server = await start_server(nursery, watch_queue_size=32, history_size=10_000)
     with connect(server) as client:
         session = await _string_session(client, "x", "y")
-        ids = {s.name: s.id for s in server.store.list_variables(session)}
+        ids = {s.name: s.id for s in await server.store.list_variables(session)}
         raw = await RawH2.open(server.port)
         stream_id = raw.start_call(WATCH, watch_request(session, "x", "y", initial=False))
         await raw.flush()
@@ -663,7 +663,7 @@ async def test_an_overflowed_stream_ends_at_once_though_its_client_reads_nothing
             await raw.read_until(lambda e: isinstance(e, h2.events.StreamReset))
         assert raw.reset_of(stream_id) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
         await eventually(lambda: server.service.open_watches == 0)
-        assert server.store.observers.observer_count == 0
+        assert server.store.cache.observers.observer_count == 0
         assert server.metrics.rpc_count("WatchVariables", "RESOURCE_EXHAUSTED") == 1
         whole = [pb.VariableUpdate().parse(m) for m in messages_in(raw.data_of(stream_id))]
         assert [u.update_type for u in whole] == ["synced"]  # x's first update was cut short
@@ -696,14 +696,14 @@ async def test_a_watch_falls_behind_by_at_most_watch_queue_bytes(
     with connect(server) as client:
         session = await _string_session(client, "x")
 
-        def changes() -> None:
+        async def changes() -> None:
             for i in range(6):
-                server.store.set_variable(session, "x", f"{i}" + "x" * 2**20)
+                await server.store.set_variable(session, "x", f"{i}" + "x" * 2**20)
 
         error, trailers = await _watch_stalled_after_synced(
             server, watch_request(session, "x", initial=False), changes
         )
     assert error is not None and error.status == Status.RESOURCE_EXHAUSTED
     assert "watch_queue_bytes=3145728" in (error.message or "")
-    x = server.store.get_variable(session, "x").id
+    x = (await server.store.get_variable(session, "x")).id
     assert json.loads(trailers["trio-bridge-resume-versions"]) == {x: 1}

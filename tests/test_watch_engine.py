@@ -9,16 +9,16 @@ import pytest
 import trio
 import trio.testing
 
-from trio_bridge import SessionStore, VariableType, _watch
+from trio_bridge import MemoryStore, VariableType, _watch
 from trio_bridge._errors import ResourceExhausted
 from trio_bridge._limits import Limits
 from trio_bridge._watch import BATCH_LIMIT, WatchPlan, WatchStream, plan_watch
 from trio_bridge.proto.unified_bridge import VariableUpdate
 
 
-def _watch_n(store: SessionStore, session: str, resume_versions: dict[str, int]) -> WatchPlan:
+async def _watch_n(store: MemoryStore, session: str, resume_versions: dict[str, int]) -> WatchPlan:
     """A checked plan for a watch of variable ``n`` with its initial value."""
-    return plan_watch(
+    return await plan_watch(
         store,
         session_id=session,
         identifiers=["n"],
@@ -45,20 +45,20 @@ class _SlowClient:
 
 
 async def test_a_burst_queued_during_a_slow_send_goes_out_as_one_batch() -> None:
-    store = SessionStore()
-    session = store.create_session().session_id
-    store.register_variable(session, "n", VariableType.INTEGER, 0)
-    plan = _watch_n(store, session, resume_versions={})
+    store = MemoryStore()
+    session = (await store.create_session()).session_id
+    await store.register_variable(session, "n", VariableType.INTEGER, 0)
+    plan = await _watch_n(store, session, resume_versions={})
     client = _SlowClient(stalls_at=2)  # slow to take the first change
     batches = client.batches
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(WatchStream(store, plan, send=client.send).run)
         await trio.testing.wait_all_tasks_blocked()
-        store.set_variable(session, "n", 1)
+        await store.set_variable(session, "n", 1)
         await trio.testing.wait_all_tasks_blocked()
         for value in range(2, 302):
-            store.set_variable(session, "n", value)
+            await store.set_variable(session, "n", value)
         client.taken.set()
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
@@ -68,12 +68,14 @@ async def test_a_burst_queued_during_a_slow_send_goes_out_as_one_batch() -> None
 
 
 async def test_a_long_replay_is_encoded_and_sent_a_batch_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    store = SessionStore(history_size=5_000)
-    session = store.create_session().session_id
-    store.register_variable(session, "n", VariableType.INTEGER, 0)
+    store = MemoryStore(history_size=5_000)
+    session = (await store.create_session()).session_id
+    await store.register_variable(session, "n", VariableType.INTEGER, 0)
     for value in range(1, 1_201):
-        store.set_variable(session, "n", value)  # versions 2..1201: a client at version 1 missed them all
-    plan = _watch_n(store, session, resume_versions={"n": 1})
+        await store.set_variable(
+            session, "n", value
+        )  # versions 2..1201: a client at version 1 missed them all
+    plan = await _watch_n(store, session, resume_versions={"n": 1})
     encoded = 0
     real_event_update = _watch.enc.event_update
 
@@ -102,10 +104,10 @@ async def test_a_long_replay_is_encoded_and_sent_a_batch_at_a_time(monkeypatch: 
 
 async def test_an_overflow_while_a_send_waits_ends_the_stream_at_once() -> None:
     # Issue #10, observation 9: the stream stayed open, holding its queue, until its client read again.
-    store = SessionStore()
-    session = store.create_session().session_id
-    store.register_variable(session, "n", VariableType.INTEGER, 0)
-    plan = _watch_n(store, session, resume_versions={})
+    store = MemoryStore()
+    session = (await store.create_session()).session_id
+    await store.register_variable(session, "n", VariableType.INTEGER, 0)
+    plan = await _watch_n(store, session, resume_versions={})
     client = _SlowClient(stalls_at=2)  # takes the initial value and synced, then never reads again
     watch = WatchStream(store, plan, send=client.send, queue_size=8)
     ended: list[BaseException] = []
@@ -119,17 +121,17 @@ async def test_an_overflow_while_a_send_waits_ends_the_stream_at_once() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run)
         await trio.testing.wait_all_tasks_blocked()
-        store.set_variable(session, "n", 1)  # v2: its send waits for the client
+        await store.set_variable(session, "n", 1)  # v2: its send waits for the client
         await trio.testing.wait_all_tasks_blocked()
-        assert len(client.batches) == 2 and store.observers.observer_count == 1
+        assert len(client.batches) == 2 and store.cache.observers.observer_count == 1
         for value in range(2, 11):  # 9 more: one past the queue of 8
-            store.set_variable(session, "n", value)
+            await store.set_variable(session, "n", value)
         await trio.testing.wait_all_tasks_blocked()
         assert not client.taken.is_set()  # the client never read
         assert ended, "the stream is still open, waiting for its client"
         nursery.cancel_scope.cancel()
     (error,) = ended
     assert isinstance(error, ResourceExhausted) and not error.stream_cut
-    n = store.get_variable(session, "n").id
+    n = (await store.get_variable(session, "n")).id
     assert json.loads(error.trailers[_watch.RESUME_TRAILER]) == {n: 1}  # v2 never went out
-    assert store.observers.observer_count == 0
+    assert store.cache.observers.observer_count == 0

@@ -49,9 +49,9 @@ async def test_random_writers_watchers_cancels_and_resumes(
     server = await start_server(nursery, history_size=6)  # small: some resumes must resync
     channels = [Channel(server.host, server.port) for _ in range(2)]
     clients = [Client(channel) for channel in channels]
-    session = server.store.create_session().session_id
+    session = (await server.store.create_session()).session_id
     for name in NAMES:
-        server.store.register_variable(session, name, pb.VariableType.FLOAT, 0.0)
+        await server.store.register_variable(session, name, pb.VariableType.FLOAT, 0.0)
     holders = [Holder() for _ in range(WATCHERS)]
     writing_done = trio.Event()
 
@@ -78,7 +78,7 @@ async def test_random_writers_watchers_cancels_and_resumes(
             )
             stream = await start_watch(nursery, client, request)
             if final:  # read until caught up with the final state, then stop
-                targets = {v.id: v.version for v in server.store.list_variables(session)}
+                targets = {v.id: v.version for v in await server.store.list_variables(session)}
                 await stream.wait_for(
                     lambda w, targets=targets: (
                         {**holder.resume_versions(), **_versions(w)} == targets and "synced" in w.kinds()
@@ -105,7 +105,7 @@ async def test_random_writers_watchers_cancels_and_resumes(
     for channel in channels:
         channel.close()
 
-    final = {v.id: (v.version, v.value) for v in server.store.list_variables(session)}
+    final = {v.id: (v.version, v.value) for v in await server.store.list_variables(session)}
     assert sum(version - 1 for version, _ in final.values()) == WRITERS * WRITES_PER_WRITER
     resyncs = 0
     for holder in holders:
@@ -119,7 +119,7 @@ async def test_random_writers_watchers_cancels_and_resumes(
             assert seen[-1][0] == version and seen[-1][2] == value
     print(f"seed {seed}: {resyncs} resyncs")
     assert resyncs, "the history never ran short: make it smaller or the run longer"
-    await eventually(lambda: server.store.observers.observer_count == 0)
+    await eventually(lambda: server.store.cache.observers.observer_count == 0)
 
 
 def _versions(watcher: Any) -> dict[str, int]:

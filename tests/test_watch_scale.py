@@ -15,8 +15,8 @@ PER_CONNECTION = 50
 
 
 async def test_a_thousand_streams_then_zero_observers(server: RunningServer) -> None:
-    session = server.store.create_session().session_id
-    server.store.register_variable(session, "t", VariableType.INTEGER, 0)
+    session = (await server.store.create_session()).session_id
+    await server.store.register_variable(session, "t", VariableType.INTEGER, 0)
     channels = [Channel(server.host, server.port) for _ in range(STREAMS // PER_CONNECTION)]
     watchers: list[Watcher] = []
     try:
@@ -28,15 +28,15 @@ async def test_a_thousand_streams_then_zero_observers(server: RunningServer) -> 
             for watcher in watchers:
                 await watcher.wait_synced()
             assert server.service.open_watches == STREAMS
-            assert server.store.observers.observer_count == STREAMS
+            assert server.store.cache.observers.observer_count == STREAMS
 
-            server.store.set_variable(session, "t", 1)  # one write reaches every stream
+            await server.store.set_variable(session, "t", 1)  # one write reaches every stream
             for watcher in watchers:
                 await watcher.wait_for(lambda w: w.kinds()[-1] == "value_change")
             assert all(w.versions(w.updates[0].variable_id) == [1, 2] for w in watchers)
 
             nursery.cancel_scope.cancel()
-        await eventually(lambda: server.store.observers.observer_count == 0)
+        await eventually(lambda: server.store.cache.observers.observer_count == 0)
         await eventually(lambda: server.service.open_watches == 0)
     finally:
         for channel in channels:

@@ -54,19 +54,19 @@ class Counts:
 
     def __init__(self, server: RunningServer) -> None:
         self.server = server
-        self.observers = server.store.observers.observer_count
+        self.observers = server.store.cache.observers.observer_count
         self.streams = server.service.open_watches
 
     def opened(self) -> bool:
         return (
-            self.server.store.observers.observer_count == self.observers + 1
+            self.server.store.cache.observers.observer_count == self.observers + 1
             and self.server.service.open_watches == self.streams + 1
         )
 
     def back(self) -> bool:
         gauge = self.server.metrics.registry.get_sample_value("trio_bridge_watch_streams_open")
         return (
-            self.server.store.observers.observer_count == self.observers
+            self.server.store.cache.observers.observer_count == self.observers
             and self.server.service.open_watches == self.streams
             and gauge == self.streams
         )
@@ -179,7 +179,7 @@ async def test_server_shuts_down(nursery: trio.Nursery, aio_loop: Any) -> None:
     for watcher in watchers:
         await watcher.wait_ended()
         assert isinstance(watcher.error, GRPCError) and watcher.error.status == Status.UNAVAILABLE
-    assert server.store.observers.observer_count == 0
+    assert server.store.cache.observers.observer_count == 0
     assert server.service.open_watches == 0
 
 
@@ -203,7 +203,7 @@ async def test_handler_error(
         return real(event)
 
     monkeypatch.setattr(watch_module.enc, "event_update", fail_on_13)
-    server.store.set_variable(session, "t", 13.0)
+    await server.store.set_variable(session, "t", 13.0)
     await watcher.wait_ended()
     assert isinstance(watcher.error, GRPCError) and watcher.error.status == Status.INTERNAL
     assert "injected" not in (watcher.error.message or "")
@@ -214,8 +214,8 @@ async def _stuck_watch(server: RunningServer, window: int) -> tuple[RawH2, int, 
     """A raw watch of a string variable ``x`` on a connection whose streams have a ``window`` of a few
     bytes and never get more: once ``x`` changes, the server's send waits for window."""
     store = server.store
-    session = store.create_session().session_id
-    store.register_variable(session, "x", VariableType.STRING, "")
+    session = (await store.create_session()).session_id
+    await store.register_variable(session, "x", VariableType.STRING, "")
     raw = await RawH2.open(server.port, initial_window=window)
     stream_id = raw.start_call(
         WATCH_PATH, pb.WatchVariablesRequest(session_id=session, variable_identifiers=["x"])
@@ -234,14 +234,14 @@ async def test_a_cancel_while_writers_are_busy_is_a_cancel_not_a_fault(
     # went to a closed stream: h2's StreamClosedError, logged as "unexpected fault in WatchVariables"
     # and counted INTERNAL (about one cancel in five).
     store = server.store
-    session = store.create_session().session_id
-    store.register_variable(session, "x", VariableType.INTEGER, 0)
+    session = (await store.create_session()).session_id
+    await store.register_variable(session, "x", VariableType.INTEGER, 0)
 
     async def busy_writer() -> None:
         i = 0
         while True:
             i += 1
-            store.set_variable(session, "x", i)
+            await store.set_variable(session, "x", i)
             await trio.lowlevel.checkpoint()
 
     watchers = [(await RawH2.open(server.port)) for _ in range(40)]
@@ -264,7 +264,7 @@ async def test_a_cancel_while_writers_are_busy_is_a_cancel_not_a_fault(
     assert metrics.rpc_count("WatchVariables", "INTERNAL") == 0
     assert metrics.rpc_count("WatchVariables", "CANCELLED") == len(watchers)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
-    assert server.store.observers.observer_count == 0
+    assert server.store.cache.observers.observer_count == 0
 
 
 class _CountedTurns:

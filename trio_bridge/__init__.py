@@ -20,16 +20,18 @@ from ._errors import (
 )
 from ._limits import Limits
 from ._observers import ObserverManager, Subscription
-from ._store import (
+from ._types import Constraints, Tensor, VariableType
+from ._version import __version__
+from .storage import (
     EventKind,
+    MemoryStore,
+    SessionCache,
     SessionInfo,
-    SessionStore,
+    Store,
     VariableEvent,
     VariableSnapshot,
     VariableWrite,
 )
-from ._types import Constraints, Tensor, VariableType
-from ._version import __version__
 
 if TYPE_CHECKING:
     from ._server import RunningServer, serve
@@ -52,13 +54,15 @@ __all__ = [
     "EventKind",
     "InvalidArgument",
     "Limits",
+    "MemoryStore",
     "NotFound",
     "ObserverManager",
     "ResourceExhausted",
     "RunningServer",
     "ServerConfig",
+    "SessionCache",
     "SessionInfo",
-    "SessionStore",
+    "Store",
     "Subscription",
     "Tensor",
     "Unauthenticated",

@@ -21,8 +21,8 @@ from ._limits import Limits
 from ._limits import describe as describe_limits
 from ._security import Tokens, server_tls
 from ._status import RemoteError, status_of
-from ._store import DEFAULT_SESSION_TTL
 from ._version import __version__
+from .storage.records import DEFAULT_SESSION_TTL
 
 log = logging.getLogger("trio_bridge")
 

@@ -8,10 +8,10 @@ import json
 import os
 from typing import Any
 
-from ._store import SessionInfo, VariableSnapshot
 from ._textvalues import parse_value, plain_value, show_value
 from ._types import Constraints, VariableType
 from .client import BridgeClient, WatchEvent, tls_context
+from .storage.records import SessionInfo, VariableSnapshot
 
 
 def _pairs(items: list[str] | None) -> dict[str, str]:

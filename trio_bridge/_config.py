@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._limits import DEFAULT_LIMITS, Limits
-from ._store import DEFAULT_SESSION_TTL, MAX_SESSION_TTL
+from .storage.records import DEFAULT_SESSION_TTL, MAX_SESSION_TTL
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051

@@ -28,11 +28,11 @@ from typing import Any
 import betterproto2
 
 from ._errors import InvalidArgument
-from ._store import EventKind, SessionInfo, VariableEvent, VariableSnapshot
 from ._types import Constraints, Tensor, VariableType
 from ._wire import check_wire, serialize
 from .proto import unified_bridge as pb
 from .proto.google import protobuf as wkt
+from .storage.records import EventKind, SessionInfo, VariableEvent, VariableSnapshot
 
 TYPE_URL_PREFIX = "type.googleapis.com/"
 

@@ -15,7 +15,7 @@ from ._connections import ConnectionLimits
 from ._metrics import Metrics
 from ._security import Tokens, server_tls
 from ._service import CountedHealth, UnifiedBridgeService
-from ._store import SessionStore
+from .storage import MemoryStore, Store
 
 log = logging.getLogger("trio_bridge")
 
@@ -29,7 +29,7 @@ class RunningServer:
     host: str
     port: int
     metrics_port: int | None
-    store: SessionStore
+    store: Store
     service: UnifiedBridgeService
     metrics: Metrics
 
@@ -37,7 +37,7 @@ class RunningServer:
 async def serve(
     config: ServerConfig = DEFAULT_CONFIG,
     *,
-    store: SessionStore | None = None,
+    store: Store | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a server until cancelled, then shut it down gracefully (see ``_bridge``).
@@ -51,7 +51,7 @@ async def serve(
     if config.tls_cert is not None and config.tls_key is not None:
         tls = server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
     if store is None:
-        store = SessionStore(
+        store = MemoryStore(
             default_ttl=config.session_ttl,
             history_size=limits.history_size,
             max_sessions=limits.max_sessions,
@@ -62,11 +62,12 @@ async def serve(
             max_stored_bytes=limits.max_stored_bytes,
             max_history_bytes=limits.max_history_bytes,
         )
+    cache = store.cache
     metrics = Metrics(
-        sessions=lambda: store.session_count,
-        variables=lambda: store.variable_count,
-        observers=lambda: store.observers.observer_count,
-        stored_bytes=lambda: store.stored_bytes,
+        sessions=lambda: cache.session_count,
+        variables=lambda: cache.variable_count,
+        observers=lambda: cache.observers.observer_count,
+        stored_bytes=lambda: cache.stored_bytes,
     )
     service = UnifiedBridgeService(store, metrics, limits, tokens)
     metrics.open_watch_streams.set_function(lambda: service.open_watches)
@@ -85,7 +86,7 @@ async def serve(
         log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(store.run_expiry)
+            await nursery.start(store.run)
             bound = await nursery.start(
                 lambda task_status: serve_grpc(
                     [service, CountedHealth({service: [serving]}, service)],

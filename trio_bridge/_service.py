@@ -1,10 +1,9 @@
 """The UnifiedBridge gRPC service: requests in, store calls, responses out.
 
-Handlers run on the asyncio side (grpclib, inside trio-asyncio's loop). The store's methods are
-synchronous and run in the same thread, so a unary handler calls them directly: each RPC is applied
-atomically, with no trio↔asyncio hop. Every handler is wrapped by :meth:`UnifiedBridgeService._guard`,
-which turns errors into statuses (through ``_status``), counts RPCs by method and status, and refuses
-new calls with UNAVAILABLE once the server drains for shutdown.
+Handlers run on the asyncio side (grpclib, inside trio-asyncio's loop) and call the store's methods
+from there (see ``storage.interface`` for what each guarantees). Every handler is wrapped by
+:meth:`UnifiedBridgeService._guard`, which turns errors into statuses (through ``_status``), counts
+RPCs by method and status, and refuses new calls with UNAVAILABLE once the server drains for shutdown.
 """
 
 from __future__ import annotations
@@ -12,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import grpclib.const
 import trio
@@ -40,15 +40,17 @@ from ._limits import DEFAULT_LIMITS, Limits, check_constraint_sizes, check_metad
 from ._metrics import Metrics
 from ._security import AUTHORIZATION, Principal, Tokens
 from ._status import grpc_error_for, stream_was_cut
-from ._store import SessionStore, VariableSnapshot, VariableWrite, session_not_found
 from ._types import VariableType
 from ._version import __version__
 from ._watch import BatchProgress, WatchPlan, WatchStream, plan_watch
 from .proto import unified_bridge as pb
+from .storage import Store, VariableSnapshot, VariableWrite, session_not_found
 
 WATCH_PATH = "/unified_bridge.UnifiedBridge/WatchVariables"
 #: Watch streams that may be ending with a status at once; more wait their turn (``_run_watch``).
 ENDINGS_AT_ONCE = 8
+
+T = TypeVar("T")
 
 _RawHandler = Callable[[Stream[Any, Any]], Awaitable[None]]
 
@@ -66,7 +68,7 @@ def _peer_is_gone(stream: Stream[Any, Any]) -> bool:
 class UnifiedBridgeService(pb.UnifiedBridgeBase):
     def __init__(
         self,
-        store: SessionStore,
+        store: Store,
         metrics: Metrics,
         limits: Limits = DEFAULT_LIMITS,
         tokens: Tokens | None = None,
@@ -189,7 +191,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         async def recv_message() -> Any:
             message = await read()
             session_id = getattr(message, "session_id", "")
-            owner = self.store.owner_of(session_id) if session_id else None
+            owner = await self._in_store(self.store.owner_of, session_id) if session_id else None
             if owner is not None and not principal.may_use(owner):
                 raise session_not_found(session_id)  # exactly as for a session that is not there
             return message
@@ -199,6 +201,14 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             yield
         finally:
             del stream.recv_message
+
+    async def _in_store(self, method: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """From asyncio (a handler): call a store method, which is Trio code. A store whose methods
+        never suspend (the in-memory store) is called directly, as a synchronous call would be; any
+        other runs in a Trio task (``run_in_trio``), which a cancelled handler cancels."""
+        if self.store.never_suspends:
+            return await method(*args, **kwargs)
+        return await run_in_trio(functools.partial(method, *args, **kwargs))
 
     # ---- unary RPCs ------------------------------------------------------------------------------
 
@@ -212,7 +222,8 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
     async def create_session(self, message: pb.CreateSessionRequest) -> pb.CreateSessionResponse:
         caller = _caller.get()
         check_metadata("session", message.metadata, self.limits)
-        info = self.store.create_session(
+        info = await self._in_store(
+            self.store.create_session,
             message.session_id,
             metadata=message.metadata,
             ttl=message.ttl_seconds or None,
@@ -221,32 +232,33 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         return pb.CreateSessionResponse(session=enc.session_to_proto(info))
 
     async def get_session(self, message: pb.GetSessionRequest) -> pb.GetSessionResponse:
-        info = self.store.get_session(message.session_id)
+        info = await self._in_store(self.store.get_session, message.session_id)
         return pb.GetSessionResponse(session=enc.session_to_proto(info))
 
     async def list_sessions(self, message: pb.ListSessionsRequest) -> pb.ListSessionsResponse:
         caller = _caller.get()
         sessions = [
             enc.session_to_proto(info)
-            for info in self.store.list_sessions()
+            for info in await self._in_store(self.store.list_sessions)
             if caller is None or caller.may_use(info.owner)
         ]
         return pb.ListSessionsResponse(sessions=sessions)
 
     async def cleanup_session(self, message: pb.CleanupSessionRequest) -> pb.CleanupSessionResponse:
-        removed = self.store.cleanup_session(message.session_id)
+        removed = await self._in_store(self.store.cleanup_session, message.session_id)
         return pb.CleanupSessionResponse(variables_removed=removed)
 
     async def register_variable(self, message: pb.RegisterVariableRequest) -> pb.RegisterVariableResponse:
         # Checked in the order a client would fix them: session, name, type, value.
-        self.store.get_session(message.session_id)
+        await self._in_store(self.store.get_session, message.session_id)
         vtype = enc.variable_type_from_proto(message.name, message.type)
         constraints = enc.constraints_from_proto(message.constraints)
         check_constraint_sizes(message.name, constraints, self.limits)
         check_metadata(f"variable {message.name!r}", message.metadata, self.limits)
         check_source(message.source, self.limits)
         value = self._unpack_value(message.name, vtype, message.initial_value)
-        snapshot = self.store.register_variable(
+        snapshot = await self._in_store(
+            self.store.register_variable,
             message.session_id,
             message.name,
             vtype,
@@ -258,15 +270,19 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         return pb.RegisterVariableResponse(variable=enc.variable_to_proto(snapshot))
 
     async def get_variable(self, message: pb.GetVariableRequest) -> pb.GetVariableResponse:
-        snapshot = self.store.get_variable(message.session_id, message.variable_identifier)
+        snapshot = await self._in_store(
+            self.store.get_variable, message.session_id, message.variable_identifier
+        )
         return pb.GetVariableResponse(variable=enc.variable_to_proto(snapshot))
 
     async def get_variables(self, message: pb.GetVariablesRequest) -> pb.GetVariablesResponse:
-        snapshots = self.store.get_variables(message.session_id, message.variable_identifiers)
+        snapshots = await self._in_store(
+            self.store.get_variables, message.session_id, message.variable_identifiers
+        )
         return pb.GetVariablesResponse(variables=[enc.variable_to_proto(s) for s in snapshots])
 
     async def list_variables(self, message: pb.ListVariablesRequest) -> pb.ListVariablesResponse:
-        snapshots = self.store.list_variables(message.session_id)
+        snapshots = await self._in_store(self.store.list_variables, message.session_id)
         return pb.ListVariablesResponse(variables=[enc.variable_to_proto(s) for s in snapshots])
 
     async def set_variable(self, message: pb.SetVariableRequest) -> pb.SetVariableResponse:
@@ -275,22 +291,22 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             value=message.value,
             expected_version=message.expected_version,
         )
-        (snapshot,) = self._apply_writes(
+        (snapshot,) = await self._apply_writes(
             message.session_id, [write], source=message.source, metadata=message.metadata
         )
         return pb.SetVariableResponse(variable=enc.variable_to_proto(snapshot))
 
     async def set_variables(self, message: pb.SetVariablesRequest) -> pb.SetVariablesResponse:
-        snapshots = self._apply_writes(
+        snapshots = await self._apply_writes(
             message.session_id, message.writes, source=message.source, metadata=message.metadata
         )
         return pb.SetVariablesResponse(variables=[enc.variable_to_proto(s) for s in snapshots])
 
     async def delete_variable(self, message: pb.DeleteVariableRequest) -> pb.DeleteVariableResponse:
-        self.store.delete_variable(message.session_id, message.variable_identifier)
+        await self._in_store(self.store.delete_variable, message.session_id, message.variable_identifier)
         return pb.DeleteVariableResponse()
 
-    def _apply_writes(
+    async def _apply_writes(
         self,
         session_id: str,
         writes: list[pb.VariableWrite],
@@ -300,9 +316,11 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
     ) -> list[VariableSnapshot]:
         check_metadata("update", metadata, self.limits)
         check_source(source, self.limits)
-        # Decoding needs each variable's type; no await separates this read from the write below, so
-        # no other request can change the variables in between.
-        targets = self.store.get_variables(session_id, [w.variable_identifier for w in writes])
+        # Decoding needs each variable's type. A variable's id never changes type; a name whose variable
+        # was replaced meanwhile is checked again by the store, which refuses a value of the wrong type.
+        targets = await self._in_store(
+            self.store.get_variables, session_id, [w.variable_identifier for w in writes]
+        )
         decoded = [
             VariableWrite(
                 identifier=write.variable_identifier,
@@ -311,7 +329,9 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             )
             for write, target in zip(writes, targets, strict=True)
         ]
-        return self.store.set_variables(session_id, decoded, source=source, metadata=metadata)
+        return await self._in_store(
+            self.store.set_variables, session_id, decoded, source=source, metadata=metadata
+        )
 
     def _unpack_value(self, name: str, vtype: VariableType, packed: Any) -> Any:
         limit = self.limits.max_value_bytes
@@ -329,7 +349,8 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         assert request is not None
         release_request_buffers(stream)  # the stream may stay open for days: keep only what sending needs
         # Checked before the stream opens: a bad request gets its status and no message.
-        plan = plan_watch(
+        plan = await self._in_store(
+            plan_watch,
             self.store,
             session_id=request.session_id,
             identifiers=request.variable_identifiers,

@@ -34,8 +34,8 @@ from . import _encoding as enc
 from ._errors import BridgeError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from ._limits import DEFAULT_LIMITS, Limits
 from ._observers import Coalescer, Subscription
-from ._store import EventKind, SessionStore, VariableEvent, session_key, variable_key
 from .proto.unified_bridge import VariableUpdate
+from .storage import EventKind, Store, VariableEvent, session_key, variable_key
 
 DEFAULT_HEARTBEAT_INTERVAL_MS = 30_000
 #: Most updates sent in one trio→asyncio hop, and (past the first) most bytes of them, about: what a
@@ -77,8 +77,8 @@ def _option_heartbeat(options: Mapping[str, str], limits: Limits) -> float:
     return value / 1000
 
 
-def plan_watch(
-    store: SessionStore,
+async def plan_watch(
+    store: Store,
     *,
     session_id: str,
     identifiers: Sequence[str],
@@ -105,16 +105,16 @@ def plan_watch(
     negative = sorted(k for k, v in resume_versions.items() if v < 0)
     if negative:
         raise InvalidArgument(f"resume_versions must not be negative (for {negative})")
-    store.touch_session(session_id)  # NOT_FOUND first, as for every other RPC
+    await store.touch_session(session_id)  # NOT_FOUND first, as for every other RPC
     watched: tuple[str, ...] | None = None
     if identifiers:
-        snapshots = store.get_variables(session_id, identifiers)
+        snapshots = store.cache.get_variables(session_id, identifiers)
         watched = tuple(dict.fromkeys(s.id for s in snapshots))
     resume: dict[str, int] = {}
     gone: list[str] = []
     for identifier, version in resume_versions.items():
         try:
-            (snapshot,) = store.get_variables(session_id, [identifier])
+            (snapshot,) = store.cache.get_variables(session_id, [identifier])
         except NotFound:
             if watched is not None:
                 raise NotFound(
@@ -195,7 +195,7 @@ class WatchStream:
 
     def __init__(
         self,
-        store: SessionStore,
+        store: Store,
         plan: WatchPlan,
         *,
         send: SendBatch,
@@ -204,6 +204,7 @@ class WatchStream:
         on_sent: Callable[[int], object] = lambda count: None,
     ) -> None:
         self._store = store
+        self._cache = store.cache
         self._plan = plan
         self._send_batch = send
         self._queue_size = queue_size
@@ -232,19 +233,19 @@ class WatchStream:
             else [variable_key(v) for v in plan.variable_ids]
         )
         with (
-            self._store.observers.subscribe(
+            self._cache.observers.subscribe(
                 keys,
                 buffer_size=self._queue_size,
                 max_bytes=self._queue_bytes,
                 coalescer=COALESCER if plan.coalesce else None,
                 on_overflow=self._cut_send_short,
             ) as subscription,
-            self._store.keep_alive(plan.session_id),
+            self._cache.keep_alive(plan.session_id),
         ):
             self._subscription = subscription
             try:
-                self._store.checkpoint(SUBSCRIBED_CHECKPOINT)
-                self._initial = self._initial_updates()
+                await self._cache.checkpoint(SUBSCRIBED_CHECKPOINT)
+                self._initial = await self._initial_updates()
                 self._last_sent = trio.current_time()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._heartbeats, subscription)
@@ -325,7 +326,7 @@ class WatchStream:
 
     # ---- helpers -------------------------------------------------------------------------------
 
-    def _initial_updates(self) -> list[_Encode]:
+    async def _initial_updates(self) -> list[_Encode]:
         """What the stream sends before any change: gone markers, replays or initial values, then
         synced. Read from the store now (right after subscribing); each update is encoded only when the
         sender takes it, a batch at a time, so a long replay starts going out at once, and one cut off
@@ -333,9 +334,9 @@ class WatchStream:
         plan = self._plan
         now = time.time()
         if plan.variable_ids is None:
-            snapshots = self._store.list_variables(plan.session_id)
+            snapshots = self._cache.list_variables(plan.session_id)
         else:
-            snapshots = self._store.get_variables(plan.session_id, plan.variable_ids)
+            snapshots = self._cache.get_variables(plan.session_id, plan.variable_ids)
         updates: list[_Encode] = [partial(enc.gone_update, identifier, now) for identifier in plan.gone]
         for snapshot in snapshots:
             self._known.add(snapshot.id)
@@ -349,7 +350,9 @@ class WatchStream:
             else:
                 self._resume_point[snapshot.id] = 0  # nothing yet: a resume gets the current value
             if resume_from is not None:
-                missed = self._store.changes_since(plan.session_id, snapshot.id, resume_from)
+                missed = await self._store.changes_since(
+                    plan.session_id, snapshot.id, resume_from, up_to=snapshot.version
+                )
                 if missed is None:
                     updates.append(
                         partial(
@@ -428,7 +431,7 @@ class WatchStream:
         versions = dict(self._resume_point)
         if self._plan.variable_ids is None:
             with contextlib.suppress(NotFound):  # a session that ended says so to the resume
-                for snapshot in self._store.list_variables(self._plan.session_id):
+                for snapshot in self._cache.list_variables(self._plan.session_id):
                     versions.setdefault(snapshot.id, 0)
         return versions
 

@@ -35,9 +35,9 @@ from ._errors import LIMIT_VALUE_TRAILER, BridgeError, ResourceExhausted, Unavai
 from ._security import AUTHORIZATION
 from ._security import client_tls as tls_context
 from ._status import error_from_status
-from ._store import SessionInfo, VariableSnapshot
 from ._types import Constraints, VariableType
 from .proto import unified_bridge as pb
+from .storage.records import SessionInfo, VariableSnapshot
 
 __all__ = ["BridgeClient", "Reconnect", "Variable", "WatchEvent", "tls_context"]
 

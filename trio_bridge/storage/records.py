@@ -1,0 +1,125 @@
+"""What every store keeps and hands out: immutable records of sessions, variables and their events.
+
+Pure data, no I/O: the server, the stores, the watch engine and the client all share these.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .._errors import InvalidArgument, NotFound
+from .._types import Constraints, VariableType
+
+DEFAULT_SESSION_TTL = 3600.0
+#: The longest TTL a session may have (ten years): beyond it, expiry times stop being dates.
+MAX_SESSION_TTL = 10 * 365 * 86_400.0
+MAX_IDENTIFIER_LENGTH = 128
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]*")
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class VariableSnapshot:
+    """One version of a variable, immutable: a later change makes a new snapshot."""
+
+    id: str
+    session_id: str
+    name: str
+    type: VariableType
+    value: Any
+    constraints: Constraints
+    metadata: Mapping[str, str]
+    version: int
+    created_at: float
+    last_updated_at: float
+    last_update_source: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    session_id: str
+    created_at: float
+    last_accessed_at: float
+    ttl_seconds: float
+    expires_at: float
+    metadata: Mapping[str, str]
+    variable_count: int
+    #: Who created it (the token's name when the server checks tokens, else "").
+    owner: str = ""
+
+
+class EventKind(enum.Enum):
+    REGISTERED = "registered"
+    CHANGED = "changed"
+    DELETED = "deleted"
+    SESSION_ENDED = "session_ended"
+
+
+@dataclass(frozen=True, slots=True)
+class VariableEvent:
+    """What observers receive. ``variable`` is the new snapshot (the last one for DELETED, None for
+    SESSION_ENDED); ``reason`` says why a session ended ("cleanup" or "expired")."""
+
+    kind: EventKind
+    session_id: str
+    variable: VariableSnapshot | None
+    old_value: Any = None
+    source: str = ""
+    metadata: Mapping[str, str] = field(default_factory=lambda: EMPTY)
+    timestamp: float = 0.0
+    reason: str = ""
+    #: How many earlier changes this one stands for (a slow watcher's coalesced queue); 0 normally.
+    replaces: int = 0
+    #: About how much memory it keeps alive (its new value, metadata, source), for watch queue budgets.
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VariableWrite:
+    """One write of a batch: ``identifier`` is a variable id or name."""
+
+    identifier: str
+    value: Any
+    expected_version: int | None = None
+
+
+def session_key(session_id: str) -> tuple[str, str]:
+    """The observer key under which every event of a session is published."""
+    return ("session", session_id)
+
+
+def variable_key(variable_id: str) -> tuple[str, str]:
+    """The observer key under which the events of one variable are published."""
+    return ("variable", variable_id)
+
+
+def frozen_metadata(mapping: Mapping[str, str] | None) -> Mapping[str, str]:
+    """``mapping`` as a read-only copy; InvalidArgument unless it maps strings to strings."""
+    if not mapping:
+        return EMPTY
+    for key, value in mapping.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidArgument(f"metadata must map strings to strings, got {key!r}: {value!r}")
+    return MappingProxyType(dict(mapping))
+
+
+def session_not_found(session_id: str) -> NotFound:
+    """The error for a session that does not exist (or that the caller may not know of)."""
+    return NotFound(f"session {session_id!r} not found (it may have expired)")
+
+
+def check_identifier(what: str, value: str, pattern: re.Pattern[str]) -> None:
+    if not value:
+        raise InvalidArgument(f"{what} is required")
+    if len(value) > MAX_IDENTIFIER_LENGTH:
+        raise InvalidArgument(
+            f"{what} {value[:40]!r}... is {len(value)} characters; the limit is {MAX_IDENTIFIER_LENGTH}"
+        )
+    if pattern.fullmatch(value) is None:
+        raise InvalidArgument(f"{what} {value!r} must match {pattern.pattern!r}")
