@@ -1,4 +1,5 @@
-"""Regenerate trio_bridge/proto from proto/unified_bridge.proto with betterproto2.
+"""Regenerate trio_bridge/proto from proto/unified_bridge.proto and proto/etcd/*.proto (the subset of
+etcd v3's API the etcd store uses) with betterproto2.
 
 Build time only: needs the ``codegen`` extra (grpcio-tools' protoc and betterproto2-compiler).
 Run it through ``nox -s protos``. ``tests/test_codegen.py`` calls :func:`generate` into a temporary
@@ -16,7 +17,7 @@ from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
 PACKAGE_OUT = PROTO_DIR.parent / "trio_bridge" / "proto"
-SOURCES = ["unified_bridge.proto"]
+SOURCES = ["unified_bridge.proto", "etcd/kv.proto", "etcd/rpc.proto"]
 # Well-known types the value encoding packs into google.protobuf.Any; unified_bridge.proto itself does
 # not import them, so they are named here to have betterproto2 generate them.
 WELL_KNOWN = ["google/protobuf/wrappers.proto"]

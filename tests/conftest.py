@@ -6,15 +6,73 @@ stop a server themselves start it in their own nursery instead (``support.start_
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import trio_asyncio
 
+from tests import support
 from tests.support import Client, connect, start_server
 from trio_bridge import RunningServer
+
+pytest_plugins = ["tests.etcd_fixtures"]
+
+#: The suites every store runs, each test once per store (``store_kind``): the RPCs and the watch.
+BOTH_STORES = {
+    "test_rpcs",
+    "test_watch",
+    "test_watch_random",
+    "test_watch_teardown",
+    "test_client",
+}
+STORES = ["memory", "etcd"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    if module in BOTH_STORES and "store_kind" in metafunc.fixturenames:
+        metafunc.parametrize("store_kind", STORES, indirect=True)
+
+
+#: With etcd, a mock clock jumps only after this long (real seconds) with no task to run, so never
+#: while an etcd reply is on its way (loopback, no fsync: about a millisecond).
+ETCD_AUTOJUMP_THRESHOLD = 0.05
+
+
+@pytest.fixture
+def autojump_clock(store_kind: str) -> trio.testing.MockClock:
+    """pytest-trio's, except that with etcd time jumps only once nothing has run for a while, and
+    otherwise runs at the speed of real time (never slower than etcd's leases, which run on it)."""
+    if store_kind == "memory":
+        return trio.testing.MockClock(autojump_threshold=0)
+    return trio.testing.MockClock(rate=1.0, autojump_threshold=ETCD_AUTOJUMP_THRESHOLD)
+
+
+@pytest.fixture
+def mock_clock(store_kind: str) -> trio.testing.MockClock:
+    """pytest-trio's (it moves only when a test jumps it), except that with etcd it also runs at the
+    speed of real time, as etcd's lease TTLs do."""
+    return trio.testing.MockClock(rate=0.0 if store_kind == "memory" else 1.0)
+
+
+@pytest.fixture(autouse=True)
+def store_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The store the test's servers use: "memory" unless the test is one of the ``BOTH_STORES``
+    suites, which run once with each store. For etcd: the tests' shared etcd member, under a key
+    prefix of the test's own."""
+    kind: str = getattr(request, "param", "memory")
+    if kind == "etcd":
+        cluster = request.getfixturevalue("etcd_cluster")
+        prefix = request.getfixturevalue("etcd_prefix").decode().rstrip("/")
+        hosts = ",".join(f"{host}:{port}" for host, port in cluster.endpoints)
+        support.STORE_URL = f"etcd://{hosts}{prefix}"
+    try:
+        yield kind
+    finally:
+        support.STORE_URL = "memory"
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -13,12 +14,16 @@ import trio
 import trio_asyncio
 from grpclib.client import Channel
 
-from trio_bridge import Limits, MemoryStore, RunningServer, ServerConfig, serve
+from trio_bridge import Limits, RunningServer, ServerConfig, Store, serve
 from trio_bridge.proto import unified_bridge as pb
 
 T = TypeVar("T")
 
 LOOPBACK = "127.0.0.1"
+
+#: Where the servers of the running test keep their state when it does not say: "memory", or an etcd
+#: URL with a prefix of the test's own (set by conftest's ``store_kind`` fixture).
+STORE_URL = "memory"
 
 
 @contextlib.contextmanager
@@ -31,19 +36,39 @@ def connect(server: RunningServer, **channel_options: Any) -> Iterator[Client]:
         channel.close()
 
 
-async def start_server(
-    nursery: trio.Nursery, *, store: MemoryStore | None = None, **config: Any
-) -> RunningServer:
+async def start_server(nursery: trio.Nursery, *, store: Store | None = None, **config: Any) -> RunningServer:
     """Start a server on a free loopback port in ``nursery``; return once it is listening. ``config``
-    holds ServerConfig fields and Limits fields alike."""
+    holds ServerConfig fields and Limits fields alike; with neither ``store`` nor ``config["store"]``,
+    the server uses the test's store (``STORE_URL``)."""
     limit_names = {field.name for field in dataclasses.fields(Limits)}
     limits = Limits(**{k: v for k, v in config.items() if k in limit_names})
     others = {k: v for k, v in config.items() if k not in limit_names}
+    if store is None:
+        others.setdefault("store", STORE_URL)
     settings = ServerConfig(**{"host": LOOPBACK, "port": 0, "limits": limits, **others})
     running: RunningServer = await nursery.start(
         lambda task_status: serve(settings, store=store, task_status=task_status)
     )
     return running
+
+
+@contextlib.contextmanager
+def writes_at_once(server: RunningServer) -> Iterator[None]:
+    """The writes made through ``server`` in the block reach its watch streams together, as one
+    burst, when the block ends. The in-memory store's writes do anyway (they never suspend); the etcd
+    store's feed is held meanwhile (``Feed.held``, a test hook), as a feed that fell behind catches up."""
+    feed = getattr(server.store, "feed", None)
+    with feed.held() if feed is not None else contextlib.nullcontext():
+        yield
+
+
+async def compact_etcd(server: RunningServer) -> None:
+    """With the etcd store: compact etcd's history up to the revision the server has applied, as a
+    deployment's auto-compaction would, so that only the server's own bounded history (``history_size``)
+    can replay older changes, as with the in-memory store. With the in-memory store: nothing."""
+    feed = getattr(server.store, "feed", None)
+    if feed is not None:
+        await server.store.client.compact(feed.applied)  # type: ignore[attr-defined]
 
 
 class Client:
@@ -137,6 +162,14 @@ async def eventually(condition: Callable[[], bool], *, limit: float = 10.0) -> N
     with trio.fail_after(limit):
         while not condition():  # noqa: ASYNC110 (the condition lives in another process or socket)
             await trio.sleep(0.005)
+
+
+async def real_seconds(seconds: float) -> None:
+    """Let ``seconds`` of real time pass, on whatever clock the run has (an autojumping or running mock
+    clock included): for what runs on real time outside this process, such as etcd's lease TTLs."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:  # noqa: ASYNC110 (real time, which a mock clock does not follow)
+        await trio.sleep(0.01)
 
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)

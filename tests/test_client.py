@@ -190,7 +190,7 @@ async def _watch_across(
                     synced_once.set()
                     if pause_while_writing:  # read nothing while all the writes happen
                         for i in range(writes):
-                            await write(i)
+                            await trio_asyncio.trio_as_aio(write)(i)  # Trio code
                 if event.variable is not None and event.variable.version == last:
                     done.set()
                     return

@@ -65,6 +65,7 @@ PURE_MODULES = {
     "storage/checks",
     "storage/interface",
     "storage/memory",
+    "storage/location",
 }
 
 

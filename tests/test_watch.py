@@ -11,13 +11,23 @@ import h2.events
 import pytest
 import trio
 import trio.testing
+import trio_asyncio
 from grpclib.client import Channel
 from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 
 from tests.h2raw import RawH2, messages_in
-from tests.support import Client, connect, eventually, start_server, start_watch
+from tests.support import (
+    Client,
+    compact_etcd,
+    connect,
+    eventually,
+    real_seconds,
+    start_server,
+    start_watch,
+    writes_at_once,
+)
 from trio_bridge import RunningServer
 from trio_bridge.proto import unified_bridge as pb
 from trio_bridge.proto.google.protobuf import Any as PbAny
@@ -308,6 +318,7 @@ async def test_an_open_watch_keeps_its_session_alive_whatever_the_heartbeat_inte
     autojump_clock: trio.testing.MockClock,
     nursery: trio.Nursery,
     aio_loop: Any,
+    store_kind: str,
 ) -> None:
     # Issue #10, observation 10: with `--session-ttl 3` (or a session TTL of 1.5 s) and the default
     # 30 s heartbeat, the watch ended NOT_FOUND "expired" after the TTL.
@@ -321,6 +332,8 @@ async def test_an_open_watch_keeps_its_session_alive_whatever_the_heartbeat_inte
         watcher = await start_watch(nursery, client, watch_request(session, "t"))
         await watcher.wait_synced()
         await trio.sleep(100.0)  # three default heartbeat intervals, many TTLs
+        if store_kind == "etcd":
+            await real_seconds(2 * ttl)  # etcd's leases run on real time: many TTLs of that too
         assert not watcher.ended.is_set() and server.store.cache.session_count == 1
         assert watcher.kinds().count("heartbeat") == 3
         info = await client(client.stub.get_session(pb.GetSessionRequest(session_id=session)))
@@ -328,10 +341,15 @@ async def test_an_open_watch_keeps_its_session_alive_whatever_the_heartbeat_inte
 
         watcher.cancel_scope.cancel()
         await eventually(lambda: server.service.open_watches == 0)
-        await trio.sleep(ttl / 2)
-        assert server.store.cache.session_count == 1  # the TTL counts from the end of the last watch
-        await trio.sleep(ttl)
-        assert server.store.cache.session_count == 0
+        if store_kind == "memory":
+            await trio.sleep(ttl / 2)
+            assert server.store.cache.session_count == 1  # the TTL counts from the end of the last watch
+            await trio.sleep(ttl)
+            assert server.store.cache.session_count == 0
+        else:  # on etcd's real time; a lease's TTL is whole seconds, counted from its last keep-alive
+            await real_seconds(ttl / 3)
+            assert server.store.cache.session_count == 1
+            await eventually(lambda: server.store.cache.session_count == 0)
 
 
 async def test_heartbeats_keep_a_watched_session_alive(
@@ -390,6 +408,7 @@ async def test_resume_beyond_the_history_is_a_resync(nursery: trio.Nursery, aio_
         session, ids = await new_session(client, a=0.0)
         for i in range(1, 11):
             await write(client, session, "a", float(i))  # versions 2..11; history keeps 9..11
+        await compact_etcd(server)
         request = watch_request(session, "a")
         request.resume_versions = {"a": 8}
         replay = await start_watch(nursery, client, request)
@@ -436,6 +455,12 @@ async def _stalled_then_drained(
     error: GRPCError | None = None
     trailers: dict[str, str] = {}
 
+    async def write_all() -> None:
+        big = "x" * 4000
+        with writes_at_once(server):  # the writer never waits on the stalled watcher
+            for i in range(writes):
+                await server.store.set_variable(session, names[i % len(names)], f"{big}{i}")
+
     async def scenario() -> None:
         nonlocal error, trailers
         request = watch_request(session, *names, **options)
@@ -446,9 +471,7 @@ async def _stalled_then_drained(
                 first = await stream.recv_message()
                 assert first is not None
                 received.append(first)
-                big = "x" * 4000
-                for i in range(writes):  # the writer never waits on the stalled watcher
-                    await server.store.set_variable(session, names[i % len(names)], f"{big}{i}")
+                await trio_asyncio.trio_as_aio(write_all)()  # store calls are Trio code
                 async for update in stream:
                     received.append(update)
                     if final_versions(received) == {name: writes // len(names) + 1 for name in names}:
@@ -551,6 +574,10 @@ async def _watch_stalled_after_synced(
     error: GRPCError | None = None
     trailers: dict[str, str] = {}
 
+    async def burst() -> None:
+        with writes_at_once(server):
+            await make_changes()
+
     async def scenario() -> None:
         nonlocal error, trailers
         stream = channel.request(WATCH, Cardinality.UNARY_STREAM, pb.WatchVariablesRequest, pb.VariableUpdate)
@@ -560,7 +587,7 @@ async def _watch_stalled_after_synced(
                 while (update := await stream.recv_message()) is not None:
                     if update.update_type == "synced":
                         break
-                await make_changes()
+                await trio_asyncio.trio_as_aio(burst)()  # store calls are Trio code
                 async for _ in stream:
                     pass
         except GRPCError as exc:

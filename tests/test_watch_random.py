@@ -13,7 +13,7 @@ import trio
 import trio.testing
 from grpclib.client import Channel
 
-from tests.support import Client, eventually, start_server, start_watch
+from tests.support import Client, compact_etcd, eventually, start_server, start_watch
 from trio_bridge.proto import unified_bridge as pb
 from trio_bridge.proto.google.protobuf import Any as PbAny
 from trio_bridge.proto.google.protobuf import DoubleValue
@@ -54,6 +54,8 @@ async def test_random_writers_watchers_cancels_and_resumes(
         await server.store.register_variable(session, name, pb.VariableType.FLOAT, 0.0)
     holders = [Holder() for _ in range(WATCHERS)]
     writing_done = trio.Event()
+    all_written = trio.Event()
+    writers_left = [WRITERS]
 
     async def writer(index: int) -> None:
         client = clients[index % len(clients)]
@@ -65,6 +67,16 @@ async def test_random_writers_watchers_cancels_and_resumes(
             )
             await client(client.stub.set_variable(request))
             await trio.sleep(rng.choice([0, 0, 0.01, 0.05]))
+        writers_left[0] -= 1
+        if not writers_left[0]:
+            all_written.set()
+
+    async def compactor() -> None:
+        # With etcd, its history runs short only where it is compacted (here as often as writes come).
+        while not all_written.is_set():
+            await compact_etcd(server)
+            with trio.move_on_after(0.2):
+                await all_written.wait()
 
     async def watcher(holder: Holder, index: int) -> None:
         client = clients[index % len(clients)]
@@ -101,6 +113,7 @@ async def test_random_writers_watchers_cancels_and_resumes(
         async with trio.open_nursery() as writers:
             for index in range(WRITERS):
                 writers.start_soon(writer, index)
+            writers.start_soon(compactor)
         writing_done.set()  # each watcher now resumes one last time, catches up and stops
     for channel in channels:
         channel.close()

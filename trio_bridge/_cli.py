@@ -22,6 +22,7 @@ from ._limits import describe as describe_limits
 from ._security import Tokens, server_tls
 from ._status import RemoteError, status_of
 from ._version import __version__
+from .storage.location import STORE_HELP
 from .storage.records import DEFAULT_SESSION_TTL
 
 log = logging.getLogger("trio_bridge")
@@ -129,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     secure.add_argument(
         "--token-file", type=Path, metavar="PATH", help="accept only the bearer tokens in this file"
     )
+    storage = serve_cmd.add_argument_group("state (see the README's Running several servers)")
+    storage.add_argument("--store", default="memory", metavar="URL", help=f"where state lives: {STORE_HELP}")
+    storage.add_argument("--etcd-ca", type=Path, metavar="PEM", help="etcds://: trust this CA for etcd")
+    storage.add_argument(
+        "--etcd-cert", type=Path, metavar="PEM", help="etcds://: client certificate for etcd"
+    )
+    storage.add_argument("--etcd-key", type=Path, metavar="PEM", help="the etcd client certificate's key")
+    storage.add_argument("--etcd-user", metavar="NAME", help="etcd user (etcd with authentication on)")
+    storage.add_argument(
+        "--etcd-password-file", type=Path, metavar="PATH", help="file holding the etcd user's password"
+    )
     limits = serve_cmd.add_argument_group("limits (see the README's Limits table)")
     for name, default, what in describe_limits():
         limits.add_argument(
@@ -213,6 +225,12 @@ def _serve(args: argparse.Namespace) -> int:
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
             token_file=args.token_file,
+            store=args.store,
+            etcd_ca=args.etcd_ca,
+            etcd_cert=args.etcd_cert,
+            etcd_key=args.etcd_key,
+            etcd_user=args.etcd_user,
+            etcd_password_file=args.etcd_password_file,
         )
         # Read now, so a bad file is one line and exit code 2, before anything is bound.
         if config.token_file is not None:

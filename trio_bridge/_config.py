@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._limits import DEFAULT_LIMITS, Limits
+from .storage.location import parse_store
 from .storage.records import DEFAULT_SESSION_TTL, MAX_SESSION_TTL
 
 DEFAULT_HOST = "127.0.0.1"
@@ -33,6 +34,15 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     #: Bearer tokens the server accepts (see ``_security``); None: no token is asked for.
     token_file: Path | None = None
+    #: Where state lives: "memory", or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (see ``storage.location``).
+    store: str = "memory"
+    #: etcd over TLS (etcds://): trust this CA (PEM) instead of the system's; a client certificate.
+    etcd_ca: Path | None = None
+    etcd_cert: Path | None = None
+    etcd_key: Path | None = None
+    #: etcd's user and a file holding its password (etcd with authentication on).
+    etcd_user: str | None = None
+    etcd_password_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.session_ttl <= min(MAX_SESSION_TTL, self.limits.max_session_ttl_seconds):
@@ -44,3 +54,11 @@ class ServerConfig:
             raise ValueError("give both tls_cert and tls_key, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        location = parse_store(self.store)
+        etcd_options = (self.etcd_ca, self.etcd_cert, self.etcd_user, self.etcd_password_file)
+        if location.kind != "etcd" and any(option is not None for option in etcd_options):
+            raise ValueError("the --etcd-* options need --store etcd://... (or etcds://...)")
+        if (self.etcd_cert is None) != (self.etcd_key is None):
+            raise ValueError("give both --etcd-cert and --etcd-key, or neither")
+        if (self.etcd_user is None) != (self.etcd_password_file is None):
+            raise ValueError("give both --etcd-user and --etcd-password-file, or neither")

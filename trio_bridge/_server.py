@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from grpclib.health.check import ServiceStatus
@@ -16,6 +18,7 @@ from ._metrics import Metrics
 from ._security import Tokens, server_tls
 from ._service import CountedHealth, UnifiedBridgeService
 from .storage import MemoryStore, Store
+from .storage.location import parse_store
 
 log = logging.getLogger("trio_bridge")
 
@@ -51,17 +54,7 @@ async def serve(
     if config.tls_cert is not None and config.tls_key is not None:
         tls = server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
     if store is None:
-        store = MemoryStore(
-            default_ttl=config.session_ttl,
-            history_size=limits.history_size,
-            max_sessions=limits.max_sessions,
-            max_variables_per_session=limits.max_variables_per_session,
-            max_sessions_per_owner=limits.max_sessions_per_token,
-            max_ttl=limits.max_session_ttl_seconds,
-            max_session_bytes=limits.max_session_bytes,
-            max_stored_bytes=limits.max_stored_bytes,
-            max_history_bytes=limits.max_history_bytes,
-        )
+        store = store_for(config)
     cache = store.cache
     metrics = Metrics(
         sessions=lambda: cache.session_count,
@@ -123,6 +116,43 @@ async def serve(
             )
     finally:
         metrics.stop_http()
+
+
+def store_for(config: ServerConfig) -> Store:
+    """The store ``config.store`` names, with the limits of ``config``."""
+    limits = config.limits
+    settings: dict[str, Any] = dict(
+        default_ttl=config.session_ttl,
+        history_size=limits.history_size,
+        max_sessions=limits.max_sessions,
+        max_variables_per_session=limits.max_variables_per_session,
+        max_sessions_per_owner=limits.max_sessions_per_token,
+        max_ttl=limits.max_session_ttl_seconds,
+        max_session_bytes=limits.max_session_bytes,
+        max_stored_bytes=limits.max_stored_bytes,
+        max_history_bytes=limits.max_history_bytes,
+    )
+    location = parse_store(config.store)
+    if location.kind == "memory":
+        return MemoryStore(**settings)
+    from .storage.etcd.store import EtcdSettings, EtcdStore  # brings in the etcd client: only when used
+
+    tls = None
+    if location.tls:
+        tls = ssl.create_default_context(cafile=config.etcd_ca)
+        if config.etcd_cert is not None and config.etcd_key is not None:
+            tls.load_cert_chain(config.etcd_cert, config.etcd_key)
+    password = None
+    if config.etcd_password_file is not None:
+        password = config.etcd_password_file.read_text().strip()
+    etcd = EtcdSettings(
+        endpoints=location.endpoints,
+        prefix=location.prefix,
+        tls=tls,
+        user=config.etcd_user,
+        password=password,
+    )
+    return EtcdStore(etcd, **settings)
 
 
 def _warn_if_exposed(host: str, tls: bool, tokens: bool) -> None:

@@ -146,7 +146,12 @@ def _merge(older: VariableEvent, newer: VariableEvent) -> VariableEvent:
         return older
     if newer.kind in (EventKind.SESSION_ENDED, EventKind.DELETED):
         return newer
-    kind = EventKind.REGISTERED if older.kind is EventKind.REGISTERED else newer.kind
+    if older.kind is EventKind.REGISTERED:
+        kind = EventKind.REGISTERED
+    elif EventKind.RESYNCED in (older.kind, newer.kind):
+        kind = EventKind.RESYNCED  # versions between them could not be had: it stays a resync
+    else:
+        kind = newer.kind
     return replace(newer, kind=kind, old_value=older.old_value, replaces=older.replaces + 1)
 
 

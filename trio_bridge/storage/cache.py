@@ -128,7 +128,8 @@ class SessionCache:
         self.checkpoint_hook: Callable[[str], Awaitable[None]] | None = None
         self.sessions: dict[str, CachedSession] = {}
         self.sessions_by_owner: dict[str, int] = {}  # named owners only
-        #: Set when a session's deadline may have moved (a watch let go of it); replaced by its waiter.
+        #: Set when a session's deadline may have moved (a watch took or let go of it); replaced by
+        #: its waiter (the store's expiry or lease keeper).
         self.deadlines_changed = trio.Event()
         self._variable_count = 0
         self._stored_bytes = 0
@@ -231,6 +232,8 @@ class SessionCache:
         access after it). Cleanup still ends it. NotFound if it is gone."""
         session = self.session(session_id)
         session.watchers += 1
+        if session.watchers == 1:
+            self.deadlines_changed.set()  # a lease keeper learns it is watched
         try:
             yield
         finally:
@@ -288,14 +291,16 @@ class SessionCache:
         source: str,
         metadata: Mapping[str, str],
         timestamp: float,
+        kind: EventKind = EventKind.CHANGED,
     ) -> None:
-        """Record the ``(current, updated)`` pairs of one write, in order, and publish each change."""
+        """Record the ``(current, updated)`` pairs of one write, in order, and publish each change (as
+        ``kind``: RESYNCED when the versions between cannot be had)."""
         each_change = change_size(source, metadata)
         for _, updated in changes:
             session.variables[updated.id] = updated
         for current, updated in changes:
             event = VariableEvent(
-                EventKind.CHANGED,
+                kind,
                 session.id,
                 updated,
                 old_value=current.value,

@@ -57,6 +57,8 @@ class SessionInfo:
 class EventKind(enum.Enum):
     REGISTERED = "registered"
     CHANGED = "changed"
+    #: Changed, and the versions between the old and the new one cannot be had (etcd compacted them).
+    RESYNCED = "resynced"
     DELETED = "deleted"
     SESSION_ENDED = "session_ended"
 
