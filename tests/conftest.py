@@ -29,12 +29,17 @@ BOTH_STORES = {
     "test_client",
 }
 STORES = ["memory", "etcd"]
+#: Suites about several servers on one etcd: etcd only.
+ETCD_ONLY = {"test_replicas"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     module = metafunc.module.__name__.rsplit(".", 1)[-1]
-    if module in BOTH_STORES and "store_kind" in metafunc.fixturenames:
-        metafunc.parametrize("store_kind", STORES, indirect=True)
+    if "store_kind" in metafunc.fixturenames:
+        if module in BOTH_STORES:
+            metafunc.parametrize("store_kind", STORES, indirect=True)
+        elif module in ETCD_ONLY:
+            metafunc.parametrize("store_kind", ["etcd"], indirect=True)
 
 
 #: With etcd, a mock clock jumps only after this long (real seconds) with no task to run, so never
