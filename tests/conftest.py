@@ -30,7 +30,7 @@ BOTH_STORES = {
 }
 STORES = ["memory", "etcd"]
 #: Suites about several servers on one etcd: etcd only.
-ETCD_ONLY = {"test_replicas"}
+ETCD_ONLY = {"test_replicas", "test_etcd_store"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -36,15 +36,17 @@ def connect(server: RunningServer, **channel_options: Any) -> Iterator[Client]:
         channel.close()
 
 
-async def start_server(nursery: trio.Nursery, *, store: Store | None = None, **config: Any) -> RunningServer:
+async def start_server(
+    nursery: trio.Nursery, *, store: Store | None = None, store_url: str | None = None, **config: Any
+) -> RunningServer:
     """Start a server on a free loopback port in ``nursery``; return once it is listening. ``config``
-    holds ServerConfig fields and Limits fields alike; with neither ``store`` nor ``config["store"]``,
-    the server uses the test's store (``STORE_URL``)."""
+    holds ServerConfig fields and Limits fields alike. The server keeps its state in ``store``, else at
+    ``store_url``, else in the test's store (``STORE_URL``)."""
     limit_names = {field.name for field in dataclasses.fields(Limits)}
     limits = Limits(**{k: v for k, v in config.items() if k in limit_names})
     others = {k: v for k, v in config.items() if k not in limit_names}
     if store is None:
-        others.setdefault("store", STORE_URL)
+        others["store"] = store_url or STORE_URL
     settings = ServerConfig(**{"host": LOOPBACK, "port": 0, "limits": limits, **others})
     running: RunningServer = await nursery.start(
         lambda task_status: serve(settings, store=store, task_status=task_status)

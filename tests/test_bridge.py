@@ -17,6 +17,7 @@ from grpclib.config import Configuration
 from trio_bridge._bridge import (
     BoundAddress,
     _run_callbacks_in_batches,
+    open_asyncio_loop,
     release_request_buffers,
     run_in_asyncio,
     send_messages,
@@ -295,16 +296,18 @@ async def _serve(
     handler: Any,
     cardinality: grpclib.const.Cardinality = grpclib.const.Cardinality.UNARY_STREAM,
 ) -> BoundAddress:
-    bound: BoundAddress = await nursery.start(
-        lambda task_status: serve_grpc(
-            [_OneMethod(handler, cardinality)],
-            host="127.0.0.1",
-            port=0,
-            drain=_no_drain,
-            grace=1,
-            task_status=task_status,
-        )
-    )
+    async def serve(task_status: trio.TaskStatus[BoundAddress]) -> None:
+        async with open_asyncio_loop():
+            await serve_grpc(
+                [_OneMethod(handler, cardinality)],
+                host="127.0.0.1",
+                port=0,
+                drain=_no_drain,
+                grace=1,
+                task_status=task_status,
+            )
+
+    bound: BoundAddress = await nursery.start(serve)
     return bound
 
 

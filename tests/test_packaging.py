@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import subprocess
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -78,6 +80,20 @@ def _module_path(importer: str, level: int, module: str | None) -> str:
     return target
 
 
+def _runtime_nodes(tree: Any) -> Iterator[Any]:
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:`` (imports for type checkers only)."""
+    import ast
+
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            stack.extend(node.orelse)
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
 def test_store_and_observers_import_no_grpc() -> None:
     """The core is pure Trio: it imports only the standard library, trio, re2 (linear-time regular
     expressions for ``pattern``) and other pure modules."""
@@ -87,7 +103,7 @@ def test_store_and_observers_import_no_grpc() -> None:
     package = Path(__file__).resolve().parent.parent / "trio_bridge"
     for name in sorted(PURE_MODULES):
         tree = ast.parse((package / f"{name}.py").read_text())
-        for node in ast.walk(tree):
+        for node in _runtime_nodes(tree):
             if isinstance(node, ast.Import):
                 roots = [alias.name.split(".")[0] for alias in node.names]
             elif isinstance(node, ast.ImportFrom):

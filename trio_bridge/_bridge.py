@@ -1,7 +1,7 @@
 """The trio↔asyncio bridge: grpclib's asyncio server, run and shut down from Trio.
 
 Everything that crosses between the two worlds lives here. grpclib runs on trio-asyncio's loop, which
-:func:`serve_grpc` opens inside the calling Trio task, so grpclib handlers and Trio tasks share one
+:func:`open_asyncio_loop` opens inside the calling Trio task, so grpclib handlers and Trio tasks share one
 thread.
 
 Shutdown (what happens when the task running :func:`serve_grpc` is cancelled), in steps, because
@@ -24,7 +24,7 @@ import heapq
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
@@ -359,31 +359,40 @@ async def serve_grpc(
     tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[BoundAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``services`` on ``host:port`` until cancelled, then shut down in steps (module doc).
+    """Serve ``services`` on ``host:port`` until cancelled, then shut down in steps (module doc). Runs
+    inside :func:`open_asyncio_loop`.
 
     ``max_connections`` 0 derives the limit from the open-file limit, which is raised from its soft to
     its hard value (``_connections.connections_for``). ``task_status.started`` receives the bound
     address (``port=0`` picks a free port). Shutdown is
     shielded from the cancellation that triggers it and takes at most ``grace`` plus about a second.
     """
+    server = GuardedServer(services, connection_limits, max_connections)
+    await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=tls)
+    if not max_connections:  # derived, now that the loop and the listener have their files
+        server.max_connections = connections_for(raise_fd_limit())
+    listener = cast(asyncio.Server, server._server)
+    bound = listener.sockets[0].getsockname()
+    log.info("gRPC server listening on %s:%d", bound[0], bound[1])
+    task_status.started(
+        BoundAddress(host=bound[0], port=bound[1], open_connections=lambda: len(server.connections))
+    )
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await _shut_down(server, drain, grace)
+
+
+@contextlib.asynccontextmanager
+async def open_asyncio_loop() -> AsyncIterator[trio_asyncio.TrioEventLoop]:
+    """The asyncio loop (trio-asyncio's) that a server's asyncio side runs on, open for the block:
+    grpclib's server, and the etcd store's client. Its errors are logged; its ready callbacks run in
+    batches (``_run_callbacks_in_batches``)."""
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(_log_asyncio_error)
         _run_callbacks_in_batches(loop)
-        server = GuardedServer(services, connection_limits, max_connections)
-        await trio_asyncio.aio_as_trio(server.start)(host, port, ssl=tls)
-        if not max_connections:  # derived, now that the loop and the listener have their files
-            server.max_connections = connections_for(raise_fd_limit())
-        listener = cast(asyncio.Server, server._server)
-        bound = listener.sockets[0].getsockname()
-        log.info("gRPC server listening on %s:%d", bound[0], bound[1])
-        task_status.started(
-            BoundAddress(host=bound[0], port=bound[1], open_connections=lambda: len(server.connections))
-        )
-        try:
-            await trio.sleep_forever()
-        finally:
-            with trio.CancelScope(shield=True):
-                await _shut_down(server, drain, grace)
+        yield loop
 
 
 #: How long trio-asyncio's loop runs ready asyncio callbacks before it lets Trio's tasks run.

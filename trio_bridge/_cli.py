@@ -22,7 +22,7 @@ from ._limits import describe as describe_limits
 from ._security import Tokens, server_tls
 from ._status import RemoteError, status_of
 from ._version import __version__
-from .storage.location import STORE_HELP
+from .storage.location import ETCD_MAX_REQUEST_BYTES, ETCD_MAX_TXN_OPS, STORE_HELP
 from .storage.records import DEFAULT_SESSION_TTL
 
 log = logging.getLogger("trio_bridge")
@@ -141,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     storage.add_argument(
         "--etcd-password-file", type=Path, metavar="PATH", help="file holding the etcd user's password"
     )
+    storage.add_argument(
+        "--etcd-max-request-bytes",
+        type=int,
+        default=ETCD_MAX_REQUEST_BYTES,
+        metavar="N",
+        help="etcd's --max-request-bytes, if not its default (default %(default)s)",
+    )
+    storage.add_argument(
+        "--etcd-max-txn-ops",
+        type=int,
+        default=ETCD_MAX_TXN_OPS,
+        metavar="N",
+        help="etcd's --max-txn-ops, if not its default (default %(default)s)",
+    )
     limits = serve_cmd.add_argument_group("limits (see the README's Limits table)")
     for name, default, what in describe_limits():
         limits.add_argument(
@@ -231,6 +245,8 @@ def _serve(args: argparse.Namespace) -> int:
             etcd_key=args.etcd_key,
             etcd_user=args.etcd_user,
             etcd_password_file=args.etcd_password_file,
+            etcd_max_request_bytes=args.etcd_max_request_bytes,
+            etcd_max_txn_ops=args.etcd_max_txn_ops,
         )
         # Read now, so a bad file is one line and exit code 2, before anything is bound.
         if config.token_file is not None:

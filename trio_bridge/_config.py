@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._limits import DEFAULT_LIMITS, Limits
-from .storage.location import parse_store
+from .storage.location import ETCD_MAX_REQUEST_BYTES, ETCD_MAX_TXN_OPS, ETCD_RECORD_ROOM, parse_store
 from .storage.records import DEFAULT_SESSION_TTL, MAX_SESSION_TTL
 
 DEFAULT_HOST = "127.0.0.1"
@@ -43,6 +43,9 @@ class ServerConfig:
     #: etcd's user and a file holding its password (etcd with authentication on).
     etcd_user: str | None = None
     etcd_password_file: Path | None = None
+    #: What the etcd cluster accepts (its --max-request-bytes and --max-txn-ops): checked before sending.
+    etcd_max_request_bytes: int = ETCD_MAX_REQUEST_BYTES
+    etcd_max_txn_ops: int = ETCD_MAX_TXN_OPS
 
     def __post_init__(self) -> None:
         if not 0 < self.session_ttl <= min(MAX_SESSION_TTL, self.limits.max_session_ttl_seconds):
@@ -62,3 +65,12 @@ class ServerConfig:
             raise ValueError("give both --etcd-cert and --etcd-key, or neither")
         if (self.etcd_user is None) != (self.etcd_password_file is None):
             raise ValueError("give both --etcd-user and --etcd-password-file, or neither")
+        if self.etcd_max_txn_ops < 2:
+            raise ValueError("--etcd-max-txn-ops must be at least 2 (etcd's --max-txn-ops)")
+        room = self.etcd_max_request_bytes - ETCD_RECORD_ROOM
+        if location.kind == "etcd" and self.limits.max_value_bytes > room:
+            raise ValueError(
+                f"with --store etcd, --max-value-bytes ({self.limits.max_value_bytes}) must be at most "
+                f"{room}: one value and its record must fit in one etcd request "
+                f"(--etcd-max-request-bytes {self.etcd_max_request_bytes}, etcd's --max-request-bytes)"
+            )

@@ -1,4 +1,5 @@
-"""The server: a store, its expiry task, the gRPC service and the metrics endpoint, in one nursery."""
+"""The server: a store and its background work, the gRPC service and the metrics endpoint, on one
+trio-asyncio loop. Shutdown stops the gRPC side first (in steps, see ``_bridge``), then the store."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import trio
 from grpclib.health.check import ServiceStatus
 
-from ._bridge import serve_grpc
+from ._bridge import open_asyncio_loop, serve_grpc
 from ._config import ServerConfig
 from ._connections import ConnectionLimits
 from ._metrics import Metrics
@@ -62,12 +63,15 @@ async def serve(
         observers=lambda: cache.observers.observer_count,
         stored_bytes=lambda: cache.stored_bytes,
     )
+    store.register_metrics(metrics.registry)
     service = UnifiedBridgeService(store, metrics, limits, tokens)
     metrics.open_watch_streams.set_function(lambda: service.open_watches)
     # The health service says SERVING until the server begins to drain, NOT_SERVING from then on, so
     # load balancers stop sending calls before the connections close.
     serving = ServiceStatus()
     serving.set(True)
+    # And NOT_SERVING while the store cannot serve writes (etcd unreachable).
+    store_serving = ServiceStatus()
 
     async def drain() -> None:
         serving.set(False)
@@ -78,44 +82,65 @@ async def serve(
         metrics_port = metrics.start_http(config.host, config.metrics_port)
         log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.run)
-            bound = await nursery.start(
-                lambda task_status: serve_grpc(
-                    [service, CountedHealth({service: [serving]}, service)],
-                    host=config.host,
-                    port=config.port,
-                    tls=tls,
-                    drain=drain,
-                    grace=config.shutdown_grace,
-                    connection_limits=ConnectionLimits(
-                        # room for unary calls beside a full quota of watch streams
-                        max_streams=limits.max_watch_streams_per_connection + 100,
-                        max_stream_resets_per_second=limits.max_stream_resets_per_second,
-                        max_control_frames_per_second=limits.max_control_frames_per_second,
-                        max_buffer_bytes=limits.max_connection_buffer_bytes,
-                        max_total_buffer_bytes=limits.max_request_buffer_bytes,
-                        handshake_timeout=limits.handshake_timeout_seconds,
-                        idle_timeout=limits.idle_connection_timeout_seconds,
-                    ),
-                    max_connections=limits.max_connections,
-                    task_status=task_status,
-                )
-            )
-            metrics.open_connections.set_function(bound.open_connections)
-            _warn_if_exposed(bound.host, tls is not None, tokens is not None)
-            task_status.started(
-                RunningServer(
-                    host=bound.host,
-                    port=bound.port,
-                    metrics_port=metrics_port,
-                    store=store,
-                    service=service,
-                    metrics=metrics,
-                )
-            )
+        async with open_asyncio_loop(), trio.open_nursery() as store_nursery:
+            # The store outlives the gRPC side: calls still running while the server shuts down may
+            # need it. It stops once the gRPC side has (see the finally clause).
+            store_scope = trio.CancelScope(shield=True)
+
+            async def run_store(*, task_status: trio.TaskStatus[None]) -> None:
+                with store_scope:
+                    await store.run(task_status=task_status)
+
+            await store_nursery.start(run_store)
+            store_nursery.start_soon(_report_availability, store, store_serving)
+            try:
+                async with trio.open_nursery() as nursery:
+                    bound = await nursery.start(
+                        lambda task_status: serve_grpc(
+                            [service, CountedHealth({service: [serving, store_serving]}, service)],
+                            host=config.host,
+                            port=config.port,
+                            tls=tls,
+                            drain=drain,
+                            grace=config.shutdown_grace,
+                            connection_limits=ConnectionLimits(
+                                # room for unary calls beside a full quota of watch streams
+                                max_streams=limits.max_watch_streams_per_connection + 100,
+                                max_stream_resets_per_second=limits.max_stream_resets_per_second,
+                                max_control_frames_per_second=limits.max_control_frames_per_second,
+                                max_buffer_bytes=limits.max_connection_buffer_bytes,
+                                max_total_buffer_bytes=limits.max_request_buffer_bytes,
+                                handshake_timeout=limits.handshake_timeout_seconds,
+                                idle_timeout=limits.idle_connection_timeout_seconds,
+                            ),
+                            max_connections=limits.max_connections,
+                            task_status=task_status,
+                        )
+                    )
+                    metrics.open_connections.set_function(bound.open_connections)
+                    _warn_if_exposed(bound.host, tls is not None, tokens is not None)
+                    task_status.started(
+                        RunningServer(
+                            host=bound.host,
+                            port=bound.port,
+                            metrics_port=metrics_port,
+                            store=store,
+                            service=service,
+                            metrics=metrics,
+                        )
+                    )
+            finally:
+                store_scope.cancel()
+                store_nursery.cancel_scope.cancel()
     finally:
         metrics.stop_http()
+
+
+async def _report_availability(store: Store, status: ServiceStatus) -> None:
+    """Keep ``status`` equal to whether the store can serve, for as long as it runs."""
+    while True:
+        status.set(store.available)
+        await store.availability_changed()
 
 
 def store_for(config: ServerConfig) -> Store:
@@ -151,6 +176,8 @@ def store_for(config: ServerConfig) -> Store:
         tls=tls,
         user=config.etcd_user,
         password=password,
+        max_request_bytes=config.etcd_max_request_bytes,
+        max_txn_ops=config.etcd_max_txn_ops,
     )
     return EtcdStore(etcd, **settings)
 

@@ -29,13 +29,16 @@ The contract, method by method where it matters:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from .._types import Constraints, VariableType
 from .cache import SessionCache
 from .records import SessionInfo, VariableEvent, VariableSnapshot, VariableWrite
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 
 class Store(Protocol):
@@ -54,6 +57,22 @@ class Store(Protocol):
         """The store's background work (expiry; for etcd, its feed and lease keep-alives), for as long as
         it runs; ``task_status.started()`` once the store can serve. Cancel it to stop it: a store that
         is not running serves no writes."""
+        ...
+
+    @property
+    def available(self) -> bool:
+        """Whether the store can serve writes now (the etcd store: its feed follows etcd). While not,
+        writes fail with UNAVAILABLE, the server's health says NOT_SERVING, and watches keep what they
+        have."""
+        ...
+
+    async def availability_changed(self) -> None:
+        """Return when :attr:`available` may have changed (never, for a store that is always
+        available)."""
+        ...
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Add the store's own metrics to the server's registry (the in-memory store has none)."""
         ...
 
     # ---- sessions ------------------------------------------------------------------------------

@@ -7,6 +7,13 @@ from dataclasses import dataclass
 
 DEFAULT_ETCD_PREFIX = "/trio-bridge"
 DEFAULT_ETCD_PORT = 2379
+#: etcd's defaults for the largest request (--max-request-bytes, 1.5 MiB) and the most operations in
+#: one transaction (--max-txn-ops); a deployment that changes them tells the server too.
+ETCD_MAX_REQUEST_BYTES = 1_572_864
+ETCD_MAX_TXN_OPS = 128
+#: What a variable's record adds to its value at most, about (name, constraints, metadata, keys):
+#: a value up to the request limit less this fits in one etcd request.
+ETCD_RECORD_ROOM = 256 * 1024
 STORE_HELP = "memory (the default), or etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (etcds:// for TLS)"
 
 

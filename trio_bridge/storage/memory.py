@@ -82,6 +82,16 @@ class MemoryStore:
     def cache(self) -> SessionCache:
         return self._cache
 
+    @property
+    def available(self) -> bool:
+        return True
+
+    async def availability_changed(self) -> None:
+        await trio.sleep_forever()
+
+    def register_metrics(self, registry: object) -> None:
+        pass
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Remove sessions as their TTL runs out, for as long as it runs. Cancel it to stop it; a
         cancellation leaves the store consistent (each removal is a synchronous step)."""

@@ -43,7 +43,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, NoReturn, TypeVar
 
@@ -439,6 +440,8 @@ class EtcdClient:
         self._watch_channels: set[Channel] = set()
         self._current = 0
         self._closed = False
+        #: Called after each unary call with its method, its seconds and "ok" or the error's name.
+        self.on_call: Callable[[str, float, str], object] | None = None
 
     @classmethod
     async def connect(
@@ -549,6 +552,47 @@ class EtcdClient:
     # ---- calls ---------------------------------------------------------------------------------
 
     async def _call(
+        self,
+        path: str,
+        request: betterproto2.Message,
+        reply_type: type[ReplyT],
+        *,
+        read_only: bool,
+        require_leader: bool = True,
+        authenticate: bool = True,
+        cardinality: Cardinality = Cardinality.UNARY_UNARY,
+    ) -> ReplyT:
+        """:meth:`_exchange`, reported to ``on_call`` (the method, its seconds, and "ok" or the name of
+        the exception it raised; a cancelled call is not reported)."""
+        if self.on_call is None:
+            return await self._exchange(
+                path,
+                request,
+                reply_type,
+                read_only=read_only,
+                require_leader=require_leader,
+                authenticate=authenticate,
+                cardinality=cardinality,
+            )
+        method = path.rsplit("/", 1)[-1]
+        started = time.monotonic()
+        try:
+            reply = await self._exchange(
+                path,
+                request,
+                reply_type,
+                read_only=read_only,
+                require_leader=require_leader,
+                authenticate=authenticate,
+                cardinality=cardinality,
+            )
+        except Exception as exc:
+            self.on_call(method, time.monotonic() - started, type(exc).__name__)
+            raise
+        self.on_call(method, time.monotonic() - started, "ok")
+        return reply
+
+    async def _exchange(
         self,
         path: str,
         request: betterproto2.Message,

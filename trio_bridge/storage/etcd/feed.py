@@ -31,7 +31,7 @@ from ...proto import etcdserverpb as pb
 from ...proto import mvccpb
 from ..cache import CachedSession, SessionCache, new_session
 from ..records import EventKind, VariableSnapshot
-from .client import Compacted, EtcdClient, EtcdUnavailable, is_progress_notify
+from .client import Compacted, EtcdClient, EtcdError, EtcdUnavailable, is_progress_notify
 from .layout import KeyKind, Keys, SessionRecord, VariableRecord
 
 log = logging.getLogger("trio_bridge")
@@ -39,6 +39,9 @@ log = logging.getLogger("trio_bridge")
 #: Backoff between attempts to watch again, in seconds.
 RETRY_INITIAL = 0.05
 RETRY_MAX = 2.0
+#: How often the feed checks that its watch still answers, and how long an answer may take (seconds).
+PROBE_EVERY = 5.0
+PROBE_TIMEOUT = 5.0
 
 
 @dataclass
@@ -55,7 +58,10 @@ class SessionLease:
 class FeedState:
     """Counters for metrics and health."""
 
+    #: Following etcd (its watch open and answering); False while it cannot be reached.
     connected: bool = False
+    #: Set, then replaced, each time ``connected`` changes.
+    connection_changed: trio.Event = field(default_factory=trio.Event)
     reconnects: int = 0
     reloads: int = 0
     #: etcd's newest revision as last seen in a response header (for the feed's lag).
@@ -82,6 +88,7 @@ class Feed:
         self.state = FeedState()
         self._waiters: list[_Waiter] = []
         self._held: list[pb.WatchResponse] | None = None
+        self._task_status: trio.TaskStatus[None] | None = None
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -107,9 +114,10 @@ class Feed:
         await waiter.event.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Load, then follow etcd for as long as it runs; started once the first load is applied."""
+        """Load, then follow etcd for as long as it runs; started once the state is loaded and the
+        watch that follows it is open (writes can be served)."""
+        self._task_status = task_status
         await self._load()
-        task_status.started()
         delay = RETRY_INITIAL
         while True:
             try:
@@ -117,8 +125,8 @@ class Feed:
             except Compacted as exc:
                 log.warning("the feed's revision %d was compacted (%s): loading again", self.applied, exc)
                 await self._reload()
-            except EtcdUnavailable as exc:
-                self.state.connected = False
+            except EtcdError as exc:
+                self._connected(False)
                 self.state.reconnects += 1
                 log.warning("etcd watch lost (%s); watching again from revision %d", exc, self.applied + 1)
                 await trio.sleep(delay * random.uniform(0.5, 1.5))
@@ -136,7 +144,7 @@ class Feed:
                 response = await self._client.range(self._keys.root, self._keys.root_end)
                 break
             except EtcdUnavailable as exc:
-                self.state.connected = False
+                self._connected(False)
                 log.warning("etcd unreachable while loading (%s); retrying", exc)
                 await trio.sleep(RETRY_MAX * random.uniform(0.5, 1.0))
         assert response.header is not None
@@ -190,16 +198,59 @@ class Feed:
     # ---- following -----------------------------------------------------------------------------
 
     async def _follow(self) -> None:
-        async with self._client.watch(
-            self._keys.root, self._keys.root_end, start_revision=self.applied + 1, prev_kv=True
-        ) as watch:
-            self.state.connected = True
-            async for response in watch:
-                if self._held is not None:
-                    self._held.append(response)
-                else:
-                    self._take(response)
+        """Apply what the watch sends until it fails. A watch that stops answering (a member cut off
+        without a reset, which etcd's watch would never report) is found by asking for a progress
+        notification every PROBE_EVERY seconds: no answer within PROBE_TIMEOUT counts as lost."""
+        silent = False
+        failure: EtcdError | None = None
+        async with (
+            self._client.watch(
+                self._keys.root, self._keys.root_end, start_revision=self.applied + 1, prev_kv=True
+            ) as watch,
+            trio.open_nursery() as nursery,
+        ):
+            self._connected(True)
+            answered = trio.Event()
+
+            async def probe() -> None:
+                nonlocal answered, silent
+                while True:
+                    await trio.sleep(PROBE_EVERY)
+                    answered = trio.Event()
+                    with contextlib.suppress(EtcdError):  # a broken stream: the reader hears of it
+                        await watch.request_progress()
+                    with trio.move_on_after(PROBE_TIMEOUT):
+                        await answered.wait()
+                    if not answered.is_set():
+                        silent = True
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(probe)
+            try:
+                async for response in watch:
+                    answered.set()
+                    if self._held is not None:
+                        self._held.append(response)
+                    else:
+                        self._take(response)
+            except EtcdError as exc:  # raised below, not out of the nursery (which would group it)
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if silent:
+            raise EtcdUnavailable(f"the etcd watch did not answer a progress request in {PROBE_TIMEOUT} s")
         raise EtcdUnavailable("the etcd watch ended")
+
+    def _connected(self, connected: bool) -> None:
+        if connected and self._task_status is not None:
+            self._task_status.started()
+            self._task_status = None
+        if connected != self.state.connected:
+            self.state.connected = connected
+            self.state.connection_changed.set()
+            self.state.connection_changed = trio.Event()
 
     def _take(self, response: pb.WatchResponse) -> None:
         if response.header is not None:

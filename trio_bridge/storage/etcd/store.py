@@ -25,11 +25,14 @@ import contextlib
 import logging
 import math
 import ssl
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ..._errors import (
     AlreadyExists,
@@ -44,7 +47,7 @@ from ..._types import Constraints, VariableType, approximate_size
 from ...proto import etcdserverpb as epb
 from .. import checks
 from ..cache import CachedSession, SessionCache, change_size
-from ..location import DEFAULT_ETCD_PREFIX
+from ..location import DEFAULT_ETCD_PREFIX, ETCD_MAX_REQUEST_BYTES, ETCD_MAX_TXN_OPS
 from ..records import (
     DEFAULT_SESSION_TTL,
     EMPTY,
@@ -81,8 +84,6 @@ log = logging.getLogger("trio_bridge")
 
 #: An access keeps a session's lease alive at most this often (seconds).
 KEEP_ALIVE_EVERY = 1.0
-#: etcd's default limit of operations in one transaction (``--max-txn-ops``).
-ETCD_MAX_TXN_OPS = 128
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,9 @@ class EtcdSettings:
     tls: ssl.SSLContext | None = None
     user: str | None = None
     password: str | None = None
-    #: etcd's ``--max-txn-ops`` (a batch of N writes needs N operations).
+    #: etcd's ``--max-request-bytes`` and ``--max-txn-ops``: writes are checked against them before
+    #: they are sent (a batch of N writes is one transaction of N operations).
+    max_request_bytes: int = ETCD_MAX_REQUEST_BYTES
     max_txn_ops: int = ETCD_MAX_TXN_OPS
 
 
@@ -138,11 +141,47 @@ class EtcdStore:
         self._client: EtcdClient | None = None
         self._feed: Feed | None = None
         self._kept_alive: dict[str, float] = {}  # session id → when its lease was last kept alive
+        self._running = trio.Event()  # set once run() has started
+        self._on_call: Callable[[str, float, str], object] | None = None
         self._keeping_alive: set[str] = set()
 
     @property
     def cache(self) -> SessionCache:
         return self._cache
+
+    @property
+    def available(self) -> bool:
+        return self._feed is not None and self._feed.state.connected
+
+    async def availability_changed(self) -> None:
+        if self._feed is None:
+            await self._running.wait()
+        else:
+            await self._feed.state.connection_changed.wait()
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """The feed's lag (revisions it is behind etcd), whether it follows etcd, its reconnections and
+        reloads; every etcd request's latency by method, and its errors by method and kind."""
+        registry.register(_FeedCollector(self))
+        latency = Histogram(
+            "trio_bridge_etcd_request_seconds",
+            "etcd requests (unary) by method: how long they took, failures included.",
+            ["method"],
+            registry=registry,
+        )
+        errors = Counter(
+            "trio_bridge_etcd_request_errors",
+            "etcd requests that failed, by method and error.",
+            ["method", "error"],
+            registry=registry,
+        )
+
+        def record(method: str, seconds: float, outcome: str) -> None:
+            latency.labels(method=method).observe(seconds)
+            if outcome != "ok":
+                errors.labels(method=method, error=outcome).inc()
+
+        self._on_call = record
 
     @property
     def feed(self) -> Feed:
@@ -164,11 +203,13 @@ class EtcdStore:
         client = await EtcdClient.connect(
             settings.endpoints, tls=settings.tls, user=settings.user, password=settings.password
         )
+        client.on_call = self._on_call
         try:
             feed = Feed(client, self.keys, self._cache)
             async with trio.open_nursery() as nursery:
                 await nursery.start(feed.run)
                 self._client, self._feed = client, feed
+                self._running.set()
                 nursery.start_soon(self._keep_watched_sessions_alive)
                 task_status.started()
         finally:
@@ -185,6 +226,7 @@ class EtcdStore:
         ttl: float | None = None,
         owner: str = "",
     ) -> SessionInfo:
+        self._check_writable()
         ttl = checks.checked_ttl(ttl, self.limits)
         if session_id:
             checks.check_new_session_id(session_id, self._cache)
@@ -222,6 +264,7 @@ class EtcdStore:
         return [self._cache.info(s) for s in self._cache.sessions.values()]
 
     async def cleanup_session(self, session_id: str) -> int:
+        self._check_writable()
         session = await self._session(session_id)
         removed = len(session.variables)
         lease = self.feed.sessions[session_id].lease
@@ -254,6 +297,7 @@ class EtcdStore:
         metadata: Mapping[str, str] | None = None,
         source: str = "",
     ) -> VariableSnapshot:
+        self._check_writable()
         session = await self._session(session_id)
         snapshot = checks.new_variable(
             self._cache,
@@ -269,11 +313,13 @@ class EtcdStore:
         lease = self.feed.sessions[session_id].lease
         meta, name_key = self.keys.meta(session_id), self.keys.name(session_id, name)
         record = VariableRecord(snapshot, source, EMPTY, snapshot.created_at)
+        encoded = record.encode()
+        self._check_request_size(len(encoded) + 4 * len(name_key))
         with _etcd_errors():
             response = await self.client.txn(
                 [compare_lease(meta, "=", lease), compare_version(name_key, "=", 0)],
                 [
-                    op_put(self.keys.variable(session_id, snapshot.id), record.encode(), lease=lease),
+                    op_put(self.keys.variable(session_id, snapshot.id), encoded, lease=lease),
                     op_put(name_key, snapshot.id.encode(), lease=lease),
                 ],
                 [op_range(meta), op_range(name_key)],
@@ -320,12 +366,13 @@ class EtcdStore:
         source: str = "",
         metadata: Mapping[str, str] | None = None,
     ) -> list[VariableSnapshot]:
+        self._check_writable()
         session = await self._session(session_id)
         update_metadata = frozen_metadata(metadata)
         if len(writes) > self.settings.max_txn_ops:
             raise InvalidArgument(
-                f"a batch of {len(writes)} writes is more than the etcd store takes in one transaction "
-                f"(etcd's --max-txn-ops={self.settings.max_txn_ops}); split it"
+                f"a batch of {len(writes)} writes is more than one etcd transaction takes: its limit "
+                f"--etcd-max-txn-ops={self.settings.max_txn_ops} (etcd's --max-txn-ops); split the batch"
             )
         changes = checks.staged_writes(self._cache, session, writes, source=source, metadata=update_metadata)
         keys = [self.keys.variable(session_id, current.id) for current, _ in changes]
@@ -336,16 +383,15 @@ class EtcdStore:
             for key, write in zip(keys, writes, strict=True)
         ]
         timestamp = changes[0][1].last_updated_at
+        records = [
+            VariableRecord(updated, source, update_metadata, timestamp).encode() for _, updated in changes
+        ]
+        self._check_request_size(
+            sum(len(record) + 2 * len(key) for key, record in zip(keys, records, strict=True))
+        )
         puts = [
-            epb.RequestOp(
-                request_put=epb.PutRequest(
-                    key=key,
-                    value=VariableRecord(updated, source, update_metadata, timestamp).encode(),
-                    prev_kv=True,
-                    ignore_lease=True,
-                )
-            )
-            for key, (_, updated) in zip(keys, changes, strict=True)
+            epb.RequestOp(request_put=epb.PutRequest(key=key, value=record, prev_kv=True, ignore_lease=True))
+            for key, record in zip(keys, records, strict=True)
         ]
         with _etcd_errors():
             response = await self.client.txn(compares, puts, [op_range(key) for key in keys])
@@ -366,6 +412,7 @@ class EtcdStore:
         return results
 
     async def delete_variable(self, session_id: str, identifier: str, *, source: str = "") -> None:
+        self._check_writable()
         session = await self._session(session_id)
         (snapshot,) = self._cache.variables(session, [identifier])
         key = self.keys.variable(session_id, snapshot.id)
@@ -422,6 +469,25 @@ class EtcdStore:
 
     # ---- internals -----------------------------------------------------------------------------
 
+    def _check_request_size(self, size: int) -> None:
+        """ResourceExhausted naming the limit if a write would be larger than etcd takes."""
+        limit = self.settings.max_request_bytes
+        if size + 4096 > limit:  # room for the compares, the header and the framing
+            raise ResourceExhausted.over_limit(
+                f"the write would be an etcd request of about {size} bytes, more than one request takes: "
+                f"its limit --etcd-max-request-bytes={limit} (etcd's --max-request-bytes); write "
+                f"smaller values or fewer at once",
+                "etcd_max_request_bytes",
+                limit,
+            )
+
+    def _check_writable(self) -> None:
+        if not self.available:
+            raise Unavailable(
+                "the server cannot reach etcd (where state is kept) right now; writes resume once it can: "
+                "retry, or use another server"
+            )
+
     async def _session(self, session_id: str) -> CachedSession:
         """The session, touched: its lease is kept alive now unless it was within the last second."""
         session = self._cache.session(session_id)
@@ -473,6 +539,38 @@ class EtcdStore:
     async def _applied(self, response: epb.TxnResponse) -> None:
         assert response.header is not None
         await self.feed.reached(response.header.revision)
+
+
+class _FeedCollector(Collector):
+    """The feed's state, read at scrape time."""
+
+    def __init__(self, store: EtcdStore) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        feed = self._store._feed
+        state = feed.state if feed is not None else None
+        lag = max(0, state.seen_revision - feed.applied) if state is not None and feed is not None else 0
+        yield GaugeMetricFamily(
+            "trio_bridge_etcd_feed_lag_revisions",
+            "Revisions the feed is behind the newest etcd has told it of.",
+            value=lag,
+        )
+        yield GaugeMetricFamily(
+            "trio_bridge_etcd_feed_connected",
+            "1 while the feed follows etcd (writes are served), else 0.",
+            value=1 if state is not None and state.connected else 0,
+        )
+        yield CounterMetricFamily(
+            "trio_bridge_etcd_feed_reconnects",
+            "Times the feed's etcd watch was lost and opened again.",
+            value=state.reconnects if state is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "trio_bridge_etcd_feed_reloads",
+            "Times the feed's position was compacted and it loaded etcd's state again (watches resynced).",
+            value=state.reloads if state is not None else 0,
+        )
 
 
 def _found(reply: epb.ResponseOp) -> bool:

@@ -1,0 +1,167 @@
+"""What the etcd store adds: state that outlives every server, health and writes while etcd is
+unreachable, leases seen by every replica, etcd's limits checked before sending, metrics."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+
+from tests import support
+from tests.etcd_cluster import EtcdCluster
+from tests.support import Client, connect, eventually, start_server, start_watch
+from tests.test_watch import new_session, number, value_of, watch_request, write
+from trio_bridge import ServerConfig
+from trio_bridge.proto import unified_bridge as pb
+
+
+def _url(cluster: EtcdCluster, prefix: str = "/t") -> str:
+    return "etcd://" + ",".join(f"{host}:{port}" for host, port in cluster.endpoints) + prefix
+
+
+async def _status(client: Client, error_of: Any) -> GRPCError:
+    with pytest.raises(GRPCError) as caught:
+        await client(error_of)
+    return caught.value
+
+
+async def test_state_outlives_every_server(nursery: trio.Nursery, aio_loop: Any) -> None:
+    first_scope = trio.CancelScope()
+    first_started = trio.Event()
+    servers: list[Any] = []
+
+    async def run_first() -> None:
+        with first_scope:
+            async with trio.open_nursery() as inner:
+                servers.append(await start_server(inner))
+                first_started.set()
+                await trio.sleep_forever()
+
+    nursery.start_soon(run_first)
+    await first_started.wait()
+    with connect(servers[0]) as client:
+        session, ids = await new_session(client, t=0.0, u=5.0)
+        for i in range(1, 6):
+            await write(client, session, "t", float(i))  # t at version 6
+    first_scope.cancel()  # the only server goes away
+
+    second = await start_server(nursery)  # a new process would see the same: the state is in etcd
+    with connect(second) as client:
+        got = await client(client.stub.list_variables(pb.ListVariablesRequest(session_id=session)))
+        assert [(v.name, v.version, v.value.unpack().value) for v in got.variables] == [  # type: ignore[union-attr]
+            ("t", 6, 5.0),
+            ("u", 1, 5.0),
+        ]
+        # A watcher that held t at version 2 resumes on the new server: what it missed comes from
+        # etcd's history (the new server's own history is empty), not as a resync.
+        request = watch_request(session, "t")
+        request.resume_versions = {"t": 2}
+        watcher = await start_watch(nursery, client, request)
+        await watcher.wait_synced()
+        assert watcher.versions(ids["t"]) == [3, 4, 5, 6]
+        assert "resync" not in watcher.kinds()
+
+
+async def test_while_etcd_is_unreachable_writes_are_unavailable_and_watches_stay(
+    nursery: trio.Nursery, aio_loop: Any, make_etcd_cluster: Callable[..., EtcdCluster]
+) -> None:
+    cluster = make_etcd_cluster(members=1)
+    server = await start_server(nursery, store_url=_url(cluster))
+    with connect(server) as client:
+        health = HealthStub(client.channel)
+
+        async def serving() -> Any:
+            return (await client(health.Check(HealthCheckRequest(service="")))).status
+
+        assert await serving() == HealthCheckResponse.SERVING
+        session, ids = await new_session(client, t=0.0)
+        watcher = await start_watch(nursery, client, watch_request(session, "t"))
+        await watcher.wait_synced()
+
+        cluster.kill(0)
+        await eventually(lambda: not server.store.available)
+        assert await serving() == HealthCheckResponse.NOT_SERVING
+        error = await _status(
+            client,
+            client.stub.set_variable(
+                pb.SetVariableRequest(session_id=session, variable_identifier="t", value=number(1.0))
+            ),
+        )
+        assert error.status == Status.UNAVAILABLE and "cannot reach etcd" in (error.message or "")
+        assert not watcher.ended.is_set()  # the stream keeps what it has
+
+        cluster.restart(0)
+        await eventually(lambda: server.store.available, limit=30)
+        assert await serving() == HealthCheckResponse.SERVING
+        await write(client, session, "t", 2.0)
+        await watcher.wait_for(lambda w: 2 in w.versions(ids["t"]))
+        assert value_of(watcher.of(ids["t"])[-1]) == 2.0 and not watcher.ended.is_set()
+        assert server.store.feed.state.reconnects >= 1  # type: ignore[attr-defined]
+
+
+async def test_expiry_is_seen_on_every_replica(nursery: trio.Nursery, aio_loop: Any) -> None:
+    a, b = [await start_server(nursery, session_ttl=1.0) for _ in range(2)]
+    with connect(a) as client_a, connect(b) as client_b:
+        session, _ = await new_session(client_a, t=0.0)
+        watchers = [
+            await start_watch(nursery, client, watch_request(session, "t")) for client in (client_a, client_b)
+        ]
+        for watcher in watchers:
+            await watcher.wait_synced()
+            watcher.cancel_scope.cancel()  # an open watch would keep the session alive
+            await watcher.wait_ended()
+        later = [await start_watch(nursery, client_b, watch_request(session, "t", initial=False))]
+        await later[0].wait_synced()
+        later[0].cancel_scope.cancel()
+        await later[0].wait_ended()
+        # Idle for its TTL (whole seconds, counted by etcd's lease): gone on both replicas.
+        await eventually(lambda: a.store.cache.session_count == 0 and b.store.cache.session_count == 0)
+        for client in (client_a, client_b):
+            error = await _status(client, client.stub.get_session(pb.GetSessionRequest(session_id=session)))
+            assert error.status == Status.NOT_FOUND and "may have expired" in (error.message or "")
+
+
+async def test_etcd_limits_are_checked_before_sending(nursery: trio.Nursery, aio_loop: Any) -> None:
+    server = await start_server(
+        nursery, etcd_max_txn_ops=4, etcd_max_request_bytes=400_000, max_value_bytes=100
+    )
+    with connect(server) as client:
+        session, _ = await new_session(client, a=0.0, b=0.0, c=0.0, d=0.0, e=0.0)
+        writes = [pb.VariableWrite(variable_identifier=n, value=number(1.0)) for n in "abcde"]
+        error = await _status(
+            client, client.stub.set_variables(pb.SetVariablesRequest(session_id=session, writes=writes))
+        )
+        assert error.status == Status.INVALID_ARGUMENT
+        assert "--etcd-max-txn-ops=4" in (error.message or "")
+        done = await client(
+            client.stub.set_variables(pb.SetVariablesRequest(session_id=session, writes=writes[:4]))
+        )
+        assert [v.version for v in done.variables] == [2, 2, 2, 2]
+
+
+def test_max_value_bytes_must_fit_in_one_etcd_request() -> None:
+    with pytest.raises(ValueError, match=r"--max-value-bytes \(2000000\) must be at most"):
+        ServerConfig(store="etcd://127.0.0.1:2379", limits=support.Limits(max_value_bytes=2_000_000))
+    ServerConfig(store="memory", limits=support.Limits(max_value_bytes=2_000_000))  # no etcd, no limit
+
+
+async def test_metrics_report_the_feed_and_etcd_requests(nursery: trio.Nursery, aio_loop: Any) -> None:
+    server = await start_server(nursery, metrics_port=0)
+    with connect(server) as client:
+        session, _ = await new_session(client, t=0.0)
+        await write(client, session, "t", 1.0)
+    assert server.metrics_port is not None
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = await trio.to_thread.run_sync(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+    lines = text.splitlines()
+    assert "trio_bridge_etcd_feed_connected 1.0" in lines
+    assert "trio_bridge_etcd_feed_reconnects_total 0.0" in lines
+    assert any(line.startswith("trio_bridge_etcd_feed_lag_revisions ") for line in lines)
+    assert any(line.startswith('trio_bridge_etcd_request_seconds_count{method="Txn"}') for line in lines)
