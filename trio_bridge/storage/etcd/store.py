@@ -255,10 +255,10 @@ class EtcdStore:
         return None if session is None else session.owner
 
     async def get_session(self, session_id: str) -> SessionInfo:
-        return self._cache.info(await self._session(session_id))
+        return self._cache.info(await self._session(session_id, reading=True))
 
     async def touch_session(self, session_id: str) -> None:
-        await self._session(session_id)
+        await self._session(session_id, reading=True)
 
     async def list_sessions(self) -> list[SessionInfo]:
         return [self._cache.info(s) for s in self._cache.sessions.values()]
@@ -332,13 +332,13 @@ class EtcdStore:
         return snapshot
 
     async def get_variable(self, session_id: str, identifier: str) -> VariableSnapshot:
-        return self._cache.variables(await self._session(session_id), [identifier])[0]
+        return self._cache.variables(await self._session(session_id, reading=True), [identifier])[0]
 
     async def get_variables(self, session_id: str, identifiers: Sequence[str]) -> list[VariableSnapshot]:
-        return self._cache.variables(await self._session(session_id), identifiers)
+        return self._cache.variables(await self._session(session_id, reading=True), identifiers)
 
     async def list_variables(self, session_id: str) -> list[VariableSnapshot]:
-        return list((await self._session(session_id)).variables.values())
+        return list((await self._session(session_id, reading=True)).variables.values())
 
     async def set_variable(
         self,
@@ -488,13 +488,19 @@ class EtcdStore:
                 "retry, or use another server"
             )
 
-    async def _session(self, session_id: str) -> CachedSession:
-        """The session, touched: its lease is kept alive now unless it was within the last second."""
+    async def _session(self, session_id: str, *, reading: bool = False) -> CachedSession:
+        """The session, touched: its lease is kept alive now unless it was within the last second. A
+        read is answered from the cache even when etcd cannot be reached to keep the lease alive (no
+        lease expires while etcd is down)."""
         session = self._cache.session(session_id)
         self._cache.touch(session)
         now = self._cache.clock()
         if now - self._kept_alive.get(session_id, -math.inf) >= KEEP_ALIVE_EVERY:
-            await self._keep_alive(session_id)
+            try:
+                await self._keep_alive(session_id)
+            except Unavailable:
+                if not reading:
+                    raise
         return session
 
     async def _keep_alive(self, session_id: str) -> None:
