@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import itertools
 import random
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from grpclib.client import Channel
 
+from tests import support
 from tests.support import Client, compact_etcd, connect, eventually, start_server, start_watch
 from tests.test_watch import new_session, value_of, watch_request, write
 from trio_bridge import RunningServer
@@ -221,3 +226,107 @@ async def _caught_up(
         return latest
 
     await stream.wait_for(lambda w: "synced" in w.kinds() and holds(w) == targets)
+
+
+async def _serve_process(store_url: str) -> tuple[trio.Process, int]:
+    """``trio-bridge serve`` on a free port and ``store_url``, as a user runs it; returns once it listens."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_bridge", "serve", "--port", "0", "--store", store_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    buffered = b""
+    with trio.fail_after(30):  # interpreter start-up on a loaded machine; a safety bound
+        while b"\n" not in buffered:
+            chunk = await process.stdout.receive_some()
+            assert chunk, "the server exited before listening"
+            buffered += chunk
+    line = buffered.split(b"\n", 1)[0]
+    assert line.startswith(b"trio-bridge serving on "), line
+    return process, int(line.rsplit(b":", 1)[1])
+
+
+#: Watches variable "t" through the first address (the second as its fallback) while writing 1..N
+#: through the second; prints what it saw. argv: port A, port B, session, N.
+_WATCH_THROUGH_A_KILL = """
+import asyncio, sys
+from trio_bridge.client import BridgeClient, Reconnect
+
+async def main(port_a, port_b, session, writes):
+    reconnect = Reconnect(initial_delay=0.05, max_delay=0.2)
+    watcher = BridgeClient("127.0.0.1", port_a, also=[("127.0.0.1", port_b)], reconnect=reconnect)
+    writer = BridgeClient("127.0.0.1", port_b)
+    seen = []
+    task = None
+
+    async def write_all():
+        for i in range(1, writes + 1):
+            await writer.set(session, "t", float(i))
+            if i == writes // 4:
+                print("kill", flush=True)  # the test kills A now, mid-stream
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.002)
+
+    async for event in watcher.watch(session, ["t"]):
+        if event.kind == "synced":
+            seen.append(("synced", 0))
+            if task is None:
+                task = asyncio.ensure_future(write_all())
+            continue
+        if event.variable is not None:
+            seen.append((event.kind, event.variable.version))
+            if event.variable.version == writes + 1:
+                break
+    await task
+    versions = [v for kind, v in seen if kind != "synced"]
+    print("versions", ",".join(map(str, versions)), flush=True)
+    print("kinds", ",".join(sorted({kind for kind, _ in seen})), flush=True)
+    print("address", watcher.port, flush=True)
+
+asyncio.run(main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])))
+"""
+
+
+async def test_a_watch_moves_to_another_replica_when_its_own_is_killed(
+    nursery: trio.Nursery, aio_loop: Any
+) -> None:
+    (a, port_a), (b, port_b) = [await _serve_process(support.STORE_URL) for _ in range(2)]
+    try:
+        setup = Client(Channel("127.0.0.1", port_b))
+        try:
+            session, _ = await new_session(setup, t=0.0)
+        finally:
+            setup.channel.close()
+        writes = 200
+        client = await trio.lowlevel.open_process(
+            [sys.executable, "-c", _WATCH_THROUGH_A_KILL, str(port_a), str(port_b), session, str(writes)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert client.stdout is not None and client.stderr is not None
+        output = b""
+        with trio.fail_after(20):  # a safety bound
+            while b"kill\n" not in output:
+                chunk = await client.stdout.receive_some()
+                assert chunk, (await client.stderr.receive_some()).decode()
+                output += chunk
+            a.send_signal(signal.SIGKILL)  # kill -9 the replica serving the watch, mid-stream
+            while chunk := await client.stdout.receive_some():
+                output += chunk
+            await client.wait()
+        errors = (await client.stderr.receive_some(2**20)).decode() if client.returncode else ""
+        assert client.returncode == 0, errors + output.decode()
+        lines = dict(line.split(" ", 1) for line in output.decode().splitlines() if " " in line)
+        versions = [int(v) for v in lines["versions"].split(",")]
+        assert client.returncode == 0
+        assert versions == list(range(1, writes + 2)), (
+            "lost, duplicated or out of order"
+        )  # initial, then 2..N+1
+        assert int(lines["address"]) == port_b  # it moved to the surviving replica
+        assert "resync" not in lines["kinds"]
+    finally:
+        for process in (a, b):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()

@@ -99,6 +99,11 @@ class BridgeClient:
 
     ``tls``: an ``ssl.SSLContext`` (see :func:`trio_bridge.client.tls_context`) to connect over TLS.
     ``token``: a bearer token, sent with every call, for a server that checks tokens.
+    ``also``: more ``(host, port)`` addresses of the same deployment (servers sharing one etcd store):
+    when the server in use cannot be reached, a call that could not be sent and every interrupted watch
+    move on to the next address (a watch resumes there, losing nothing). A call that was sent when
+    the server went away raises (it may or may not have been applied), and so does a call that found
+    no address to connect to.
     """
 
     def __init__(
@@ -111,7 +116,9 @@ class BridgeClient:
         config: Configuration | None = None,
         tls: ssl.SSLContext | None = None,
         token: str | None = None,
+        also: Sequence[tuple[str, int]] = (),
     ) -> None:
+        self.addresses = [(host, port), *((h, int(p)) for h, p in also)]
         self.host = host
         self.port = port
         self._tls = tls
@@ -142,6 +149,16 @@ class BridgeClient:
 
     # ---- connections ---------------------------------------------------------------------------
 
+    def _move_on(self, failed: tuple[str, int]) -> None:
+        """Use the next address after ``failed`` (if there is another, and it is still the one in use:
+        calls that failed together move on once), dropping every connection to it."""
+        if len(self.addresses) < 2 or failed != (self.host, self.port):
+            return
+        index = (self.addresses.index((self.host, self.port)) + 1) % len(self.addresses)
+        self.host, self.port = self.addresses[index]
+        log.info("moving to %s:%d", self.host, self.port)
+        self.close()
+
     def _new_channel(self) -> Channel:
         channel = _Channel(self.host, self.port, config=self._config, ssl=self._tls)
         self._channels.append(channel)
@@ -163,6 +180,20 @@ class BridgeClient:
         return len(self._channels)
 
     async def _unary(self, method: str, request: betterproto2.Message, reply_type: type[ReplyT]) -> ReplyT:
+        for _ in range(len(self.addresses) - 1):
+            address = (self.host, self.port)
+            try:
+                return await self._unary_once(method, request, reply_type)
+            except OSError as exc:
+                if not _not_connected(exc):
+                    raise
+                log.info("%s:%d cannot be reached (%s)", *address, exc)
+                self._move_on(address)
+        return await self._unary_once(method, request, reply_type)
+
+    async def _unary_once(
+        self, method: str, request: betterproto2.Message, reply_type: type[ReplyT]
+    ) -> ReplyT:
         stream = self._unary_channel().request(
             _SERVICE + method,
             Cardinality.UNARY_UNARY,
@@ -357,6 +388,7 @@ class BridgeClient:
                 options=options,
                 resume_versions=delivered,
             )
+            address = (self.host, self.port)
             try:
                 async for update in self._one_stream(
                     request, liveness=interval * self.reconnect.liveness_factor
@@ -377,6 +409,8 @@ class BridgeClient:
                 failures += 1
                 if self.reconnect.max_attempts is not None and failures > self.reconnect.max_attempts:
                     raise
+                if not isinstance(exc, ResourceExhausted):  # the server is gone or going: try another
+                    self._move_on(address)
                 delay = self.reconnect.delay(failures - 1, self._rng)
                 log.info("watch of %s interrupted (%s); resuming in %.2fs", session_id, exc, delay)
                 await asyncio.sleep(delay)
@@ -449,6 +483,13 @@ class _Channel(Channel):
                 f"the connection to {self._host}:{self._port} was lost as soon as it was made"
             )
         return protocol
+
+
+def _not_connected(exc: BaseException) -> bool:
+    """Whether a call failed making its connection, so nothing of it was sent."""
+    return isinstance(exc, (ConnectionRefusedError, ConnectionResetError)) or (
+        isinstance(exc, OSError) and not isinstance(exc, ConnectionError) and exc.errno is not None
+    )
 
 
 def _ended_ok(stream: Any) -> bool:
