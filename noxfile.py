@@ -43,7 +43,8 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def stress(session: nox.Session) -> None:
     """The heavy forms of the hardening tests (never part of `tests`): hostile input, 10,000 streams of
-    churn, 100,000 updates under faults, SIGTERM under load, HTTP/2 abuse. Each prints its counts."""
+    churn, 100,000 updates under faults, SIGTERM under load, HTTP/2 abuse, etcd's leader killed and
+    every etcd member and server restarted, replicas. Each prints its counts."""
     session.install("-e", ".[test]")
     session.env["TRIO_BRIDGE_STRESS"] = "1"
     files = [
@@ -51,5 +52,7 @@ def stress(session: nox.Session) -> None:
         "tests/test_churn.py",
         "tests/test_shutdown_load.py",
         "tests/test_abuse_process.py",
+        "tests/test_etcd_faults.py",
+        "tests/test_replicas.py",
     ]
     session.run("pytest", "-q", "-s", *files, *session.posargs)

@@ -30,7 +30,7 @@ BOTH_STORES = {
 }
 STORES = ["memory", "etcd"]
 #: Suites about several servers on one etcd: etcd only.
-ETCD_ONLY = {"test_replicas", "test_etcd_store"}
+ETCD_ONLY = {"test_replicas", "test_etcd_store", "test_etcd_faults"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -205,6 +205,14 @@ class EtcdCluster:
         self._spawn(m, initial=False)
         self.wait_healthy([member])
 
+    def restart_all(self) -> None:
+        """Start every killed member again (all at once: alone, none has a quorum) and return once all
+        report healthy."""
+        for member in self.members:
+            if not member.running:
+                self._spawn(member, initial=False)
+        self.wait_healthy()
+
     def stop(self) -> None:
         """Kill every member (SIGKILL: the data goes anyway, and a graceful stop of several members
         at once waits for leadership transfers) and remove the data folders (the whole temporary folder
