@@ -164,3 +164,40 @@ class Store(Protocol):
         """Every change of the variable after ``version`` up to version ``up_to`` (one the cache has
         shown), oldest first; None when they cannot all be had any more (a resume then resyncs)."""
         ...
+
+
+class SingleVariableCalls:
+    """``get_variable`` and ``set_variable`` as the one-variable forms of ``get_variables`` and
+    ``set_variables``, for stores to inherit (so they mean the same in every store)."""
+
+    async def get_variables(self, session_id: str, identifiers: Sequence[str]) -> list[VariableSnapshot]:
+        raise NotImplementedError
+
+    async def set_variables(
+        self,
+        session_id: str,
+        writes: Sequence[VariableWrite],
+        *,
+        source: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> list[VariableSnapshot]:
+        raise NotImplementedError
+
+    async def get_variable(self, session_id: str, identifier: str) -> VariableSnapshot:
+        (snapshot,) = await self.get_variables(session_id, [identifier])
+        return snapshot
+
+    async def set_variable(
+        self,
+        session_id: str,
+        identifier: str,
+        value: Any,
+        *,
+        expected_version: int | None = None,
+        source: str = "",
+        metadata: Mapping[str, str] | None = None,
+    ) -> VariableSnapshot:
+        (result,) = await self.set_variables(
+            session_id, [VariableWrite(identifier, value, expected_version)], source=source, metadata=metadata
+        )
+        return result

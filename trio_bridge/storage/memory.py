@@ -24,7 +24,7 @@ from .._observers import ObserverManager
 from .._types import Constraints, VariableType
 from . import checks
 from .cache import CachedSession, SessionCache, new_session
-from .interface import Store
+from .interface import SingleVariableCalls, Store
 from .records import (
     DEFAULT_SESSION_TTL,
     MAX_SESSION_TTL,
@@ -36,7 +36,7 @@ from .records import (
 )
 
 
-class MemoryStore:
+class MemoryStore(SingleVariableCalls):
     """Sessions, their variables, and the events every change publishes to ``cache.observers``."""
 
     never_suspends = True
@@ -185,32 +185,11 @@ class MemoryStore:
         self._cache.apply_registered(session, snapshot, timestamp=snapshot.created_at)
         return snapshot
 
-    async def get_variable(self, session_id: str, identifier: str) -> VariableSnapshot:
-        return self._cache.variables(self._session(session_id), [identifier])[0]
-
     async def get_variables(self, session_id: str, identifiers: Sequence[str]) -> list[VariableSnapshot]:
         return self._cache.variables(self._session(session_id), identifiers)
 
     async def list_variables(self, session_id: str) -> list[VariableSnapshot]:
         return list(self._session(session_id).variables.values())
-
-    async def set_variable(
-        self,
-        session_id: str,
-        identifier: str,
-        value: Any,
-        *,
-        expected_version: int | None = None,
-        source: str = "",
-        metadata: Mapping[str, str] | None = None,
-    ) -> VariableSnapshot:
-        (result,) = await self.set_variables(
-            session_id,
-            [VariableWrite(identifier, value, expected_version)],
-            source=source,
-            metadata=metadata,
-        )
-        return result
 
     async def set_variables(
         self,

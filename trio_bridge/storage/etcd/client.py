@@ -552,40 +552,16 @@ class EtcdClient:
     # ---- calls ---------------------------------------------------------------------------------
 
     async def _call(
-        self,
-        path: str,
-        request: betterproto2.Message,
-        reply_type: type[ReplyT],
-        *,
-        read_only: bool,
-        require_leader: bool = True,
-        authenticate: bool = True,
-        cardinality: Cardinality = Cardinality.UNARY_UNARY,
+        self, path: str, request: betterproto2.Message, reply_type: type[ReplyT], **options: Any
     ) -> ReplyT:
         """:meth:`_exchange`, reported to ``on_call`` (the method, its seconds, and "ok" or the name of
         the exception it raised; a cancelled call is not reported)."""
         if self.on_call is None:
-            return await self._exchange(
-                path,
-                request,
-                reply_type,
-                read_only=read_only,
-                require_leader=require_leader,
-                authenticate=authenticate,
-                cardinality=cardinality,
-            )
+            return await self._exchange(path, request, reply_type, **options)
         method = path.rsplit("/", 1)[-1]
         started = time.monotonic()
         try:
-            reply = await self._exchange(
-                path,
-                request,
-                reply_type,
-                read_only=read_only,
-                require_leader=require_leader,
-                authenticate=authenticate,
-                cardinality=cardinality,
-            )
+            reply = await self._exchange(path, request, reply_type, **options)
         except Exception as exc:
             self.on_call(method, time.monotonic() - started, type(exc).__name__)
             raise

@@ -47,6 +47,7 @@ from ..._types import Constraints, VariableType, approximate_size
 from ...proto import etcdserverpb as epb
 from .. import checks
 from ..cache import CachedSession, SessionCache, change_size
+from ..interface import SingleVariableCalls
 from ..location import DEFAULT_ETCD_PREFIX, ETCD_MAX_REQUEST_BYTES, ETCD_MAX_TXN_OPS
 from ..records import (
     DEFAULT_SESSION_TTL,
@@ -101,7 +102,7 @@ class EtcdSettings:
     max_txn_ops: int = ETCD_MAX_TXN_OPS
 
 
-class EtcdStore:
+class EtcdStore(SingleVariableCalls):
     """A :class:`~trio_bridge.storage.interface.Store` on etcd. Serve nothing before :meth:`run` has
     started (it connects and loads the state)."""
 
@@ -331,32 +332,11 @@ class EtcdStore:
         await self._applied(response)
         return snapshot
 
-    async def get_variable(self, session_id: str, identifier: str) -> VariableSnapshot:
-        return self._cache.variables(await self._session(session_id, reading=True), [identifier])[0]
-
     async def get_variables(self, session_id: str, identifiers: Sequence[str]) -> list[VariableSnapshot]:
         return self._cache.variables(await self._session(session_id, reading=True), identifiers)
 
     async def list_variables(self, session_id: str) -> list[VariableSnapshot]:
         return list((await self._session(session_id, reading=True)).variables.values())
-
-    async def set_variable(
-        self,
-        session_id: str,
-        identifier: str,
-        value: Any,
-        *,
-        expected_version: int | None = None,
-        source: str = "",
-        metadata: Mapping[str, str] | None = None,
-    ) -> VariableSnapshot:
-        (result,) = await self.set_variables(
-            session_id,
-            [VariableWrite(identifier, value, expected_version)],
-            source=source,
-            metadata=metadata,
-        )
-        return result
 
     async def set_variables(
         self,
