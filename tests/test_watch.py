@@ -527,6 +527,8 @@ async def test_a_slow_consumer_is_closed_with_resume_versions_and_loses_nothing(
         resume = json.loads(trailers["trio-bridge-resume-versions"])
         got = {u.variable_id: u.variable.version for u in received if u.variable}
         assert resume == got  # exactly what the client holds
+        # ... and the revision up to which it holds every change: the last one delivered
+        assert int(trailers["trio-bridge-resume-revision"]) == max(u.revision for u in received)
 
         request = watch_request(session, "s0", "s1")
         request.resume_versions = resume
@@ -734,3 +736,66 @@ async def test_a_watch_falls_behind_by_at_most_watch_queue_bytes(
     assert "watch_queue_bytes=3145728" in (error.message or "")
     x = (await server.store.get_variable(session, "x")).id
     assert json.loads(trailers["trio-bridge-resume-versions"]) == {x: 1}
+
+
+# ---- revisions ------------------------------------------------------------------------------------------
+
+
+async def test_every_update_carries_its_revision_and_heartbeats_are_bookmarks(
+    autojump_clock: trio.testing.MockClock, client: Client, nursery: trio.Nursery
+) -> None:
+    session, ids = await new_session(client, t=0.0)
+    other, _ = await new_session(client, u=0.0)
+    watcher = await start_watch(nursery, client, watch_request(session, "t", heartbeat_interval_ms="1000"))
+    await watcher.wait_synced()
+    initial, synced = watcher.updates
+    assert initial.revision == synced.revision > 0  # both at the revision the stream read at
+    await write(client, session, "t", 1.0)
+    await watcher.wait_for(lambda w: 2 in w.versions(ids["t"]))
+    change = watcher.updates[-1]
+    assert change.revision > synced.revision
+    await write(client, other, "u", 1.0)  # elsewhere: the stream has nothing to send for it
+    later = len(watcher.updates)
+    await watcher.wait_for(lambda w: len(w.updates) > later)
+    heartbeat = watcher.updates[-1]
+    assert heartbeat.update_type == "heartbeat"
+    assert heartbeat.revision > change.revision  # the bookmark moved past the other session's write
+
+
+async def test_a_resume_by_revision_sends_only_what_changed_after_it(
+    client: Client, nursery: trio.Nursery
+) -> None:
+    session, ids = await new_session(client, x=0.0, y=0.0)
+    first = await start_watch(nursery, client, watch_request(session))
+    await first.wait_synced()
+    held = first.updates[-1].revision  # "synced": the client holds everything up to it
+    first.cancel_scope.cancel()
+    await first.wait_ended()
+    await write(client, session, "x", 1.0)  # after `held`: the client lacks it
+    registered = await client(
+        client.stub.register_variable(
+            pb.RegisterVariableRequest(session_id=session, name="z", type=VT.FLOAT, initial_value=number(5.0))
+        )
+    )
+    assert registered.variable is not None
+    request = watch_request(session)  # initial values asked for, but the revision says what is held
+    request.resume_revision = held
+    resumed = await start_watch(nursery, client, request)
+    await resumed.wait_synced()
+    got = {u.variable_id: (u.update_type, value_of(u)) for u in resumed.updates if u.variable is not None}
+    assert got == {ids["x"]: ("resync", 1.0), registered.variable.id: ("resync", 5.0)}  # not y: unchanged
+    assert resumed.updates[0].update_metadata == {"resume_revision": str(held)}
+    request.resume_revision = held + 1_000_000  # not reached here (another deployment's): all resync
+    unknown = await start_watch(nursery, client, request)
+    await unknown.wait_synced()
+    assert {u.variable_id for u in unknown.updates if u.update_type == "resync"} == {
+        ids["x"],
+        ids["y"],
+        registered.variable.id,
+    }
+    request.resume_revision = -1
+    refused = await start_watch(nursery, client, request)
+    await refused.wait_ended()
+    assert refused.updates == [] and isinstance(refused.error, GRPCError)
+    assert refused.error.status == Status.INVALID_ARGUMENT
+    assert "resume_revision must not be negative" in (refused.error.message or "")

@@ -234,9 +234,11 @@ def snapshot_update(
     source: str,
     when: float,
     metadata: Mapping[str, str] | None = None,
+    revision: int = 0,
 ) -> pb.VariableUpdate:
-    """An update carrying a variable's current state (initial value, resync)."""
+    """An update carrying a variable's current state (initial value, resync) as of ``revision``."""
     return pb.VariableUpdate(
+        revision=revision,
         variable_id=snapshot.id,
         variable=variable_to_proto(snapshot),
         update_source=source,
@@ -261,14 +263,17 @@ def event_update(event: VariableEvent) -> pb.VariableUpdate:
         update_metadata=metadata,
         timestamp=timestamp(event.timestamp),
         update_type=_UPDATE_TYPE_OF_EVENT[event.kind],
+        revision=event.revision,
     )
 
 
-def marker_update(update_type: str, when: float) -> pb.VariableUpdate:
-    """A message about the stream itself ("synced", "heartbeat"): no variable."""
-    return pb.VariableUpdate(timestamp=timestamp(when), update_type=update_type)
+def marker_update(update_type: str, when: float, revision: int = 0) -> pb.VariableUpdate:
+    """A message about the stream itself ("synced", "heartbeat"), at ``revision``: no variable."""
+    return pb.VariableUpdate(timestamp=timestamp(when), update_type=update_type, revision=revision)
 
 
-def gone_update(identifier: str, when: float) -> pb.VariableUpdate:
+def gone_update(identifier: str, when: float, revision: int = 0) -> pb.VariableUpdate:
     """On resume: a variable the client held is gone (its last state is no longer known)."""
-    return pb.VariableUpdate(variable_id=identifier, timestamp=timestamp(when), update_type=VARIABLE_DELETED)
+    return pb.VariableUpdate(
+        variable_id=identifier, timestamp=timestamp(when), update_type=VARIABLE_DELETED, revision=revision
+    )

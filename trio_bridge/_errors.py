@@ -66,7 +66,16 @@ class Unimplemented(BridgeError):
 
 
 class Unavailable(BridgeError):
-    """The server is shutting down."""
+    """The server is shutting down, or cannot reach its store; ``details`` go to the client as
+    trailing metadata."""
+
+    def __init__(self, message: str, details: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.details = dict(details or {})
+
+    @property
+    def trailers(self) -> dict[str, str]:
+        return self.details
 
 
 #: Trailers of a RESOURCE_EXHAUSTED that a configured limit caused: the limit's name and value.

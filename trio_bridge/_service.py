@@ -357,6 +357,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             include_initial_values=request.include_initial_values,
             options=request.options,
             resume_versions=request.resume_versions,
+            resume_revision=request.resume_revision,
             limits=self.limits,
         )
         with self.admit_watch(stream):

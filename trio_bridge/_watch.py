@@ -44,6 +44,8 @@ BATCH_LIMIT = 512
 BATCH_BYTES = 2**20
 SLOW_CONSUMER_POLICIES = ("close", "coalesce")
 RESUME_TRAILER = "trio-bridge-resume-versions"
+#: The revision up to which the stream delivered every change (resume_revision for the next stream).
+RESUME_REVISION_TRAILER = "trio-bridge-resume-revision"
 SUBSCRIBED_CHECKPOINT = "watch.subscribed"
 
 
@@ -58,6 +60,7 @@ class WatchPlan:
     gone: tuple[str, ...]  # resume identifiers of a session-wide watch that no longer exist
     heartbeat_interval: float  # seconds
     coalesce: bool
+    resume_revision: int = 0  # the revision the client holds every change up to (0: none)
 
 
 def _option_heartbeat(options: Mapping[str, str], limits: Limits) -> float:
@@ -85,6 +88,7 @@ async def plan_watch(
     include_initial_values: bool,
     options: Mapping[str, str],
     resume_versions: Mapping[str, int],
+    resume_revision: int = 0,
     limits: Limits = DEFAULT_LIMITS,
 ) -> WatchPlan:
     """Check a watch request; raise InvalidArgument or NotFound naming every problem found."""
@@ -105,6 +109,8 @@ async def plan_watch(
     negative = sorted(k for k, v in resume_versions.items() if v < 0)
     if negative:
         raise InvalidArgument(f"resume_versions must not be negative (for {negative})")
+    if resume_revision < 0:
+        raise InvalidArgument(f"resume_revision must not be negative, got {resume_revision}")
     await store.touch_session(session_id)  # NOT_FOUND first, as for every other RPC
     watched: tuple[str, ...] | None = None
     if identifiers:
@@ -133,6 +139,7 @@ async def plan_watch(
         gone=tuple(gone),
         heartbeat_interval=heartbeat_interval,
         coalesce=policy == "coalesce",
+        resume_revision=resume_revision,
     )
 
 
@@ -228,6 +235,10 @@ class WatchStream:
         self._progress: trio.Event | None = None  # set after the sender's next round, if anyone waits
         self._initial: list[_Encode] = []
         self._sending: trio.CancelScope | None = None  # the send in flight, cut short by an overflow
+        # Every change up to this revision has been delivered (past "synced"; before, what the client
+        # said it held): where a resume by revision starts.
+        self._delivered_revision = plan.resume_revision
+        self._synced = False
 
     async def run(self) -> NoReturn:
         """Run until the stream ends; raise the BridgeError saying how. Cancelled when the client goes."""
@@ -285,7 +296,14 @@ class WatchStream:
                 # then end: no write that returned OK misses a watcher that was connected.
                 events = subscription.take_nowait(BATCH_LIMIT, BATCH_BYTES)
                 if not events:
-                    self._end(Unavailable("the server is shutting down; reconnect and resume"))
+                    self._end(
+                        Unavailable(
+                            "the server is shutting down; reconnect (to another server, if there are "
+                            f"several) and resume from the trailers {RESUME_TRAILER!r} and "
+                            f"{RESUME_REVISION_TRAILER!r}",
+                            self._resume_trailers(),
+                        )
+                    )
                     break
             elif self._heartbeat_due:
                 events = subscription.take_nowait(BATCH_LIMIT, BATCH_BYTES)
@@ -302,7 +320,11 @@ class WatchStream:
                 break
             updates = self._updates_for(events)
             if not updates and self._heartbeat_due and self._idle_for_interval():
-                updates = [enc.marker_update(enc.HEARTBEAT, time.time())]
+                # A bookmark: with nothing queued, every change published so far has been sent.
+                position = self._cache.revision if not subscription.pending else self._delivered_revision
+                updates = [
+                    enc.marker_update(enc.HEARTBEAT, time.time(), max(position, self._delivered_revision))
+                ]
             self._heartbeat_due = False
             if updates:
                 await self._send(updates)
@@ -342,12 +364,35 @@ class WatchStream:
             snapshots = self._cache.list_variables(plan.session_id)
         else:
             snapshots = self._cache.get_variables(plan.session_id, plan.variable_ids)
-        updates: list[_Encode] = [partial(enc.gone_update, identifier, now) for identifier in plan.gone]
+        read_at = self._cache.revision
+        held_at = plan.resume_revision
+        updates: list[_Encode] = [
+            partial(enc.gone_update, identifier, now, read_at) for identifier in plan.gone
+        ]
         for snapshot in snapshots:
             self._known.add(snapshot.id)
             resume_from = plan.resume.get(snapshot.id)
             # What the client holds as the stream starts: where a resume from its trailer begins, until
             # a later version is delivered.
+            if resume_from is None and held_at:
+                # Not named, but the client holds every change up to ``held_at``. A revision this
+                # server has not reached (another deployment's, or state that was lost) says nothing
+                # of what the client holds: the current value, as a resync.
+                self._resume_point[snapshot.id] = snapshot.version
+                self._sent[snapshot.id] = snapshot.version
+                if snapshot.revision > held_at or held_at > read_at:
+                    updates.append(
+                        partial(
+                            enc.snapshot_update,
+                            snapshot,
+                            enc.RESYNC,
+                            source="resync",
+                            when=now,
+                            metadata={"resume_revision": str(held_at)},
+                            revision=read_at,
+                        )
+                    )
+                continue
             if resume_from is not None:
                 self._resume_point[snapshot.id] = resume_from
             elif not plan.include_initial_values:
@@ -367,6 +412,7 @@ class WatchStream:
                             source="resync",
                             when=now,
                             metadata={"resume_version": str(resume_from)},
+                            revision=read_at,
                         )
                     )
                 else:
@@ -374,10 +420,17 @@ class WatchStream:
                 self._sent[snapshot.id] = snapshot.version
             elif plan.include_initial_values:
                 updates.append(
-                    partial(enc.snapshot_update, snapshot, enc.INITIAL_VALUE, source="initial", when=now)
+                    partial(
+                        enc.snapshot_update,
+                        snapshot,
+                        enc.INITIAL_VALUE,
+                        source="initial",
+                        when=now,
+                        revision=read_at,
+                    )
                 )
                 self._sent[snapshot.id] = snapshot.version
-        updates.append(partial(enc.marker_update, enc.SYNCED, now))
+        updates.append(partial(enc.marker_update, enc.SYNCED, now, read_at))
         return updates
 
     def _updates_for(self, events: list[VariableEvent]) -> list[VariableUpdate]:
@@ -412,6 +465,10 @@ class WatchStream:
         self._last_sent = trio.current_time()
         self._on_sent(progress.messages)
         for update in updates[: progress.messages]:
+            if update.update_type == enc.SYNCED:
+                self._synced = True
+            if self._synced:
+                self._delivered_revision = max(self._delivered_revision, update.revision)
             if update.variable is not None:
                 if update.update_type == enc.VARIABLE_DELETED:
                     self._resume_point.pop(update.variable_id, None)
@@ -440,13 +497,19 @@ class WatchStream:
                     versions.setdefault(snapshot.id, 0)
         return versions
 
+    def _resume_trailers(self) -> dict[str, str]:
+        return {
+            RESUME_TRAILER: json.dumps(self._resume_versions(), sort_keys=True),
+            RESUME_REVISION_TRAILER: str(self._delivered_revision),
+        }
+
     def _end_overflowed(self, *, stream_cut: bool = False) -> None:
         ending = ResourceExhausted(
             f"the watch fell behind by more than its limits watch_queue_size={self._queue_size} updates "
             f"or watch_queue_bytes={self._queue_bytes} (the client reads slower than the variables "
             f"change) and was closed; resume from the versions in trailing metadata "
             f"{RESUME_TRAILER!r}, or watch with option slow_consumer=coalesce",
-            {RESUME_TRAILER: json.dumps(self._resume_versions(), sort_keys=True)},
+            self._resume_trailers(),
         )
         ending.stream_cut = stream_cut  # the client holds what it received whole; it resumes from that
         self._end(ending)

@@ -65,6 +65,8 @@ class WatchEvent:
     source: str = ""
     metadata: Mapping[str, str] = field(default_factory=dict)
     timestamp: float = 0.0
+    #: The store revision it stands at (for a heartbeat, a bookmark: every change up to it was sent).
+    revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -379,6 +381,7 @@ class BridgeClient:
         if coalesce:
             options["slow_consumer"] = "coalesce"
         delivered: dict[str, int] = dict(resume_versions or {})
+        revision = 0  # every change up to it delivered (past the first "synced")
         failures = 0
         while True:
             request = pb.WatchVariablesRequest(
@@ -387,7 +390,9 @@ class BridgeClient:
                 include_initial_values=include_initial_values,
                 options=options,
                 resume_versions=delivered,
+                resume_revision=revision,
             )
+            synced = False  # this stream's replay comes before its "synced": only then is it whole
             address = (self.host, self.port)
             try:
                 async for update in self._one_stream(
@@ -396,6 +401,9 @@ class BridgeClient:
                     event = _event(update)
                     if event.kind != enc.HEARTBEAT:
                         failures = 0  # progress (a long replay cut short before its `synced` is too)
+                    synced = synced or event.kind == enc.SYNCED
+                    if synced:
+                        revision = max(revision, event.revision)
                     if event.variable is not None:
                         if event.kind == enc.VARIABLE_DELETED:
                             delivered.pop(event.variable.id, None)
@@ -520,6 +528,7 @@ def _event(update: pb.VariableUpdate) -> WatchEvent:
         source=update.update_source,
         metadata=dict(update.update_metadata),
         timestamp=enc.seconds(update.timestamp),
+        revision=update.revision,
     )
 
 

@@ -21,7 +21,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -133,6 +133,8 @@ class SessionCache:
         self.deadlines_changed = trio.Event()
         self._variable_count = 0
         self._stored_bytes = 0
+        #: The revision of the last change applied (see :meth:`begin`).
+        self.revision = 0
 
     # ---- counts, for metrics -------------------------------------------------------------------
 
@@ -255,6 +257,12 @@ class SessionCache:
 
     # ---- changes ---------------------------------------------------------------------------------
 
+    def begin(self, revision: int | None = None) -> int:
+        """Start applying the changes of revision ``revision`` (etcd's), or of the next one (the
+        in-memory store counts its own): every event published until the next call carries it."""
+        self.revision = self.revision + 1 if revision is None else revision
+        return self.revision
+
     def apply_new_session(self, session: CachedSession) -> None:
         self.sessions[session.id] = session
         if session.owner:
@@ -263,7 +271,9 @@ class SessionCache:
 
     def apply_registered(
         self, session: CachedSession, snapshot: VariableSnapshot, *, timestamp: float
-    ) -> None:
+    ) -> VariableSnapshot:
+        """Add a variable; return it as kept (at this revision)."""
+        snapshot = replace(snapshot, revision=self.revision)
         fixed = fixed_size(snapshot)
         size = fixed + approximate_size(snapshot.value) + len(snapshot.last_update_source)
         session.variables[snapshot.id] = snapshot
@@ -280,8 +290,10 @@ class SessionCache:
                 source=snapshot.last_update_source,
                 timestamp=timestamp,
                 size=size,
+                revision=self.revision,
             ),
         )
+        return snapshot
 
     def apply_changed(
         self,
@@ -292,10 +304,12 @@ class SessionCache:
         metadata: Mapping[str, str],
         timestamp: float,
         kind: EventKind = EventKind.CHANGED,
-    ) -> None:
+    ) -> list[VariableSnapshot]:
         """Record the ``(current, updated)`` pairs of one write, in order, and publish each change (as
-        ``kind``: RESYNCED when the versions between cannot be had)."""
+        ``kind``: RESYNCED when the versions between cannot be had); return the new versions as kept
+        (at this revision)."""
         each_change = change_size(source, metadata)
+        changes = [(current, replace(updated, revision=self.revision)) for current, updated in changes]
         for _, updated in changes:
             session.variables[updated.id] = updated
         for current, updated in changes:
@@ -308,11 +322,13 @@ class SessionCache:
                 metadata=metadata,
                 timestamp=timestamp,
                 size=approximate_size(updated.value) + each_change,
+                revision=self.revision,
             )
             self._remember(session, event, event.size)
             self._grow(session, approximate_size(updated.value) - approximate_size(current.value))
             self._grow(session, len(updated.last_update_source) - len(current.last_update_source))
             self.observers.publish((session_key(session.id), variable_key(updated.id)), event)
+        return [updated for _, updated in changes]
 
     def apply_deleted(
         self, session: CachedSession, snapshot: VariableSnapshot, *, source: str, timestamp: float
@@ -331,6 +347,7 @@ class SessionCache:
                 old_value=snapshot.value,
                 source=source,
                 timestamp=timestamp,
+                revision=self.revision,
             ),
         )
 
@@ -348,7 +365,12 @@ class SessionCache:
         self.observers.publish(
             keys,
             VariableEvent(
-                EventKind.SESSION_ENDED, session.id, None, timestamp=self.wall_clock(), reason=reason
+                EventKind.SESSION_ENDED,
+                session.id,
+                None,
+                timestamp=self.wall_clock(),
+                reason=reason,
+                revision=self.revision,
             ),
         )
         return removed

@@ -109,6 +109,7 @@ class MemoryStore(SingleVariableCalls):
         now = self._cache.clock()
         due = [s for s in self._cache.sessions.values() if s.deadline <= now]
         for session in due:
+            self._cache.begin()
             self._cache.apply_session_ended(session, reason="expired")
         return [s.id for s in due]
 
@@ -135,6 +136,7 @@ class MemoryStore(SingleVariableCalls):
             self.expire_due_sessions()  # room made by sessions that expired unswept counts
             checks.check_session_room(cache, owner, self.limits)
         session = new_session(cache, session_id, metadata=frozen_metadata(metadata), ttl=ttl, owner=owner)
+        cache.begin()
         cache.apply_new_session(session)
         return cache.info(session)
 
@@ -155,7 +157,9 @@ class MemoryStore(SingleVariableCalls):
         return [self._cache.info(s) for s in self._cache.sessions.values()]
 
     async def cleanup_session(self, session_id: str) -> int:
-        return self._cache.apply_session_ended(self._session(session_id), reason="cleanup")
+        session = self._session(session_id)
+        self._cache.begin()
+        return self._cache.apply_session_ended(session, reason="cleanup")
 
     # ---- variables -----------------------------------------------------------------------------
 
@@ -182,8 +186,8 @@ class MemoryStore(SingleVariableCalls):
             source=source,
             limits=self.limits,
         )
-        self._cache.apply_registered(session, snapshot, timestamp=snapshot.created_at)
-        return snapshot
+        self._cache.begin()
+        return self._cache.apply_registered(session, snapshot, timestamp=snapshot.created_at)
 
     async def get_variables(self, session_id: str, identifiers: Sequence[str]) -> list[VariableSnapshot]:
         return self._cache.variables(self._session(session_id), identifiers)
@@ -203,14 +207,15 @@ class MemoryStore(SingleVariableCalls):
         update_metadata = frozen_metadata(metadata)
         changes = checks.staged_writes(self._cache, session, writes, source=source, metadata=update_metadata)
         timestamp = changes[0][1].last_updated_at
-        self._cache.apply_changed(
+        self._cache.begin()
+        return self._cache.apply_changed(
             session, changes, source=source, metadata=update_metadata, timestamp=timestamp
         )
-        return [updated for _, updated in changes]
 
     async def delete_variable(self, session_id: str, identifier: str, *, source: str = "") -> None:
         session = self._session(session_id)
         (snapshot,) = self._cache.variables(session, [identifier])
+        self._cache.begin()
         self._cache.apply_deleted(session, snapshot, source=source, timestamp=self._cache.wall_clock())
 
     # ---- watch support ---------------------------------------------------------------------------
@@ -233,6 +238,7 @@ class MemoryStore(SingleVariableCalls):
     def _expire_if_due(self, session_id: str) -> None:
         session = self._cache.sessions.get(session_id)
         if session is not None and session.deadline <= self._cache.clock():
+            self._cache.begin()
             self._cache.apply_session_ended(session, reason="expired")
 
 

@@ -39,6 +39,8 @@ class VariableSnapshot:
     created_at: float
     last_updated_at: float
     last_update_source: str
+    #: The store revision that made this version (0 until a store has applied it).
+    revision: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,8 @@ class VariableEvent:
     replaces: int = 0
     #: About how much memory it keeps alive (its new value, metadata, source), for watch queue budgets.
     size: int = 0
+    #: The store revision of the change: one per write (a batch is one), rising, as etcd's are.
+    revision: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -613,6 +613,13 @@ class VariableUpdate(betterproto2.Message):
 
     update_type: "str" = betterproto2.field(7, betterproto2.TYPE_STRING)
 
+    revision: "int" = betterproto2.field(8, betterproto2.TYPE_INT64)
+    """
+    The store revision this update stands at (one per write, rising; with the etcd store, etcd's):
+    a change's own; for initial values, resyncs and "synced", the revision the stream read at; for a
+    heartbeat, a bookmark: every change at or below it has been sent on this stream.
+    """
+
 
 default_message_pool.register_message("unified_bridge", "VariableUpdate", VariableUpdate)
 
@@ -660,6 +667,13 @@ class WatchVariablesRequest(betterproto2.Message):
     """
     Resume: variable id or name → the last version the client holds. Missed changes are replayed
     from the server's history, or the current value is sent as a "resync" update.
+    """
+
+    resume_revision: "int" = betterproto2.field(6, betterproto2.TYPE_INT64)
+    """
+    Resume: the revision of the last update the client received (0: none). A watched variable not
+    named in resume_versions is taken as held as of this revision: sent only if it changed after it
+    (as a "resync" with its current value), and not sent as an initial value if it did not.
     """
 
 

@@ -148,6 +148,7 @@ class Feed:
                 log.warning("etcd unreachable while loading (%s); retrying", exc)
                 await trio.sleep(RETRY_MAX * random.uniform(0.5, 1.0))
         assert response.header is not None
+        self._cache.begin(max(self._cache.revision, response.header.revision))
         self._apply_state(response.kvs)
         self._advance(response.header.revision)
 
@@ -267,6 +268,7 @@ class Feed:
             end = start
             while end < len(events) and _revision_of(events[end]) == revision:
                 end += 1
+            self._cache.begin(revision)
             self._apply_revision(events[start:end])
             self._advance(revision)
             start = end

@@ -330,7 +330,8 @@ class EtcdStore(SingleVariableCalls):
                 raise session_not_found(session_id)
             raise AlreadyExists(f"session {session_id!r} already has a variable named {name!r}")
         await self._applied(response)
-        return snapshot
+        assert response.header is not None
+        return replace(snapshot, revision=response.header.revision)
 
     async def get_variables(self, session_id: str, identifiers: Sequence[str]) -> list[VariableSnapshot]:
         return self._cache.variables(await self._session(session_id, reading=True), identifiers)
@@ -384,10 +385,11 @@ class EtcdStore(SingleVariableCalls):
                     raise VersionConflict(current.name, write.expected_version, kvs[0].version)
             raise Unavailable("etcd refused the write and said nothing of why; retry")  # never expected
         results = []
+        assert response.header is not None
         for (_, updated), reply in zip(changes, response.responses, strict=True):
             previous = reply.response_put.prev_kv if reply.response_put is not None else None
             version = previous.version + 1 if previous is not None else updated.version
-            results.append(updated if version == updated.version else _at_version(updated, version))
+            results.append(replace(updated, version=version, revision=response.header.revision))
         await self._applied(response)
         return results
 
@@ -440,7 +442,7 @@ class EtcdStore(SingleVariableCalls):
                             old = None
                             if event.prev_kv is not None and event.prev_kv.value:
                                 old = VariableRecord.decode(event.prev_kv.value, version=kv.version - 1)
-                            events.append(_change_event(session_id, record, old))
+                            events.append(_change_event(session_id, record, old, kv.mod_revision))
                             if kv.version >= up_to:
                                 return events
         except (EtcdError, trio.TooSlowError):
@@ -563,12 +565,10 @@ def _found(reply: epb.ResponseOp) -> bool:
     return reply.response_range is not None and bool(reply.response_range.kvs)
 
 
-def _at_version(snapshot: VariableSnapshot, version: int) -> VariableSnapshot:
-    return replace(snapshot, version=version)
-
-
-def _change_event(session_id: str, record: VariableRecord, old: VariableRecord | None) -> VariableEvent:
-    snapshot = record.snapshot
+def _change_event(
+    session_id: str, record: VariableRecord, old: VariableRecord | None, revision: int
+) -> VariableEvent:
+    snapshot = replace(record.snapshot, revision=revision)
     kind = EventKind.REGISTERED if snapshot.version == 1 else EventKind.CHANGED
     return VariableEvent(
         kind,
@@ -579,6 +579,7 @@ def _change_event(session_id: str, record: VariableRecord, old: VariableRecord |
         metadata=record.metadata,
         timestamp=record.timestamp,
         size=approximate_size(snapshot.value) + change_size(record.source, record.metadata),
+        revision=revision,
     )
 
 
