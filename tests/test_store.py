@@ -1,6 +1,13 @@
-"""MemoryStore and ObserverManager on their own: versions, compare-and-set, atomic batches, TTL, events."""
+"""The stores and ObserverManager on their own: versions, compare-and-set, atomic batches, TTL, events,
+memory budgets. The tests that take ``store`` or ``make_store`` are the conformance suite: they run
+against every store (in memory, and on a real etcd); the TTL tests drive MemoryStore's own clock."""
 
 from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import trio
@@ -15,6 +22,7 @@ from trio_bridge import (
     NotFound,
     ObserverManager,
     ResourceExhausted,
+    Store,
     VariableEvent,
     VariableType,
     VariableWrite,
@@ -23,12 +31,37 @@ from trio_bridge import (
 from trio_bridge.storage import session_key, variable_key
 
 
+@pytest.fixture(params=["memory", "etcd"])
+async def make_store(
+    request: pytest.FixtureRequest, nursery: trio.Nursery, aio_loop: Any
+) -> Callable[..., Awaitable[Store]]:
+    """``await make_store(**settings)``: a running store of the parametrized kind, with the test's own
+    prefix on the tests' etcd member for the etcd store. The conformance suite: every test that uses
+    it runs against every store."""
+    kind = request.param
+    cluster = request.getfixturevalue("etcd_cluster") if kind == "etcd" else None
+    prefixes = itertools.count()
+
+    async def make(**settings: Any) -> Store:
+        settings.setdefault("default_ttl", 60.0)
+        if cluster is None:
+            return MemoryStore(**settings)
+        from trio_bridge.storage.etcd.store import EtcdSettings, EtcdStore
+
+        prefix = f"/store-tests/{uuid.uuid4().hex[:12]}-{next(prefixes)}"
+        store = EtcdStore(EtcdSettings(endpoints=tuple(cluster.endpoints), prefix=prefix), **settings)
+        await nursery.start(store.run)
+        return store
+
+    return make
+
+
 @pytest.fixture
-def store() -> MemoryStore:
-    return MemoryStore(default_ttl=60.0)
+async def store(make_store: Callable[..., Awaitable[Store]]) -> Store:
+    return await make_store()
 
 
-async def _session_with_counter(store: MemoryStore) -> str:
+async def _session_with_counter(store: Store) -> str:
     session = (await store.create_session("s1")).session_id
     await store.register_variable(
         session, "counter", VariableType.INTEGER, 0, constraints=Constraints(minimum=0)
@@ -36,7 +69,7 @@ async def _session_with_counter(store: MemoryStore) -> str:
     return session
 
 
-async def test_version_starts_at_one_and_rises_by_one_per_change(store: MemoryStore) -> None:
+async def test_version_starts_at_one_and_rises_by_one_per_change(store: Store) -> None:
     session = await _session_with_counter(store)
     assert (await store.get_variable(session, "counter")).version == 1
     for expected_version in range(2, 7):
@@ -48,7 +81,7 @@ async def test_version_starts_at_one_and_rises_by_one_per_change(store: MemorySt
     assert by_id.value == 60
 
 
-async def test_refused_value_leaves_value_and_version_unchanged(store: MemoryStore) -> None:
+async def test_refused_value_leaves_value_and_version_unchanged(store: Store) -> None:
     session = await _session_with_counter(store)
     before = await store.get_variable(session, "counter")
     with pytest.raises(InvalidArgument, match=r"variable 'counter' .*below minimum 0"):
@@ -56,7 +89,7 @@ async def test_refused_value_leaves_value_and_version_unchanged(store: MemorySto
     assert await store.get_variable(session, "counter") == before
 
 
-async def test_compare_and_set(store: MemoryStore) -> None:
+async def test_compare_and_set(store: Store) -> None:
     session = await _session_with_counter(store)
     await store.set_variable(session, "counter", 1, expected_version=1)
     with pytest.raises(VersionConflict, match="expected version 1, but the current version is 2") as caught:
@@ -66,7 +99,7 @@ async def test_compare_and_set(store: MemoryStore) -> None:
     assert (current.value, current.version) == (1, 2)
 
 
-async def test_read_modify_write_cycles_lose_no_update(store: MemoryStore) -> None:
+async def test_read_modify_write_cycles_lose_no_update(store: Store) -> None:
     """Two clients interleave read-modify-write; with CAS every increment lands exactly once."""
     session = await _session_with_counter(store)
     applied = 0
@@ -83,7 +116,7 @@ async def test_read_modify_write_cycles_lose_no_update(store: MemoryStore) -> No
     assert (await store.get_variable(session, "counter")).value == applied
 
 
-async def test_batch_is_all_or_nothing(store: MemoryStore) -> None:
+async def test_batch_is_all_or_nothing(store: Store) -> None:
     session = await _session_with_counter(store)
     await store.register_variable(
         session, "label", VariableType.STRING, "a", constraints=Constraints(max_length=3)
@@ -102,7 +135,7 @@ async def test_batch_is_all_or_nothing(store: MemoryStore) -> None:
     assert [(r.name, r.value, r.version) for r in results] == [("counter", 5, 2), ("label", "b", 2)]
 
 
-async def test_unknown_names_are_all_named(store: MemoryStore) -> None:
+async def test_unknown_names_are_all_named(store: Store) -> None:
     session = await _session_with_counter(store)
     with pytest.raises(NotFound, match="has no variables 'a', 'b'"):
         await store.get_variables(session, ["counter", "a", "b"])
@@ -110,7 +143,7 @@ async def test_unknown_names_are_all_named(store: MemoryStore) -> None:
         await store.get_session("nope")
 
 
-async def test_names_and_ids_are_unique(store: MemoryStore) -> None:
+async def test_names_and_ids_are_unique(store: Store) -> None:
     session = await _session_with_counter(store)
     with pytest.raises(AlreadyExists, match="already has a variable named 'counter'"):
         await store.register_variable(session, "counter", VariableType.INTEGER, 1)
@@ -121,7 +154,7 @@ async def test_names_and_ids_are_unique(store: MemoryStore) -> None:
     assert (await store.create_session()).session_id != (await store.create_session()).session_id
 
 
-async def test_delete_and_cleanup_keep_counts(store: MemoryStore) -> None:
+async def test_delete_and_cleanup_keep_counts(store: Store) -> None:
     session = await _session_with_counter(store)
     await store.register_variable(session, "x", VariableType.BOOLEAN, True)
     assert (store.cache.session_count, store.cache.variable_count) == (1, 2)
@@ -172,7 +205,7 @@ async def test_expired_session_is_gone_before_the_sweep_runs(mock_clock: trio.te
     await store.create_session("s")  # the id is free again
 
 
-async def test_changes_are_published_in_version_order_to_every_observer(store: MemoryStore) -> None:
+async def test_changes_are_published_in_version_order_to_every_observer(store: Store) -> None:
     session = await _session_with_counter(store)
     counter = await store.get_variable(session, "counter")
     with (
@@ -312,8 +345,10 @@ async def test_a_reader_cancelled_with_events_queued_loses_none() -> None:
 MB = 2**20
 
 
-async def test_a_session_holds_at_most_max_session_bytes_and_a_refusal_changes_nothing() -> None:
-    store = MemoryStore(max_session_bytes=5 * MB, max_history_bytes=MB)
+async def test_a_session_holds_at_most_max_session_bytes_and_a_refusal_changes_nothing(
+    make_store: Callable[..., Awaitable[Store]],
+) -> None:
+    store = await make_store(max_session_bytes=5 * MB, max_history_bytes=MB)
     session = (await store.create_session()).session_id
     registered = 0
     with pytest.raises(ResourceExhausted) as caught:  # noqa: PT012 (the loop is the scenario)
@@ -332,8 +367,10 @@ async def test_a_session_holds_at_most_max_session_bytes_and_a_refusal_changes_n
     await store.register_variable(session, "again", VariableType.STRING, "x" * MB)  # room again
 
 
-async def test_the_server_holds_at_most_max_stored_bytes_across_sessions() -> None:
-    store = MemoryStore(max_session_bytes=4 * MB, max_stored_bytes=6 * MB, max_history_bytes=MB)
+async def test_the_server_holds_at_most_max_stored_bytes_across_sessions(
+    make_store: Callable[..., Awaitable[Store]],
+) -> None:
+    store = await make_store(max_session_bytes=4 * MB, max_stored_bytes=6 * MB, max_history_bytes=MB)
     first, second = (await store.create_session()).session_id, (await store.create_session()).session_id
     for i in range(3):
         await store.register_variable(first, f"v{i}", VariableType.STRING, "x" * MB)
@@ -346,8 +383,10 @@ async def test_the_server_holds_at_most_max_stored_bytes_across_sessions() -> No
     await store.register_variable(second, "c", VariableType.STRING, "x" * MB)
 
 
-async def test_the_history_is_bounded_in_bytes_and_gives_way_to_new_values() -> None:
-    store = MemoryStore(max_session_bytes=8 * MB, max_history_bytes=3 * MB, history_size=1000)
+async def test_the_history_is_bounded_in_bytes_and_gives_way_to_new_values(
+    make_store: Callable[..., Awaitable[Store]],
+) -> None:
+    store = await make_store(max_session_bytes=8 * MB, max_history_bytes=3 * MB, history_size=1000)
     session = (await store.create_session()).session_id
     variable = (await store.register_variable(session, "v", VariableType.STRING, "")).id
     for i in range(20):
@@ -361,8 +400,10 @@ async def test_the_history_is_bounded_in_bytes_and_gives_way_to_new_values() -> 
     assert store.cache.stored_bytes <= 8 * MB
 
 
-async def test_stored_bytes_return_to_zero_when_everything_is_gone() -> None:
-    store = MemoryStore()
+async def test_stored_bytes_return_to_zero_when_everything_is_gone(
+    make_store: Callable[..., Awaitable[Store]],
+) -> None:
+    store = await make_store()
     for round_ in range(3):
         session = (await store.create_session()).session_id
         await store.register_variable(
