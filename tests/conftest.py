@@ -27,6 +27,7 @@ BOTH_STORES = {
     "test_watch_random",
     "test_watch_teardown",
     "test_client",
+    "test_watch_scale",
 }
 STORES = ["memory", "etcd"]
 #: Suites about several servers on one etcd: etcd only.
