@@ -17,7 +17,7 @@ from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 from tests import support
 from tests.etcd_cluster import EtcdCluster
-from tests.support import Client, connect, eventually, start_server, start_watch
+from tests.support import Client, compact_etcd, connect, eventually, start_server, start_watch
 from tests.test_watch import new_session, number, value_of, watch_request, write
 from trio_bridge import ServerConfig
 from trio_bridge.proto import unified_bridge as pb
@@ -204,3 +204,44 @@ async def test_a_bad_store_is_one_line_and_exit_code_2(argument: str, message: s
     assert result.returncode == 2
     lines = result.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("trio-bridge: ") and message in lines[0], lines
+
+
+async def test_a_server_whose_feed_fell_behind_a_compaction_resyncs_its_watches(
+    nursery: trio.Nursery, aio_loop: Any
+) -> None:
+    a, b = [await start_server(nursery) for _ in range(2)]
+    with connect(a) as client_a, connect(b) as client_b:
+        session, ids = await new_session(client_a, x=0.0, y=0.0, gone=0.0)
+        watcher = await start_watch(nursery, client_b, watch_request(session))  # the whole session, on B
+        await watcher.wait_synced()
+        before = len(watcher.updates)
+        with b.store.feed.paused():  # type: ignore[attr-defined]
+            await eventually(lambda: not b.store.available)  # B lost etcd ...
+            await write(client_a, session, "x", 1.0)  # ... while A goes on
+            await write(client_a, session, "x", 2.0)
+            await client_a(
+                client_a.stub.delete_variable(
+                    pb.DeleteVariableRequest(session_id=session, variable_identifier="gone")
+                )
+            )
+            added = await client_a(
+                client_a.stub.register_variable(
+                    pb.RegisterVariableRequest(
+                        session_id=session, name="new", type=pb.VariableType.FLOAT, initial_value=number(7.0)
+                    )
+                )
+            )
+            await compact_etcd(a)  # and etcd forgets the changes B missed
+        assert added.variable is not None
+        await watcher.wait_for(lambda w: len(w.updates) >= before + 3)
+        got = {(u.variable_id, u.update_type) for u in watcher.updates[before:]}
+        assert got == {
+            (ids["x"], "resync"),  # versions 2 and 3 cannot be replayed: the current one, said so
+            (ids["gone"], "variable_deleted"),
+            (added.variable.id, "variable_registered"),
+        }
+        resync = next(u for u in watcher.updates[before:] if u.update_type == "resync")
+        assert value_of(resync) == 2.0 and resync.variable is not None and resync.variable.version == 3
+        assert not watcher.ended.is_set() and b.store.feed.state.reloads == 1  # type: ignore[attr-defined]
+        await write(client_a, session, "y", 5.0)  # and B follows again
+        await watcher.wait_for(lambda w: 2 in w.versions(ids["y"]))

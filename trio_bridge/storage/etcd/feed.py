@@ -89,6 +89,22 @@ class Feed:
         self._waiters: list[_Waiter] = []
         self._held: list[pb.WatchResponse] | None = None
         self._task_status: trio.TaskStatus[None] | None = None
+        self._paused: trio.Event | None = None
+        self._following: trio.CancelScope | None = None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Test hook, in the manner of etcd's failpoints: for the block, the feed stops following etcd
+        (its watch is closed, as when its member is lost) and does not watch again; leaving the block
+        lets it watch again from where it stopped (or load again, if etcd compacted that meanwhile)."""
+        self._paused = trio.Event()
+        if self._following is not None:
+            self._following.cancel()
+        try:
+            yield
+        finally:
+            paused, self._paused = self._paused, None
+            paused.set()
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -120,8 +136,14 @@ class Feed:
         await self._load()
         delay = RETRY_INITIAL
         while True:
+            if self._paused is not None:
+                await self._paused.wait()
             try:
-                await self._follow()
+                with trio.CancelScope() as self._following:
+                    await self._follow()
+                if self._following.cancelled_caught:
+                    self._connected(False)
+                    continue  # paused: see paused()
             except Compacted as exc:
                 log.warning("the feed's revision %d was compacted (%s): loading again", self.applied, exc)
                 await self._reload()
