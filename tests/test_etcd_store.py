@@ -6,17 +6,19 @@ from __future__ import annotations
 import sys
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trustme
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 from tests import support
-from tests.etcd_cluster import EtcdCluster
+from tests.etcd_cluster import LOOPBACK, EtcdCluster, TLSFiles
 from tests.support import Client, compact_etcd, connect, eventually, start_server, start_watch
 from tests.test_watch import new_session, number, value_of, watch_request, write
 from trio_bridge import ServerConfig
@@ -245,3 +247,30 @@ async def test_a_server_whose_feed_fell_behind_a_compaction_resyncs_its_watches(
         assert not watcher.ended.is_set() and b.store.feed.state.reloads == 1  # type: ignore[attr-defined]
         await write(client_a, session, "y", 5.0)  # and B follows again
         await watcher.wait_for(lambda w: 2 in w.versions(ids["y"]))
+
+
+async def test_etcd_over_tls_with_a_user(
+    nursery: trio.Nursery, aio_loop: Any, make_etcd_cluster: Callable[..., EtcdCluster], tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    issued = ca.issue_cert(LOOPBACK)
+    issued.cert_chain_pems[0].write_to_path(tmp_path / "server.pem")
+    issued.private_key_pem.write_to_path(tmp_path / "server.key")
+    files = TLSFiles(cert=tmp_path / "server.pem", key=tmp_path / "server.key", ca=tmp_path / "ca.pem")
+    cluster = make_etcd_cluster(tls=files)
+    cluster.etcdctl("user", "add", "root:rootpw", "--interactive=false")
+    cluster.etcdctl("auth", "enable")
+    (tmp_path / "password").write_text("rootpw\n")
+    url = "etcds://" + ",".join(f"{host}:{port}" for host, port in cluster.endpoints)
+    server = await start_server(
+        nursery,
+        store_url=url,
+        etcd_ca=tmp_path / "ca.pem",
+        etcd_user="root",
+        etcd_password_file=tmp_path / "password",
+    )
+    with connect(server) as client:
+        session, _ = await new_session(client, t=0.0)
+        assert (await write(client, session, "t", 1.0)).version == 2
+    assert server.store.cache.get_variables(session, ["t"])[0].value == 1.0
