@@ -138,7 +138,7 @@ async def test_expiry_is_seen_on_every_replica(nursery: trio.Nursery, aio_loop: 
 
 async def test_etcd_limits_are_checked_before_sending(nursery: trio.Nursery, aio_loop: Any) -> None:
     server = await start_server(
-        nursery, etcd_max_txn_ops=4, etcd_max_request_bytes=400_000, max_value_bytes=100
+        nursery, etcd_max_txn_ops=8, etcd_max_request_bytes=400_000, max_value_bytes=100
     )
     with connect(server) as client:
         session, _ = await new_session(client, a=0.0, b=0.0, c=0.0, d=0.0, e=0.0)
@@ -147,7 +147,7 @@ async def test_etcd_limits_are_checked_before_sending(nursery: trio.Nursery, aio
             client, client.stub.set_variables(pb.SetVariablesRequest(session_id=session, writes=writes))
         )
         assert error.status == Status.INVALID_ARGUMENT
-        assert "--etcd-max-txn-ops=4" in (error.message or "")
+        assert "--etcd-max-txn-ops=8" in (error.message or "")
         done = await client(
             client.stub.set_variables(pb.SetVariablesRequest(session_id=session, writes=writes[:4]))
         )

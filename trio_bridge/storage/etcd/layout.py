@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ... import _encoding as enc
+from ..._wire import serialize
 from ...proto import unified_bridge as pb
 from ..location import DEFAULT_ETCD_PREFIX
 from ..records import VariableSnapshot
@@ -123,7 +124,7 @@ class VariableRecord:
     timestamp: float
 
     def encode(self) -> bytes:
-        return bytes(
+        return serialize(
             pb.VariableUpdate(
                 variable_id=self.snapshot.id,
                 variable=enc.variable_to_proto(self.snapshot),

@@ -97,7 +97,7 @@ class EtcdSettings:
     user: str | None = None
     password: str | None = None
     #: etcd's ``--max-request-bytes`` and ``--max-txn-ops``: writes are checked against them before
-    #: they are sent (a batch of N writes is one transaction of N operations).
+    #: they are sent (a batch of N writes is one transaction of 2N operations).
     max_request_bytes: int = ETCD_MAX_REQUEST_BYTES
     max_txn_ops: int = ETCD_MAX_TXN_OPS
 
@@ -350,10 +350,11 @@ class EtcdStore(SingleVariableCalls):
         self._check_writable()
         session = await self._session(session_id)
         update_metadata = frozen_metadata(metadata)
-        if len(writes) > self.settings.max_txn_ops:
+        if 2 * len(writes) > self.settings.max_txn_ops:
             raise InvalidArgument(
-                f"a batch of {len(writes)} writes is more than one etcd transaction takes: its limit "
-                f"--etcd-max-txn-ops={self.settings.max_txn_ops} (etcd's --max-txn-ops); split the batch"
+                f"a batch of {len(writes)} writes is {2 * len(writes)} operations of one etcd transaction "
+                f"(a put and a read of each), more than its limit --etcd-max-txn-ops="
+                f"{self.settings.max_txn_ops} (etcd's --max-txn-ops); split the batch"
             )
         changes = checks.staged_writes(self._cache, session, writes, source=source, metadata=update_metadata)
         keys = [self.keys.variable(session_id, current.id) for current, _ in changes]
@@ -371,11 +372,14 @@ class EtcdStore(SingleVariableCalls):
             sum(len(record) + 2 * len(key) for key, record in zip(keys, records, strict=True))
         )
         puts = [
-            epb.RequestOp(request_put=epb.PutRequest(key=key, value=record, prev_kv=True, ignore_lease=True))
+            epb.RequestOp(request_put=epb.PutRequest(key=key, value=record, ignore_lease=True))
             for key, record in zip(keys, records, strict=True)
         ]
+        # Each key read back without its value after the puts: its new version (a blind write's is
+        # not known before), at no cost of parsing a value.
+        versions = [op_range(key, keys_only=True) for key in keys]
         with _etcd_errors():
-            response = await self.client.txn(compares, puts, [op_range(key) for key in keys])
+            response = await self.client.txn(compares, [*puts, *versions], versions)
         if not response.succeeded:
             for write, (current, _), reply in zip(writes, changes, response.responses, strict=True):
                 kvs = reply.response_range.kvs if reply.response_range is not None else []
@@ -386,9 +390,9 @@ class EtcdStore(SingleVariableCalls):
             raise Unavailable("etcd refused the write and said nothing of why; retry")  # never expected
         results = []
         assert response.header is not None
-        for (_, updated), reply in zip(changes, response.responses, strict=True):
-            previous = reply.response_put.prev_kv if reply.response_put is not None else None
-            version = previous.version + 1 if previous is not None else updated.version
+        for (_, updated), reply in zip(changes, response.responses[len(puts) :], strict=True):
+            kvs = reply.response_range.kvs if reply.response_range is not None else []
+            version = kvs[0].version if kvs else updated.version
             results.append(replace(updated, version=version, revision=response.header.revision))
         await self._applied(response)
         return results
