@@ -3,6 +3,10 @@ unreachable, leases seen by every replica, etcd's limits checked before sending,
 
 from __future__ import annotations
 
+import json
+import signal
+import socket
+import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -274,3 +278,73 @@ async def test_etcd_over_tls_with_a_user(
         session, _ = await new_session(client, t=0.0)
         assert (await write(client, session, "t", 1.0)).version == 2
     assert server.store.cache.get_variables(session, ["t"])[0].value == 1.0
+
+
+async def test_a_running_cli_watch_survives_a_server_restart(tmp_path: Path) -> None:
+    # Issue #11's observation: restarting the server under a running `trio-bridge watch` ended it with
+    # NOT_FOUND "may have expired". On etcd the sessions outlive the server: the watch resumes.
+    port = _free_port()
+    store = support.STORE_URL
+
+    async def serve() -> trio.Process:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "trio_bridge", "serve", "--port", str(port), "--store", store],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert process.stdout is not None
+        with trio.fail_after(30):  # interpreter start-up; a safety bound
+            assert b"serving on" in await process.stdout.receive_some()
+        return process
+
+    async def cli(*arguments: str) -> str:
+        result = await trio.run_process(
+            [sys.executable, "-m", "trio_bridge", *arguments, "--port", str(port)], capture_stdout=True
+        )
+        return result.stdout.decode()
+
+    first = await serve()
+    await cli("session", "create", "--id", "lab")
+    await cli("var", "register", "lab", "temperature", "float", "21.5")
+    watch = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "trio_bridge", "watch", "lab", "temperature", "--port", str(port), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert watch.stdout is not None
+    lines: list[dict[str, Any]] = []
+    buffer = b""
+
+    async def until(kind: str) -> None:
+        nonlocal buffer
+        with trio.fail_after(30):  # a safety bound
+            while not any(line["type"] == kind for line in lines):
+                chunk = await watch.stdout.receive_some()  # type: ignore[union-attr]
+                assert chunk, f"the watch ended: {lines}"
+                buffer += chunk
+                *complete, buffer = buffer.split(b"\n")
+                lines.extend(json.loads(line) for line in complete if line)
+
+    second = None
+    try:
+        await until("synced")
+        first.send_signal(signal.SIGTERM)  # the restart: the watch's stream ends with UNAVAILABLE
+        await first.wait()
+        second = await serve()
+        await cli("var", "set", "lab", "temperature", "23.5")
+        await until("value_change")
+        assert (lines[-1]["name"], lines[-1]["value"], lines[-1]["version"]) == ("temperature", 23.5, 2)
+        assert watch.returncode is None  # still watching
+    finally:
+        watch.kill()
+        await watch.wait()
+        for process in (first, second):
+            if process is not None and process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
