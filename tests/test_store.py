@@ -446,3 +446,32 @@ async def test_a_subscription_is_full_by_bytes_as_by_count_and_batches_are_cappe
         assert [e for e, _ in batched.take_nowait(100, max_bytes=1000)] == ["e0", "e1", "e2", "e3"]
         assert [e for e, _ in await batched.receive_batch(100, max_bytes=600)] == ["e4", "e5"]
         assert batched.queued_bytes == 4 * 300
+
+
+async def test_changes_after_a_revision(make_store: Callable[..., Awaitable[Store]]) -> None:
+    store = await make_store(history_size=2)
+    session = (await store.create_session()).session_id
+    x = await store.register_variable(session, "x", VariableType.INTEGER, 0)
+    held = (await store.set_variable(session, "x", 1)).revision  # the client holds x at version 2
+    for value in (2, 3):
+        await store.set_variable(session, "x", value)
+    missed = await store.changes_after_revision(session, x.id, held, up_to=4)
+    assert missed is not None and [(e.kind, e.variable.version) for e in missed if e.variable] == [
+        (EventKind.CHANGED, 3),
+        (EventKind.CHANGED, 4),
+    ]
+    assert [e.revision for e in missed] == sorted({e.revision for e in missed}) and missed[0].revision > held
+    assert await store.changes_after_revision(session, x.id, missed[-1].revision, up_to=4) == []
+    y = await store.register_variable(session, "y", VariableType.INTEGER, 7)  # registered after `held`
+    (registered,) = await store.changes_after_revision(session, y.id, held, up_to=1) or [None]
+    assert registered is not None and registered.kind is EventKind.REGISTERED
+    assert registered.variable is not None and (registered.variable.id, registered.variable.value) == (
+        y.id,
+        7,
+    )
+    for value in (4, 5, 6):  # the history (2 changes) no longer reaches back to `held` ...
+        await store.set_variable(session, "x", value)
+    feed = getattr(store, "feed", None)
+    if feed is not None:  # ... nor does etcd's, once compacted
+        await store.client.compact(feed.applied)  # type: ignore[attr-defined]
+    assert await store.changes_after_revision(session, x.id, held, up_to=7) is None

@@ -380,7 +380,14 @@ class WatchStream:
                 # of what the client holds: the current value, as a resync.
                 self._resume_point[snapshot.id] = snapshot.version
                 self._sent[snapshot.id] = snapshot.version
-                if snapshot.revision > held_at or held_at > read_at:
+                missed = None
+                if held_at <= read_at:
+                    missed = await self._store.changes_after_revision(
+                        plan.session_id, snapshot.id, held_at, up_to=snapshot.version
+                    )
+                if missed is not None:
+                    updates.extend(partial(enc.event_update, event) for event in missed)
+                else:
                     updates.append(
                         partial(
                             enc.snapshot_update,

@@ -73,6 +73,8 @@ class CachedSession:
     history_bytes: int = 0
     #: Per variable, the size of what every version of it shares (name, constraints, metadata).
     fixed_sizes: dict[str, int] = field(default_factory=dict)
+    #: Per variable, the revision it was registered at.
+    created_revisions: dict[str, int] = field(default_factory=dict)
 
     @property
     def deadline(self) -> float:
@@ -227,6 +229,35 @@ class SessionCache:
                 return missed
         return None
 
+    def changes_after_revision(
+        self, session_id: str, variable_id: str, revision: int
+    ) -> list[VariableEvent] | None:
+        """Every change of the variable made at a revision after ``revision``, oldest first (its
+        registration too, if that came after), or None when the history cannot tell them all."""
+        session = self.session(session_id)
+        current = session.variables[variable_id]
+        if current.revision <= revision:
+            return []
+        if session.created_revisions.get(variable_id, 0) > revision:  # registered since
+            if current.version == 1:
+                return [VariableEvent(EventKind.REGISTERED, session_id, current, revision=current.revision)]
+            return None
+        missed: list[VariableEvent] = []
+        for remembered in reversed(session.history):  # newest first: the cost is what was missed
+            event = remembered.event
+            variable = event.variable
+            if variable is None or variable.id != variable_id:
+                continue
+            if event.revision <= revision:  # older than what was missed: none is missing
+                break
+            missed.append(event)
+            if event.previous_revision <= revision:  # it replaced the version held at ``revision``
+                break
+        else:
+            return None  # the history ends before it reaches back to ``revision``
+        missed.reverse()
+        return missed
+
     @contextlib.contextmanager
     def keep_alive(self, session_id: str) -> Iterator[None]:
         """Hold the session alive for the block (an open watch does, whatever its heartbeat interval):
@@ -279,6 +310,7 @@ class SessionCache:
         session.variables[snapshot.id] = snapshot
         session.ids_by_name[snapshot.name] = snapshot.id
         session.fixed_sizes[snapshot.id] = fixed
+        session.created_revisions[snapshot.id] = self.revision
         self._grow(session, size)
         self._variable_count += 1
         self.observers.publish(
@@ -323,6 +355,7 @@ class SessionCache:
                 timestamp=timestamp,
                 size=approximate_size(updated.value) + each_change,
                 revision=self.revision,
+                previous_revision=current.revision,
             )
             self._remember(session, event, event.size)
             self._grow(session, approximate_size(updated.value) - approximate_size(current.value))
@@ -336,6 +369,7 @@ class SessionCache:
         del session.variables[snapshot.id]
         del session.ids_by_name[snapshot.name]
         fixed = session.fixed_sizes.pop(snapshot.id)
+        session.created_revisions.pop(snapshot.id, None)
         self._grow(session, -(fixed + approximate_size(snapshot.value) + len(snapshot.last_update_source)))
         self._variable_count -= 1
         self.observers.publish(

@@ -165,6 +165,13 @@ class Store(Protocol):
         shown), oldest first; None when they cannot all be had any more (a resume then resyncs)."""
         ...
 
+    async def changes_after_revision(
+        self, session_id: str, variable_id: str, revision: int, *, up_to: int
+    ) -> list[VariableEvent] | None:
+        """Every change of the variable made at a revision after ``revision`` (its registration too,
+        if that came after), up to version ``up_to``, oldest first; None when they cannot all be had."""
+        ...
+
 
 class SingleVariableCalls:
     """``get_variable`` and ``set_variable`` as the one-variable forms of ``get_variables`` and

@@ -226,6 +226,12 @@ class MemoryStore(SingleVariableCalls):
         """From this process's history (``up_to`` is always the current version here)."""
         return self._cache.changes_since(session_id, variable_id, version)
 
+    async def changes_after_revision(
+        self, session_id: str, variable_id: str, revision: int, *, up_to: int
+    ) -> list[VariableEvent] | None:
+        """From this process's history (``up_to`` is always the current version here)."""
+        return self._cache.changes_after_revision(session_id, variable_id, revision)
+
     # ---- internals -----------------------------------------------------------------------------
 
     def _session(self, session_id: str) -> CachedSession:

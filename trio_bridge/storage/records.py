@@ -84,6 +84,9 @@ class VariableEvent:
     size: int = 0
     #: The store revision of the change: one per write (a batch is one), rising, as etcd's are.
     revision: int = 0
+    #: For a change, the revision of the version it replaced (so a history can tell whether it
+    #: reaches back to a given revision).
+    previous_revision: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -672,8 +672,9 @@ class WatchVariablesRequest(betterproto2.Message):
     resume_revision: "int" = betterproto2.field(6, betterproto2.TYPE_INT64)
     """
     Resume: the revision of the last update the client received (0: none). A watched variable not
-    named in resume_versions is taken as held as of this revision: sent only if it changed after it
-    (as a "resync" with its current value), and not sent as an initial value if it did not.
+    named in resume_versions is taken as held as of this revision: what changed after it is replayed
+    (a "resync" with the current value where the history cannot tell), and it is not sent as an
+    initial value if it did not change.
     """
 
 

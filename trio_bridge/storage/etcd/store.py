@@ -432,15 +432,32 @@ class EtcdStore(SingleVariableCalls):
         created = self.feed.created_at_revision.get(variable_id)
         if created is None:
             return None
+        return await self._history(session_id, variable_id, start=created, after_version=version, up_to=up_to)
+
+    async def changes_after_revision(
+        self, session_id: str, variable_id: str, revision: int, *, up_to: int
+    ) -> list[VariableEvent] | None:
+        """From this server's history when it tells them all, else from etcd's history (a watch of
+        the variable's key from the revision after ``revision``), else None (compacted)."""
+        missed = self._cache.changes_after_revision(session_id, variable_id, revision)
+        if missed is not None:
+            return [e for e in missed if e.variable is not None and e.variable.version <= up_to]
+        return await self._history(session_id, variable_id, start=revision + 1, after_version=0, up_to=up_to)
+
+    async def _history(
+        self, session_id: str, variable_id: str, *, start: int, after_version: int, up_to: int
+    ) -> list[VariableEvent] | None:
+        """The variable's versions after ``after_version`` up to ``up_to`` from etcd's history, read
+        from revision ``start`` on; None when etcd compacted it (or cannot be asked)."""
         key = self.keys.variable(session_id, variable_id)
         events: list[VariableEvent] = []
         try:
             with trio.fail_after(self.client.request_timeout):
-                async with self.client.watch(key, start_revision=created, prev_kv=True) as watch:
+                async with self.client.watch(key, start_revision=start, prev_kv=True) as watch:
                     async for response in watch:
                         for event in response.events:
                             kv = event.kv
-                            if kv is None or not kv.value or kv.version <= version:
+                            if kv is None or not kv.value or kv.version <= after_version:
                                 continue
                             record = VariableRecord.decode(kv.value, version=kv.version)
                             old = None
