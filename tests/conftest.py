@@ -6,7 +6,9 @@ stop a server themselves start it in their own nursery instead (``support.start_
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +18,7 @@ import trio_asyncio
 
 from tests import support
 from tests.support import Client, connect, start_server
-from trio_bridge import RunningServer
+from trio_bridge import MemoryStore, RunningServer, Store
 
 pytest_plugins = ["tests.etcd_fixtures"]
 
@@ -121,3 +123,28 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.section("hardening counts")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(params=["memory", "etcd"])
+async def make_store(
+    request: pytest.FixtureRequest, nursery: trio.Nursery, aio_loop: Any
+) -> Callable[..., Awaitable[Store]]:
+    """``await make_store(**settings)``: a running store of the parametrized kind, with the test's own
+    prefix on the tests' etcd member for the etcd store. The conformance suite: every test that uses
+    it runs against every store."""
+    kind = request.param
+    cluster = request.getfixturevalue("etcd_cluster") if kind == "etcd" else None
+    prefixes = itertools.count()
+
+    async def make(**settings: Any) -> Store:
+        settings.setdefault("default_ttl", 60.0)
+        if cluster is None:
+            return MemoryStore(**settings)
+        from trio_bridge.storage.etcd.store import EtcdSettings, EtcdStore
+
+        prefix = f"/store-tests/{uuid.uuid4().hex[:12]}-{next(prefixes)}"
+        store = EtcdStore(EtcdSettings(endpoints=tuple(cluster.endpoints), prefix=prefix), **settings)
+        await nursery.start(store.run)
+        return store
+
+    return make

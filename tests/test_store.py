@@ -4,10 +4,7 @@ against every store (in memory, and on a real etcd); the TTL tests drive MemoryS
 
 from __future__ import annotations
 
-import itertools
-import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 import trio
@@ -29,31 +26,6 @@ from trio_bridge import (
     VersionConflict,
 )
 from trio_bridge.storage import session_key, variable_key
-
-
-@pytest.fixture(params=["memory", "etcd"])
-async def make_store(
-    request: pytest.FixtureRequest, nursery: trio.Nursery, aio_loop: Any
-) -> Callable[..., Awaitable[Store]]:
-    """``await make_store(**settings)``: a running store of the parametrized kind, with the test's own
-    prefix on the tests' etcd member for the etcd store. The conformance suite: every test that uses
-    it runs against every store."""
-    kind = request.param
-    cluster = request.getfixturevalue("etcd_cluster") if kind == "etcd" else None
-    prefixes = itertools.count()
-
-    async def make(**settings: Any) -> Store:
-        settings.setdefault("default_ttl", 60.0)
-        if cluster is None:
-            return MemoryStore(**settings)
-        from trio_bridge.storage.etcd.store import EtcdSettings, EtcdStore
-
-        prefix = f"/store-tests/{uuid.uuid4().hex[:12]}-{next(prefixes)}"
-        store = EtcdStore(EtcdSettings(endpoints=tuple(cluster.endpoints), prefix=prefix), **settings)
-        await nursery.start(store.run)
-        return store
-
-    return make
 
 
 @pytest.fixture

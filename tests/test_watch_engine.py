@@ -1,22 +1,24 @@
-"""The watch engine without gRPC: batching of bursts (contract line 9) and of long replays."""
+"""The watch engine without gRPC, on every store: batching of bursts (contract line 9) and of long
+replays, overflow."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from trio_bridge import MemoryStore, VariableType, _watch
+from trio_bridge import Store, VariableType, _watch
 from trio_bridge._errors import ResourceExhausted
 from trio_bridge._limits import Limits
 from trio_bridge._watch import BATCH_LIMIT, WatchPlan, WatchStream, plan_watch
 from trio_bridge.proto.unified_bridge import VariableUpdate
 
 
-async def _watch_n(store: MemoryStore, session: str, resume_versions: dict[str, int]) -> WatchPlan:
+async def _watch_n(store: Store, session: str, resume_versions: dict[str, int]) -> WatchPlan:
     """A checked plan for a watch of variable ``n`` with its initial value."""
     return await plan_watch(
         store,
@@ -44,8 +46,10 @@ class _SlowClient:
             await self.taken.wait()
 
 
-async def test_a_burst_queued_during_a_slow_send_goes_out_as_one_batch() -> None:
-    store = MemoryStore()
+async def test_a_burst_queued_during_a_slow_send_goes_out_as_one_batch(
+    make_store: Callable[..., Awaitable[Store]],
+) -> None:
+    store = await make_store()
     session = (await store.create_session()).session_id
     await store.register_variable(session, "n", VariableType.INTEGER, 0)
     plan = await _watch_n(store, session, resume_versions={})
@@ -67,8 +71,10 @@ async def test_a_burst_queued_during_a_slow_send_goes_out_as_one_batch() -> None
     assert [u.variable.version for u in batches[2] if u.variable] == list(range(3, 303))
 
 
-async def test_a_long_replay_is_encoded_and_sent_a_batch_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    store = MemoryStore(history_size=5_000)
+async def test_a_long_replay_is_encoded_and_sent_a_batch_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, make_store: Callable[..., Awaitable[Store]]
+) -> None:
+    store = await make_store(history_size=5_000)
     session = (await store.create_session()).session_id
     await store.register_variable(session, "n", VariableType.INTEGER, 0)
     for value in range(1, 1_201):
@@ -102,9 +108,11 @@ async def test_a_long_replay_is_encoded_and_sent_a_batch_at_a_time(monkeypatch: 
     assert sent[-1].update_type == "synced"
 
 
-async def test_an_overflow_while_a_send_waits_ends_the_stream_at_once() -> None:
+async def test_an_overflow_while_a_send_waits_ends_the_stream_at_once(
+    make_store: Callable[..., Awaitable[Store]],
+) -> None:
     # Issue #10, observation 9: the stream stayed open, holding its queue, until its client read again.
-    store = MemoryStore()
+    store = await make_store()
     session = (await store.create_session()).session_id
     await store.register_variable(session, "n", VariableType.INTEGER, 0)
     plan = await _watch_n(store, session, resume_versions={})
