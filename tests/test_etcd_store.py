@@ -9,12 +9,14 @@ import socket
 import subprocess
 import sys
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import trustme
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
@@ -23,7 +25,7 @@ from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 from tests import support
 from tests.etcd_cluster import LOOPBACK, EtcdCluster, TLSFiles
-from tests.support import Client, compact_etcd, connect, eventually, start_server, start_watch
+from tests.support import Client, DroppingProxy, compact_etcd, connect, eventually, start_server, start_watch
 from tests.test_watch import new_session, number, value_of, watch_request, write
 from trio_bridge import ServerConfig
 from trio_bridge.proto import unified_bridge as pb
@@ -348,3 +350,29 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+async def test_a_feed_whose_etcd_connection_goes_silent_notices_and_follows_again(
+    autojump_clock: trio.testing.MockClock, nursery: trio.Nursery, aio_loop: Any, etcd_cluster: EtcdCluster
+) -> None:
+    # A connection that stops answering without closing (a partition, a frozen member): etcd's watch
+    # would never say so; the feed's progress requests find it within PROBE_EVERY + PROBE_TIMEOUT.
+    proxy = DroppingProxy(etcd_cluster.endpoints[0][1])
+    await nursery.start(proxy.run)
+    server = await start_server(nursery, store_url=f"etcd://127.0.0.1:{proxy.port}/silent-{uuid.uuid4().hex}")
+    feed = server.store.feed  # type: ignore[attr-defined]
+    with connect(server) as client:
+        session, ids = await new_session(client, t=0.0)
+        watcher = await start_watch(nursery, client, watch_request(session, "t"))
+        await watcher.wait_synced()
+        reconnects = feed.state.reconnects
+        assert proxy.freeze_all() >= 1  # every connection to etcd goes silent, open
+        await eventually(lambda: feed.state.reconnects > reconnects, limit=60)
+        await eventually(lambda: server.store.available, limit=60)  # on a new connection
+        for attempt in range(5):  # a write caught on the silent connection times out first
+            try:
+                await write(client, session, "t", 1.0)
+                break
+            except GRPCError as exc:
+                assert exc.status == Status.UNAVAILABLE and attempt < 4, exc  # noqa: PT017
+        await watcher.wait_for(lambda w: 2 in w.versions(ids["t"]))

@@ -509,12 +509,14 @@ class EtcdClient:
             channel = self._channels[index] = self._new_channel(index)
         return channel
 
-    def _failed(self, index: int) -> None:
+    def _failed(self, index: int, *, silent: bool = False) -> None:
         """The endpoint failed a call: the next calls start at the next endpoint. Its connection is
-        dropped only if it is lost already (other calls may still be running on a live one; grpclib
-        would reconnect a lost one by itself, this just forgets it sooner)."""
+        dropped if it is lost already (grpclib would reconnect a lost one by itself, this just forgets
+        it sooner) or went ``silent`` (the call's deadline passed with no answer: a connection that
+        stopped answering without closing would otherwise hold every later call until its deadline);
+        other calls still running on a live one keep it."""
         channel = self._channels[index]
-        if channel is not None and _connection_lost(channel):
+        if channel is not None and (silent or _connection_lost(channel)):
             channel.close()
             self._channels[index] = None
         if self._current == index:
@@ -612,13 +614,13 @@ class EtcdClient:
                     raise error from None
                 attempts += 1
                 failures.append(f"{self._where(index)}: {error}")
-                self._failed(index)
+                self._failed(index, silent=exc.status == Status.DEADLINE_EXCEEDED)
                 if error.maybe_applied:
                     raise _uncertain(path, self._where(index), str(error), error.status) from None
             except _TRANSPORT_ERRORS as exc:
                 attempts += 1
                 failures.append(f"{self._where(index)}: {_describe(exc)}")
-                self._failed(index)
+                self._failed(index, silent=isinstance(exc, asyncio.TimeoutError))
                 if progress.sent and not read_only:
                     raise _uncertain(path, self._where(index), _describe(exc), None) from None
             else:
