@@ -22,7 +22,8 @@ from trio_bridge import MemoryStore, RunningServer, Store
 
 pytest_plugins = ["tests.etcd_fixtures"]
 
-#: The suites every store runs, each test once per store (``store_kind``): the RPCs and the watch.
+#: The suites every store runs, each test once per store (``store_kind``): the RPCs, the watch, limits,
+#: security, shutdown, metrics and health, interop, the command line and the examples.
 BOTH_STORES = {
     "test_rpcs",
     "test_watch",
@@ -30,6 +31,13 @@ BOTH_STORES = {
     "test_watch_teardown",
     "test_client",
     "test_watch_scale",
+    "test_limits",
+    "test_security",
+    "test_shutdown",
+    "test_metrics_health",
+    "test_grpcio_interop",
+    "test_cli",
+    "test_examples",
 }
 STORES = ["memory", "etcd"]
 #: Suites about several servers on one etcd: etcd only.
