@@ -12,6 +12,7 @@ from .._errors import AlreadyExists, InvalidArgument, ResourceExhausted, Version
 from .._types import Constraints, VariableType, approximate_size, check_constraints, check_value
 from .cache import CachedSession, SessionCache, change_size, fixed_size
 from .records import (
+    MAX_SESSION_TTL,
     SESSION_ID,
     VARIABLE_NAME,
     VariableSnapshot,
@@ -23,11 +24,19 @@ from .records import (
 
 @dataclass(frozen=True)
 class SessionLimits:
+    """What every store checks sessions against; ValueError for TTLs that make no sense."""
+
     default_ttl: float
     max_ttl: float
     max_sessions: int
     max_sessions_per_owner: int
     max_variables_per_session: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_ttl <= MAX_SESSION_TTL:
+            raise ValueError(f"max_ttl must be a positive number of seconds up to {MAX_SESSION_TTL:.0f}")
+        if not 0 < self.default_ttl <= self.max_ttl:
+            raise ValueError(f"default_ttl must be a positive number of seconds up to {self.max_ttl:.0f}")
 
 
 def checked_ttl(ttl: float | None, limits: SessionLimits) -> float:

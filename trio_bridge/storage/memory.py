@@ -57,10 +57,6 @@ class MemoryStore(SingleVariableCalls):
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        if not 0 < max_ttl <= MAX_SESSION_TTL:
-            raise ValueError(f"max_ttl must be a positive number of seconds up to {MAX_SESSION_TTL:.0f}")
-        if not 0 < default_ttl <= max_ttl:
-            raise ValueError(f"default_ttl must be a positive number of seconds up to {max_ttl:.0f}")
         self.limits = checks.SessionLimits(
             default_ttl=default_ttl,
             max_ttl=max_ttl,

@@ -122,8 +122,6 @@ class EtcdStore(SingleVariableCalls):
         max_stored_bytes: int = DEFAULT_LIMITS.max_stored_bytes,
         max_history_bytes: int = DEFAULT_LIMITS.max_history_bytes,
     ) -> None:
-        if not 0 < default_ttl <= max_ttl:
-            raise ValueError(f"default_ttl must be a positive number of seconds up to {max_ttl:.0f}")
         self.settings = settings
         self.keys = Keys(settings.prefix)
         self.limits = checks.SessionLimits(
