@@ -68,10 +68,11 @@ async def test_sessions_and_typed_variables(server: RunningServer) -> None:
         {"shape": [2, 1], "dtype": "int16", "data": [-1, 7]},
         1,
     )
-    listed = json.loads(await cli(server, "var", "list", "lab", "--json"))
+    # JSON Lines, as --help says: one object per line (issue #12: it was one array)
+    listed = [json.loads(line) for line in (await cli(server, "var", "list", "lab", "--json")).splitlines()]
     assert [v["name"] for v in listed] == [name for (name, *_), _ in cases]
     assert await cli(server, "var", "delete", "lab", "count") == "deleted count\n"
-    sessions = json.loads(await cli(server, "session", "list", "--json"))
+    sessions = [json.loads(line) for line in (await cli(server, "session", "list", "--json")).splitlines()]
     assert [(s["session_id"], s["variables"], s["metadata"]) for s in sessions] == [
         ("lab", 7, {"owner": "me"})
     ]

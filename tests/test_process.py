@@ -96,3 +96,41 @@ async def test_a_taken_port_is_one_clear_line_and_exit_code_1() -> None:
     assert result.returncode == 1
     assert f"cannot serve on 127.0.0.1:{port}".encode() in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+async def test_a_taken_metrics_port_names_the_metrics_port() -> None:
+    # Issue #12: a busy --metrics-port said "cannot serve on 127.0.0.1:0: Address already in use".
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = await trio.run_process(
+            [sys.executable, "-m", "trio_bridge", "serve", "--port", "0", "--metrics-port", str(port)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode == 1
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"trio-bridge: cannot serve metrics on 127.0.0.1:{port}: ")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--tls-cert", "x.pem"], "give both --tls-cert and --tls-key, or neither"),
+        (["--tls-client-ca", "ca.pem"], "--tls-client-ca needs --tls-cert and --tls-key"),
+        (["--session-ttl", "1e12"], "--session-ttl must be more than 0 and at most"),
+    ],
+)
+async def test_bad_serve_settings_name_the_flags(arguments: list[str], message: str) -> None:
+    # Issue #12: `serve --tls-cert x` said "give both tls_cert and tls_key" (Python names, not the flags).
+    result = await trio.run_process(
+        [sys.executable, "-m", "trio_bridge", "serve", "--port", "0", *arguments],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines

@@ -16,7 +16,7 @@ import trio
 
 from ._commands import add_client_commands
 from ._config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
-from ._errors import BridgeError
+from ._errors import BridgeError, CannotServe
 from ._limits import Limits
 from ._limits import describe as describe_limits
 from ._security import Tokens, server_tls
@@ -260,10 +260,15 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         trio.run(run_until_signalled, config)
     except* OSError as group:
-        # Binding failed (port taken, address not on this machine): one line, no traceback.
-        failure = "; ".join(str(exc) for exc in _leaves(group))
+        # Binding failed (port taken, address not on this machine): one line, no traceback. An error
+        # that names its own address (the metrics port) says it itself.
+        failures = _leaves(group)
+        named = [str(exc) for exc in failures if isinstance(exc, CannotServe)]
+        failure = "; ".join(named) or (
+            f"cannot serve on {args.host}:{args.port}: " + "; ".join(str(exc) for exc in failures)
+        )
     if failure:
-        print(f"trio-bridge: cannot serve on {args.host}:{args.port}: {failure}", file=sys.stderr)
+        print(f"trio-bridge: {failure}", file=sys.stderr)
         return 1
     return 0
 

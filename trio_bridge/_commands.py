@@ -107,12 +107,13 @@ async def _session(client: BridgeClient, args: argparse.Namespace) -> None:
         session = await client.create_session(args.id or "", metadata=_pairs(args.meta), ttl=args.ttl)
         _emit(args, _session_json(session), session.session_id)
     elif args.action == "list":
-        sessions = await client.list_sessions()
-        if args.json:
-            _emit(args, [_session_json(s) for s in sessions], "")
-        for session in [] if args.json else sessions:
+        for session in await client.list_sessions():  # with --json, one object per line
             expires = _when(session.expires_at)
-            print(f"{session.session_id}  {session.variable_count} variable(s)  expires {expires}")
+            _emit(
+                args,
+                _session_json(session),
+                f"{session.session_id}  {session.variable_count} variable(s)  expires {expires}",
+            )
     else:
         removed = await client.cleanup_session(args.session)
         _emit(args, {"variables_removed": removed}, f"deleted {args.session} ({removed} variable(s))")
@@ -145,11 +146,8 @@ async def _var(client: BridgeClient, args: argparse.Namespace) -> None:
         )
         _emit(args, _variable_json(variable), _variable_line(variable))
     elif args.action == "list":
-        variables = await client.list_variables(args.session)
-        if args.json:
-            _emit(args, [_variable_json(v) for v in variables], "")
-        for variable in [] if args.json else variables:
-            print(_variable_line(variable))
+        for variable in await client.list_variables(args.session):  # with --json, one object per line
+            _emit(args, _variable_json(variable), _variable_line(variable))
     else:
         await client.delete_variable(args.session, args.name)
         _emit(args, {"deleted": args.name}, f"deleted {args.name}")

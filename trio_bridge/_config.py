@@ -50,13 +50,13 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 < self.session_ttl <= min(MAX_SESSION_TTL, self.limits.max_session_ttl_seconds):
             raise ValueError(
-                f"session_ttl must be more than 0 and at most {self.limits.max_session_ttl_seconds} "
-                f"seconds (the limit max_session_ttl_seconds)"
+                f"--session-ttl must be more than 0 and at most {self.limits.max_session_ttl_seconds} "
+                f"seconds (the limit --max-session-ttl-seconds), got {self.session_ttl}"
             )
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("give both tls_cert and tls_key, or neither")
+            raise ValueError("give both --tls-cert and --tls-key, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
         location = parse_store(self.store)
         etcd_options = (self.etcd_ca, self.etcd_cert, self.etcd_user, self.etcd_password_file)
         if location.kind != "etcd" and any(option is not None for option in etcd_options):

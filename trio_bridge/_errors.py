@@ -103,3 +103,7 @@ class ResourceExhausted(BridgeError):
     @property
     def trailers(self) -> dict[str, str]:
         return self.details
+
+
+class CannotServe(OSError):
+    """An address the server could not bind, its message naming which (the metrics port, say)."""

@@ -15,6 +15,7 @@ from grpclib.health.check import ServiceStatus
 from ._bridge import open_asyncio_loop, serve_grpc
 from ._config import ServerConfig
 from ._connections import ConnectionLimits
+from ._errors import CannotServe
 from ._metrics import Metrics
 from ._security import Tokens, server_tls
 from ._service import CountedHealth, UnifiedBridgeService
@@ -79,7 +80,13 @@ async def serve(
 
     metrics_port = None
     if config.metrics_port is not None:
-        metrics_port = metrics.start_http(config.host, config.metrics_port)
+        try:
+            metrics_port = metrics.start_http(config.host, config.metrics_port)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise CannotServe(
+                f"cannot serve metrics on {config.host}:{config.metrics_port}: {reason}"
+            ) from None
         log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
     try:
         async with open_asyncio_loop(), trio.open_nursery() as store_nursery:
