@@ -205,6 +205,20 @@ class EtcdCluster:
         self._spawn(m, initial=False)
         self.wait_healthy([member])
 
+    def stop_member(self, member: int, timeout: float = READY_TIMEOUT) -> None:
+        """Stop one member gracefully (SIGTERM) and reap it; its data folder and ports stay for
+        :meth:`restart`. (SIGKILL after ``timeout``, a safety bound.)"""
+        m = self.members[member]
+        if m.process is None:
+            return
+        m.process.send_signal(signal.SIGTERM)
+        try:
+            m.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            m.process.kill()
+            m.process.wait()
+        m.process = None
+
     def restart_all(self) -> None:
         """Start every killed member again (all at once: alone, none has a quorum) and return once all
         report healthy."""

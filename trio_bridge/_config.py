@@ -51,7 +51,8 @@ class ServerConfig:
         if not 0 < self.session_ttl <= min(MAX_SESSION_TTL, self.limits.max_session_ttl_seconds):
             raise ValueError(
                 f"--session-ttl must be more than 0 and at most {self.limits.max_session_ttl_seconds} "
-                f"seconds (the limit --max-session-ttl-seconds), got {self.session_ttl}"
+                f"seconds (the limit max_session_ttl_seconds, --max-session-ttl-seconds), got "
+                f"{self.session_ttl}"
             )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("give both --tls-cert and --tls-key, or neither")
