@@ -35,7 +35,7 @@ from ._errors import BridgeError, InvalidArgument, NotFound, ResourceExhausted, 
 from ._limits import DEFAULT_LIMITS, Limits
 from ._observers import Coalescer, Subscription
 from .proto.unified_bridge import VariableUpdate
-from .storage import EventKind, Store, VariableEvent, session_key, variable_key
+from .storage import EventKind, Store, VariableEvent, VariableSnapshot, session_key, variable_key
 
 DEFAULT_HEARTBEAT_INTERVAL_MS = 30_000
 #: Most updates sent in one trio→asyncio hop, and (past the first) most bytes of them, about: what a
@@ -366,6 +366,13 @@ class WatchStream:
             snapshots = self._cache.get_variables(plan.session_id, plan.variable_ids)
         read_at = self._cache.revision
         held_at = plan.resume_revision
+
+        def resync(snapshot: VariableSnapshot, where: dict[str, str]) -> VariableUpdate:
+            """The current value, standing for changes that cannot be replayed; ``where`` says from where."""
+            return enc.snapshot_update(
+                snapshot, enc.RESYNC, source="resync", when=now, metadata=where, revision=read_at
+            )
+
         updates: list[_Encode] = [
             partial(enc.gone_update, identifier, now, read_at) for identifier in plan.gone
         ]
@@ -388,17 +395,7 @@ class WatchStream:
                 if missed is not None:
                     updates.extend(partial(enc.event_update, event) for event in missed)
                 else:
-                    updates.append(
-                        partial(
-                            enc.snapshot_update,
-                            snapshot,
-                            enc.RESYNC,
-                            source="resync",
-                            when=now,
-                            metadata={"resume_revision": str(held_at)},
-                            revision=read_at,
-                        )
-                    )
+                    updates.append(partial(resync, snapshot, {"resume_revision": str(held_at)}))
                 continue
             if resume_from is not None:
                 self._resume_point[snapshot.id] = resume_from
@@ -411,17 +408,7 @@ class WatchStream:
                     plan.session_id, snapshot.id, resume_from, up_to=snapshot.version
                 )
                 if missed is None:
-                    updates.append(
-                        partial(
-                            enc.snapshot_update,
-                            snapshot,
-                            enc.RESYNC,
-                            source="resync",
-                            when=now,
-                            metadata={"resume_version": str(resume_from)},
-                            revision=read_at,
-                        )
-                    )
+                    updates.append(partial(resync, snapshot, {"resume_version": str(resume_from)}))
                 else:
                     updates.extend(partial(enc.event_update, event) for event in missed)
                 self._sent[snapshot.id] = snapshot.version

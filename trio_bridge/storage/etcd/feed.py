@@ -310,7 +310,7 @@ class Feed:
             if key is not None and key.kind is KeyKind.META and event.type == mvccpb.EventEventType.DELETE
         ]
         ended = set(ending)
-        changed: list[tuple[CachedSession, mvccpb.KeyValue, mvccpb.KeyValue | None]] = []
+        changed: list[tuple[CachedSession, mvccpb.KeyValue]] = []
         for event, key in parsed:
             kv = event.kv
             assert kv is not None
@@ -337,7 +337,7 @@ class Feed:
             elif kv.version == 1 or key.name not in session.variables:
                 self._put_variable(session, kv)
             else:
-                changed.append((session, kv, event.prev_kv))
+                changed.append((session, kv))
         self._change_variables(changed)
         for session_id in ending:
             self._end_session(session_id)
@@ -368,14 +368,12 @@ class Feed:
             return
         self._cache.apply_registered(session, snapshot, timestamp=record.timestamp)
 
-    def _change_variables(
-        self, changed: Sequence[tuple[CachedSession, mvccpb.KeyValue, mvccpb.KeyValue | None]]
-    ) -> None:
+    def _change_variables(self, changed: Sequence[tuple[CachedSession, mvccpb.KeyValue]]) -> None:
         """The puts of one revision: one write (a batch), applied and published as one."""
         if not changed:
             return
         by_session: dict[str, tuple[CachedSession, list[VariableRecord]]] = {}
-        for session, kv, _ in changed:
+        for session, kv in changed:
             record = VariableRecord.decode(kv.value, version=kv.version)
             by_session.setdefault(session.id, (session, []))[1].append(record)
         for session, records in by_session.values():

@@ -58,9 +58,6 @@ class Keys:
         self.root = f"{self.prefix}/s/".encode()
         self.root_end = prefix_end(self.root)
 
-    def session(self, session_id: str) -> bytes:
-        return self.root + f"{session_id}/".encode()
-
     def meta(self, session_id: str) -> bytes:
         return self.root + f"{session_id}/meta".encode()
 
