@@ -60,6 +60,16 @@ class Tensor:
     data: bytes
 
 
+def native_value(vtype: VariableType, value: Any) -> Any:
+    """Accept the obvious Python spellings of a value of ``vtype`` (an int for a float, a list for an
+    embedding) as the native form the store checks; anything else is left for ``check_value`` to refuse."""
+    if vtype is VariableType.FLOAT and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if vtype is VariableType.EMBEDDING and not isinstance(value, tuple):
+        return tuple(value)
+    return value
+
+
 def approximate_size(value: Any) -> int:
     """About how many bytes of memory a value of any variable type keeps alive (its payload, with
     Python's per-object overhead), in constant time: for budgets, not for billing."""

@@ -35,7 +35,7 @@ from ._errors import LIMIT_VALUE_TRAILER, BridgeError, ResourceExhausted, Unavai
 from ._security import AUTHORIZATION
 from ._security import client_tls as tls_context
 from ._status import error_from_status
-from ._types import Constraints, VariableType
+from ._types import Constraints, VariableType, native_value
 from .proto import unified_bridge as pb
 from .storage.records import SessionInfo, VariableSnapshot
 
@@ -267,7 +267,7 @@ class BridgeClient:
             session_id=session_id,
             name=name,
             type=pb.VariableType(int(vtype)),
-            initial_value=enc.pack_value(vtype, _native(vtype, value)),
+            initial_value=enc.pack_value(vtype, native_value(vtype, value)),
             constraints=enc.constraints_to_proto(constraints or Constraints()),
             metadata=dict(metadata or {}),
             source=source,
@@ -332,7 +332,7 @@ class BridgeClient:
             proto_writes.append(
                 pb.VariableWrite(
                     variable_identifier=identifier,
-                    value=enc.pack_value(vtype, _native(vtype, value)),
+                    value=enc.pack_value(vtype, native_value(vtype, value)),
                     expected_version=expected_version,
                 )
             )
@@ -541,11 +541,3 @@ def _variable_type(vtype: VariableType | str) -> VariableType:
         known = ", ".join(t.label for t in VariableType)
         raise ValueError(f"unknown variable type {vtype!r}; known: {known}") from None
 
-
-def _native(vtype: VariableType, value: Any) -> Any:
-    """Accept the obvious Python spellings of a value (an int for a float, a list for an embedding)."""
-    if vtype is VariableType.FLOAT and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if vtype is VariableType.EMBEDDING and not isinstance(value, tuple):
-        return tuple(value)
-    return value
