@@ -1,5 +1,6 @@
 """Regenerate trio_bridge/proto from proto/unified_bridge.proto and proto/etcd/*.proto (the subset of
-etcd v3's API the etcd store uses) with betterproto2.
+etcd v3's API the etcd store uses) with betterproto2, and the descriptor set that server reflection
+describes the service with (``trio_bridge/proto/unified_bridge.binpb``, read by ``_reflection``).
 
 Build time only: needs the ``codegen`` extra (grpcio-tools' protoc and betterproto2-compiler).
 Run it through ``nox -s protos``. ``tests/test_codegen.py`` calls :func:`generate` into a temporary
@@ -22,6 +23,11 @@ SOURCES = ["unified_bridge.proto", "etcd/kv.proto", "etcd/rpc.proto"]
 # not import them, so they are named here to have betterproto2 generate them.
 WELL_KNOWN = ["google/protobuf/wrappers.proto"]
 PLUGIN_OPTIONS = "client_generation=async,server_generation=async"
+# A serialized google.protobuf.FileDescriptorSet: unified_bridge.proto, every file it imports, and the
+# well-known types values are packed as, so that reflection clients resolve every message without the
+# .proto (betterproto2's classes carry no protobuf descriptors). etcd's files are not served: left out.
+DESCRIPTOR_SET = "unified_bridge.binpb"
+DESCRIBED = ["unified_bridge.proto", *WELL_KNOWN]
 
 
 def _plugin_path() -> str:
@@ -63,6 +69,17 @@ def generate(out_dir: Path) -> list[Path]:
     finally:
         os.environ["PATH"] = old_path
         os.chdir(old_cwd)
+    if status == 0:
+        status = protoc.main(
+            [
+                "protoc",
+                f"-I{PROTO_DIR}",
+                f"-I{well_known_include}",
+                f"--descriptor_set_out={out_dir / DESCRIPTOR_SET}",
+                "--include_imports",
+                *DESCRIBED,
+            ]
+        )
     if status != 0:
         raise SystemExit("protoc failed: see the messages above")
     return sorted(p for p in out_dir.rglob("*") if p.is_file())

@@ -20,7 +20,7 @@ from tests import support
 from tests.support import Client, connect, start_server
 from trio_bridge import MemoryStore, RunningServer, Store
 
-pytest_plugins = ["tests.etcd_fixtures"]
+pytest_plugins = ["tests.etcd_fixtures", "tests.tls_fixtures"]
 
 #: The suites every store runs, each test once per store (``store_kind``): the RPCs, the watch, limits,
 #: security, shutdown, metrics and health, interop, the command line and the examples.

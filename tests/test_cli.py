@@ -91,7 +91,7 @@ async def test_sessions_and_typed_variables(server: RunningServer) -> None:
         (
             ["var", "set", "lab", "temperature", "warm"],
             2,
-            "trio-bridge: could not convert string to float: 'warm'",
+            "trio-bridge: value 'warm' for float variable 'temperature' is not a number (for example: 21.5)",
         ),
         (
             ["var", "set", "lab", "temperature", "1", "--expect-version", "5"],
@@ -122,8 +122,8 @@ async def test_unreachable_server_is_one_line() -> None:
         capture_stderr=True,
         check=False,
     )
-    assert result.returncode == 1
-    assert result.stderr.decode().startswith("trio-bridge: cannot reach 127.0.0.1:1")
+    assert result.returncode == 3
+    assert result.stderr.decode().startswith("trio-bridge: cannot reach 127.0.0.1:1: connection refused")
 
 
 async def test_watch_prints_a_change_made_by_set(server: RunningServer) -> None:
@@ -150,7 +150,7 @@ async def test_watch_prints_a_change_made_by_set(server: RunningServer) -> None:
     async def until(kind: str) -> None:
         nonlocal buffer
         with trio.fail_after(30):
-            while not any(line["type"] == kind for line in lines):
+            while not any(line["event"] == kind for line in lines):
                 chunk = await watch.stdout.receive_some()  # type: ignore[union-attr]
                 assert chunk, f"watch ended early: {lines}"
                 buffer += chunk
@@ -159,11 +159,11 @@ async def test_watch_prints_a_change_made_by_set(server: RunningServer) -> None:
 
     try:
         await until("synced")
-        assert [line["type"] for line in lines] == ["initial_value", "synced"]
+        assert [line["event"] for line in lines] == ["initial_value", "synced"]
         await cli(server, "var", "set", "lab", "temperature", "23.5")
         await until("value_change")
         change = lines[-1]
-        assert change["variable_type"] == "float"
+        assert change["type"] == "float"
         assert (
             change["name"],
             change["value"],

@@ -320,7 +320,7 @@ async def test_a_running_cli_watch_survives_a_server_restart(tmp_path: Path) -> 
     async def until(kind: str) -> None:
         nonlocal buffer
         with trio.fail_after(30):  # a safety bound
-            while not any(line["type"] == kind for line in lines):
+            while not any(line["event"] == kind for line in lines):
                 chunk = await watch.stdout.receive_some()  # type: ignore[union-attr]
                 assert chunk, f"the watch ended: {lines}"
                 buffer += chunk

@@ -16,7 +16,7 @@ import trio
 
 from ._commands import add_client_commands
 from ._config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
-from ._errors import BridgeError, CannotServe
+from ._errors import BridgeError, CannotServe, Unavailable
 from ._limits import Limits
 from ._limits import describe as describe_limits
 from ._security import Tokens, server_tls
@@ -64,37 +64,95 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="trio-bridge", description="Session-scoped typed variables over gRPC."
+#: Exit codes, as ``--help`` and the README list them.
+EXIT_OK = 0
+EXIT_REFUSED = 1  # the server answered with an error status (a client command); cannot serve (serve)
+EXIT_USAGE = 2  # bad arguments, an unreadable file or value, bad settings: nothing was sent
+EXIT_UNREACHABLE = 3  # the server could not be reached or talked to (or a watch gave up retrying)
+EXIT_INTERRUPTED = 130  # Ctrl-C (except for `watch`, which Ctrl-C ends normally: 0)
+
+EXIT_CODES_HELP = """exit codes:
+  0    done (a watch ended by Ctrl-C, a server stopped by SIGINT/SIGTERM)
+  1    the server refused the request (the message names the status); serve: cannot bind
+  2    bad arguments, an unreadable file or value, bad settings (nothing was sent)
+  3    the server could not be reached or talked to (a watch: after --wait seconds of retrying)
+  130  interrupted by Ctrl-C
+
+Options such as --host, --port and --json go before or after the command."""
+
+
+def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The options every client command takes. The top-level parser holds their defaults; each
+    command's copy has none (``SUPPRESS``), so an option given before the command is not overwritten."""
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--host", default=default(DEFAULT_HOST), help=f"server address (default {DEFAULT_HOST})"
     )
-    parser.add_argument("--version", action="version", version=f"trio-bridge {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    connection = argparse.ArgumentParser(add_help=False)
-    connection.add_argument("--host", default=DEFAULT_HOST, help="server address (default %(default)s)")
-    connection.add_argument(
-        "--port", type=_port, default=DEFAULT_PORT, help="server port (default %(default)s)"
+    parser.add_argument(
+        "--port", type=_port, default=default(DEFAULT_PORT), help=f"server port (default {DEFAULT_PORT})"
     )
-    connection.add_argument("--json", action="store_true", help="print JSON (one object per line)")
-    secure = connection.add_argument_group("security")
-    secure.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's CAs")
-    secure.add_argument("--tls-ca", type=Path, metavar="PEM", help="connect over TLS, trusting this CA")
-    secure.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate, for mutual TLS")
-    secure.add_argument("--tls-key", type=Path, metavar="PEM", help="the client certificate's key")
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="print JSON (one object per line)"
+    )
+    secure = parser.add_argument_group("security")
+    secure.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(False),
+        help="connect over TLS, trusting the system's CAs",
+    )
+    secure.add_argument(
+        "--tls-ca", type=Path, metavar="PEM", default=default(None), help="connect over TLS, trusting this CA"
+    )
+    secure.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="PEM",
+        default=default(None),
+        help="client certificate, for mutual TLS",
+    )
+    secure.add_argument(
+        "--tls-key", type=Path, metavar="PEM", default=default(None), help="the client certificate's key"
+    )
     secure.add_argument(
         "--token-file",
         type=Path,
         metavar="PATH",
+        default=default(None),
         help="file holding the bearer token to send (default: $TRIO_BRIDGE_TOKEN, if set)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trio-bridge",
+        description="Session-scoped typed variables over gRPC.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"trio-bridge {__version__}")
+    _connection_options(parser, top=True)
+    commands = parser.add_subparsers(dest="command", required=True)
+    connection = argparse.ArgumentParser(add_help=False)
+    _connection_options(connection, top=False)
     add_client_commands(commands, connection)
-    serve_cmd = commands.add_parser("serve", help="run the server until SIGINT or SIGTERM")
-    serve_cmd.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s)")
+    serve_cmd = commands.add_parser(
+        "serve",
+        help="run the server until SIGINT or SIGTERM",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve_cmd.add_argument(
+        "--host", default=argparse.SUPPRESS, help=f"address to bind (default {DEFAULT_HOST})"
+    )
     serve_cmd.add_argument(
         "--port",
         type=_port,
-        default=DEFAULT_PORT,
-        help="port to bind, 0 for any free one (default %(default)s)",
+        default=argparse.SUPPRESS,
+        help=f"port to bind, 0 for any free one (default {DEFAULT_PORT})",
     )
     serve_cmd.add_argument(
         "--log-level",
@@ -122,13 +180,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds running calls get to finish on shutdown (default %(default)s)",
     )
     secure = serve_cmd.add_argument_group("security (see the README's Security section)")
-    secure.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve TLS with this certificate chain")
-    secure.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's private key")
+    secure.add_argument(
+        "--tls-cert",
+        type=Path,
+        metavar="PEM",
+        default=argparse.SUPPRESS,
+        help="serve TLS with this certificate chain",
+    )
+    secure.add_argument(
+        "--tls-key", type=Path, metavar="PEM", default=argparse.SUPPRESS, help="the certificate's private key"
+    )
     secure.add_argument(
         "--tls-client-ca", type=Path, metavar="PEM", help="require client certificates signed by this CA"
     )
     secure.add_argument(
-        "--token-file", type=Path, metavar="PATH", help="accept only the bearer tokens in this file"
+        "--token-file",
+        type=Path,
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="accept only the bearer tokens in this file",
     )
     storage = serve_cmd.add_argument_group("state (see the README's Running several servers)")
     storage.add_argument("--store", default="memory", metavar="URL", help=f"where state lives: {STORE_HELP}")
@@ -206,27 +276,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # The client's own reports (a watch's reconnects) reach the user as the command's lines.
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     from . import _commands
 
     try:
         return asyncio.run(_commands.run(args))
     except KeyboardInterrupt:
-        return 0  # Ctrl-C is how `watch` is meant to end
+        # Ctrl-C is how `watch` is meant to end.
+        return EXIT_OK if args.command == "watch" else EXIT_INTERRUPTED
+    except Unavailable as exc:
+        print(f"trio-bridge: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except RemoteError as exc:
         print(f"trio-bridge: {exc}", file=sys.stderr)
     except BridgeError as exc:
         print(f"trio-bridge: {status_of(exc).name}: {exc}", file=sys.stderr)
     except ValueError as exc:
         print(f"trio-bridge: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
+        return EXIT_USAGE
+    except OSError as exc:  # the client raises Unavailable for these: this is a last resort
         print(f"trio-bridge: cannot reach {args.host}:{args.port}: {exc}", file=sys.stderr)
-    return 1
+        return EXIT_UNREACHABLE
+    return EXIT_REFUSED
 
 
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    client_only = [
+        flag
+        for flag, given in (("--json", args.json), ("--tls", args.tls), ("--tls-ca", args.tls_ca))
+        if given
+    ]
+    if client_only:
+        print(f"trio-bridge: serve does not take {', '.join(client_only)} (client options)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         config = ServerConfig(
             host=args.host,
@@ -255,7 +339,7 @@ def _serve(args: argparse.Namespace) -> int:
             server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
     except (ValueError, OSError) as exc:
         print(f"trio-bridge: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     failure = ""
     try:
         trio.run(run_until_signalled, config)
@@ -269,8 +353,8 @@ def _serve(args: argparse.Namespace) -> int:
         )
     if failure:
         print(f"trio-bridge: {failure}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_REFUSED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The command line's client commands (``session``, ``var``, ``watch``), on :mod:`trio_bridge.client`."""
+"""The command line's client commands (``ping``, ``session``, ``var``, ``watch``), on
+:mod:`trio_bridge.client`."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import argparse
 import datetime
 import json
 import os
+import ssl
+import sys
+from pathlib import Path
 from typing import Any
 
 from ._textvalues import parse_value, plain_value, show_value
 from ._types import Constraints, VariableType
-from .client import BridgeClient, WatchEvent, tls_context
+from .client import DEFAULT_GIVE_UP_SECONDS, RECONNECTING, BridgeClient, Reconnect, WatchEvent, tls_context
 from .storage.records import SessionInfo, VariableSnapshot
 
 
@@ -59,8 +63,24 @@ def _session_json(session: SessionInfo) -> dict[str, Any]:
     }
 
 
+def _session_line(session: SessionInfo) -> str:
+    parts = [
+        session.session_id,
+        f"{session.variable_count} variable(s)",
+        f"expires {_when(session.expires_at)}",
+    ]
+    parts.extend(f"{k}={v}" for k, v in sorted(session.metadata.items()))
+    return "  ".join(parts)
+
+
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data) if args.json else text, flush=True)
+
+
+def _none_left(args: argparse.Namespace, what: str) -> None:
+    """Say that a listing is empty (text only: with --json, no lines is an empty list)."""
+    if not args.json:
+        print(f"(no {what})", flush=True)
 
 
 def _constraints(args: argparse.Namespace) -> Constraints:
@@ -77,23 +97,59 @@ def _constraints(args: argparse.Namespace) -> Constraints:
     )
 
 
+def _read(flag: str, path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ValueError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
+
+
 def _client_token(args: argparse.Namespace) -> str | None:
     if args.token_file is not None:
-        lines = [line.strip() for line in args.token_file.read_text().splitlines()]
+        lines = [line.strip() for line in _read("--token-file", args.token_file).splitlines()]
         token = next((line for line in lines if line and not line.startswith("#")), "")
         if not token:
-            raise ValueError(f"{args.token_file} holds no token")
+            raise ValueError(f"--token-file: {args.token_file} holds no token")
         return token
     return os.environ.get("TRIO_BRIDGE_TOKEN") or None
 
 
+def _client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS settings the flags ask for; ValueError naming the flag and file for a bad one."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("give both --tls-cert and --tls-key, or neither")
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return None
+    if args.tls_ca is not None:
+        _read("--tls-ca", args.tls_ca)
+        try:
+            ssl.create_default_context(cafile=args.tls_ca)
+        except ssl.SSLError:
+            raise ValueError(f"--tls-ca: {args.tls_ca} holds no CA certificate (PEM)") from None
+    if args.tls_cert is not None:
+        _read("--tls-cert", args.tls_cert)
+        _read("--tls-key", args.tls_key)
+    try:
+        return tls_context(args.tls_ca, args.tls_cert, args.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(
+            f"--tls-cert/--tls-key: cannot use {args.tls_cert} with the key {args.tls_key} ({exc})"
+        ) from None
+
+
 async def run(args: argparse.Namespace) -> int:
     """Run one client command; errors propagate to the caller, which prints them."""
-    tls = None
-    if args.tls or args.tls_ca or args.tls_cert:
-        tls = tls_context(args.tls_ca, args.tls_cert, args.tls_key)
-    async with BridgeClient(args.host, args.port, tls=tls, token=_client_token(args)) as client:
-        if args.command == "session":
+    tls = _client_tls(args)
+    token = _client_token(args)
+    async with BridgeClient(args.host, args.port, tls=tls, token=token) as client:
+        if args.command == "ping":
+            version = await client.ping()
+            _emit(
+                args,
+                {"address": f"{args.host}:{args.port}", "server_version": version},
+                f"trio-bridge {version} at {args.host}:{args.port}",
+            )
+        elif args.command == "session":
             await _session(client, args)
         elif args.command == "var":
             await _var(client, args)
@@ -106,14 +162,15 @@ async def _session(client: BridgeClient, args: argparse.Namespace) -> None:
     if args.action == "create":
         session = await client.create_session(args.id or "", metadata=_pairs(args.meta), ttl=args.ttl)
         _emit(args, _session_json(session), session.session_id)
+    elif args.action == "get":
+        session = await client.get_session(args.session)
+        _emit(args, _session_json(session), _session_line(session))
     elif args.action == "list":
-        for session in await client.list_sessions():  # with --json, one object per line
-            expires = _when(session.expires_at)
-            _emit(
-                args,
-                _session_json(session),
-                f"{session.session_id}  {session.variable_count} variable(s)  expires {expires}",
-            )
+        sessions = await client.list_sessions()
+        for session in sessions:  # with --json, one object per line
+            _emit(args, _session_json(session), _session_line(session))
+        if not sessions:
+            _none_left(args, "sessions")
     else:
         removed = await client.cleanup_session(args.session)
         _emit(args, {"variables_removed": removed}, f"deleted {args.session} ({removed} variable(s))")
@@ -126,7 +183,7 @@ async def _var(client: BridgeClient, args: argparse.Namespace) -> None:
             args.session,
             args.name,
             vtype,
-            parse_value(vtype, args.value),
+            parse_value(vtype, args.value, name=args.name),
             constraints=_constraints(args),
             metadata=_pairs(args.meta),
             source=args.source,
@@ -140,25 +197,27 @@ async def _var(client: BridgeClient, args: argparse.Namespace) -> None:
         variable = await client.set(
             args.session,
             args.name,
-            parse_value(current.type, args.value),
+            parse_value(current.type, args.value, name=current.name),
             expected_version=args.expect_version,
             source=args.source,
+            metadata=_pairs(args.meta),
         )
         _emit(args, _variable_json(variable), _variable_line(variable))
     elif args.action == "list":
-        for variable in await client.list_variables(args.session):  # with --json, one object per line
+        variables = await client.list_variables(args.session)
+        for variable in variables:  # with --json, one object per line
             _emit(args, _variable_json(variable), _variable_line(variable))
+        if not variables:
+            _none_left(args, "variables")
     else:
         await client.delete_variable(args.session, args.name)
         _emit(args, {"deleted": args.name}, f"deleted {args.name}")
 
 
 def _event_json(event: WatchEvent) -> dict[str, Any]:
-    data: dict[str, Any] = {"type": event.kind, "timestamp": _when(event.timestamp)}
+    data: dict[str, Any] = {"event": event.kind, "timestamp": _when(event.timestamp)}
     if event.variable is not None:
-        data.update(_variable_json(event.variable))
-        data["variable_type"] = data["type"]  # "type" names the event; keep the variable's type too
-        data["type"] = event.kind
+        data.update(_variable_json(event.variable))  # "type" is the variable's type, as everywhere
         if event.old_value is not None:
             data["old_value"] = plain_value(event.variable.type, event.old_value)
         data["source"] = event.source
@@ -178,6 +237,8 @@ def _event_line(event: WatchEvent) -> str:
             parts.append(
                 f"{variable.name} = {show_value(variable.type, variable.value)} (v{variable.version})"
             )
+            if event.old_value is not None:
+                parts.append(f"was {show_value(variable.type, event.old_value)}")
         if event.source and event.source not in ("initial", "resync"):
             parts.append(f"by {event.source}")
         parts.extend(f"{k}={v}" for k, v in sorted(event.metadata.items()))
@@ -187,14 +248,53 @@ def _event_line(event: WatchEvent) -> str:
 
 
 async def _watch(client: BridgeClient, args: argparse.Namespace) -> None:
+    """Print events until Ctrl-C; a lost server is reported on stderr while the watch retries, until
+    it gives up (after ``--wait`` seconds, 30 by default; ``--wait`` alone: never)."""
+    client.reconnect = Reconnect(give_up_after=args.wait)
+    retrying = False
     async for event in client.watch(
         args.session,
         args.variables,
         include_initial_values=not args.no_initial,
         include_heartbeats=args.heartbeats,
+        include_reconnects=True,
         heartbeat_interval=args.heartbeat_interval,
     ):
+        if event.kind == RECONNECTING:
+            until = "" if args.wait is None else f", giving up after {args.wait:g}s"
+            print(
+                f"trio-bridge: {event.error}; retrying ({event.attempt}{until})", file=sys.stderr, flush=True
+            )
+            retrying = True
+            continue
+        if retrying and event.kind == "synced":
+            print(f"trio-bridge: watching again on {client.host}:{client.port}", file=sys.stderr, flush=True)
+            retrying = False
         _emit(args, _event_json(event), _event_line(event))
+
+
+VALUES_HELP = """values, by type (quote what your shell would split):
+  float      21.5
+  integer    42
+  string     any text
+  boolean    true or false (also 1/0, yes/no, on/off)
+  choice     one of the --allowed values
+  module     one of the --allowed values: like choice, for naming which component, model or
+             algorithm is in use (clients switch implementation on it)
+  embedding  [0.1, 0.2] or 0.1,0.2 (stored as float32)
+  tensor     '{"shape": [2, 2], "dtype": "float32", "data": [1, 2, 3, 4]}'
+             dtypes: bool, int8, uint8, int16, int32, int64, float16, float32, float64
+"""
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more seconds")
+    return value
 
 
 def add_client_commands(commands: Any, connection: argparse.ArgumentParser) -> None:
@@ -207,17 +307,25 @@ def add_client_commands(commands: Any, connection: argparse.ArgumentParser) -> N
     create.add_argument("--ttl", type=float, help="idle seconds before it expires (default: the server's)")
     create.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata (repeatable)")
     session.add_parser("list", parents=[connection], help="list live sessions")
+    get_session = session.add_parser("get", parents=[connection], help="show one session")
+    get_session.add_argument("session")
     delete = session.add_parser("delete", parents=[connection], help="delete a session and its variables")
     delete.add_argument("session")
 
     var = commands.add_parser("var", help="register, get, set, list or delete variables").add_subparsers(
         dest="action", required=True
     )
-    register = var.add_parser("register", parents=[connection], help="register a typed variable")
+    register = var.add_parser(
+        "register",
+        parents=[connection],
+        help="register a typed variable",
+        epilog=VALUES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     register.add_argument("session")
     register.add_argument("name")
     register.add_argument("type", choices=[t.label for t in VariableType])
-    register.add_argument("value", help="the initial value, typed as `trio-bridge var --help` shows")
+    register.add_argument("value", help="the initial value, typed as shown below")
     register.add_argument("--min", type=float, help="float, integer: smallest value")
     register.add_argument("--max", type=float, help="float, integer: largest value")
     register.add_argument("--min-length", type=int, help="string: fewest characters")
@@ -232,12 +340,21 @@ def add_client_commands(commands: Any, connection: argparse.ArgumentParser) -> N
     get = var.add_parser("get", parents=[connection], help="show one variable")
     get.add_argument("session")
     get.add_argument("name", help="variable name or id")
-    set_ = var.add_parser("set", parents=[connection], help="write a value")
+    set_ = var.add_parser(
+        "set",
+        parents=[connection],
+        help="write a value",
+        epilog=VALUES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     set_.add_argument("session")
     set_.add_argument("name", help="variable name or id")
     set_.add_argument("value")
     set_.add_argument("--expect-version", type=int, help="only if the variable is at this version")
     set_.add_argument("--source", default="cli", help="recorded as the change's source")
+    set_.add_argument(
+        "--meta", action="append", metavar="KEY=VALUE", help="recorded with the change (repeatable)"
+    )
     listing = var.add_parser("list", parents=[connection], help="list a session's variables")
     listing.add_argument("session")
     remove = var.add_parser("delete", parents=[connection], help="delete a variable")
@@ -252,3 +369,16 @@ def add_client_commands(commands: Any, connection: argparse.ArgumentParser) -> N
     watch.add_argument("--no-initial", action="store_true", help="do not print the current values first")
     watch.add_argument("--heartbeats", action="store_true", help="print heartbeats too")
     watch.add_argument("--heartbeat-interval", type=float, default=None, help="seconds (default 30)")
+    watch.add_argument(
+        "--wait",
+        nargs="?",
+        type=_seconds,
+        const=None,
+        default=DEFAULT_GIVE_UP_SECONDS,
+        metavar="SECONDS",
+        help="while the server cannot be reached, keep retrying this long (default %(default)g); "
+        "--wait alone: forever",
+    )
+    commands.add_parser(
+        "ping", parents=[connection], help="check that the server answers; prints its version"
+    )

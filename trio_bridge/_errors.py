@@ -67,11 +67,22 @@ class Unimplemented(BridgeError):
 
 class Unavailable(BridgeError):
     """The server is shutting down, or cannot reach its store; ``details`` go to the client as
-    trailing metadata."""
+    trailing metadata. On the client side also: the server could not be reached or talked to, or the
+    connection was lost; then ``address`` is the ``(host, port)`` tried, and ``retryable`` is False
+    when trying again cannot help (TLS on one side only, an untrusted certificate, not a gRPC server)."""
 
-    def __init__(self, message: str, details: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        details: dict[str, str] | None = None,
+        *,
+        address: tuple[str, int] | None = None,
+        retryable: bool = True,
+    ) -> None:
         super().__init__(message)
         self.details = dict(details or {})
+        self.address = address
+        self.retryable = retryable
 
     @property
     def trailers(self) -> dict[str, str]:

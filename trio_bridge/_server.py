@@ -17,6 +17,7 @@ from ._config import ServerConfig
 from ._connections import ConnectionLimits
 from ._errors import CannotServe
 from ._metrics import Metrics
+from ._reflection import with_reflection
 from ._security import Tokens, server_tls
 from ._service import CountedHealth, UnifiedBridgeService
 from .storage import MemoryStore, Store
@@ -104,7 +105,10 @@ async def serve(
                 async with trio.open_nursery() as nursery:
                     bound = await nursery.start(
                         lambda task_status: serve_grpc(
-                            [service, CountedHealth({service: [serving, store_serving]}, service)],
+                            with_reflection(
+                                [service, CountedHealth({service: [serving, store_serving]}, service)],
+                                tokens,
+                            ),
                             host=config.host,
                             port=config.port,
                             tls=tls,

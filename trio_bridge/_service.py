@@ -39,7 +39,7 @@ from ._errors import BridgeError, InvalidArgument, ResourceExhausted
 from ._limits import DEFAULT_LIMITS, Limits, check_constraint_sizes, check_metadata, check_source
 from ._metrics import Metrics
 from ._security import AUTHORIZATION, Principal, Tokens
-from ._status import grpc_error_for, stream_was_cut
+from ._status import STATE_ID_HEADER, grpc_error_for, stream_was_cut
 from ._types import VariableType
 from ._version import __version__
 from ._watch import BatchProgress, WatchPlan, WatchStream, plan_watch
@@ -348,6 +348,9 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         request = await stream.recv_message()
         assert request is not None
         release_request_buffers(stream)  # the stream may stay open for days: keep only what sending needs
+        # Headers first, naming the state served: a client resuming here after a NOT_FOUND can tell a
+        # session that expired from one a restarted in-memory server never had (see client.watch).
+        await stream.send_initial_metadata(metadata={STATE_ID_HEADER: self.store.state_id})
         # Checked before the stream opens: a bad request gets its status and no message.
         plan = await self._in_store(
             plan_watch,

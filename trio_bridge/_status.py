@@ -50,6 +50,9 @@ from ._wire import check_wire, serialize
 log = logging.getLogger("trio_bridge")
 
 INTERNAL_MESSAGE = "internal error; the server logged the details"
+#: A watch stream's first header: the store's ``state_id``, so a client can tell a session that expired
+#: from one a restarted in-memory server lost.
+STATE_ID_HEADER = "trio-bridge-state-id"
 
 _STATUS_OF: dict[type[BridgeError], Status] = {
     NotFound: Status.NOT_FOUND,

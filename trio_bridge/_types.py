@@ -4,6 +4,11 @@ Native values by type: float → ``float``, integer → ``int`` (64-bit signed),
 boolean → ``bool``, choice and module → ``str`` (one of the allowed values), embedding →
 ``tuple[float, ...]``, tensor → :class:`Tensor`. :func:`check_value` turns an accepted input into that
 form or raises :class:`~trio_bridge._errors.InvalidArgument` naming the variable, the rule and the value.
+
+numpy (the optional extra ``trio-bridge[numpy]``): a tensor or an embedding may also be given as a
+``numpy.ndarray``, and a float, integer or boolean as a numpy scalar; :func:`native_value` and
+:func:`check_value` convert them. Arrays are recognised by their class, without importing numpy: this
+module imports numpy only when a caller passed numpy objects, or asks for one (:meth:`Tensor.to_numpy`).
 """
 
 from __future__ import annotations
@@ -51,6 +56,17 @@ class VariableType(enum.IntEnum):
         return self.name.lower()
 
 
+def _import_numpy(purpose: str) -> Any:
+    """numpy, or an ImportError that says how to install it (the extra ``trio-bridge[numpy]``)."""
+    try:
+        import numpy
+    except ImportError as exc:
+        raise ImportError(
+            f"{purpose} needs numpy, which is not installed: pip install 'trio-bridge[numpy]'"
+        ) from exc
+    return numpy
+
+
 @dataclass(frozen=True, slots=True)
 class Tensor:
     """A dense array: ``data`` holds the elements row-major, little-endian, with no padding."""
@@ -59,14 +75,106 @@ class Tensor:
     dtype: str
     data: bytes
 
+    @classmethod
+    def from_numpy(cls, array: Any) -> Tensor:
+        """The tensor of a ``numpy.ndarray`` (or numpy scalar, or anything ``numpy.asarray`` takes) of one of
+        the :data:`DTYPE_SIZES` dtypes, whatever its memory layout or byte order. Raises
+        :class:`~trio_bridge._errors.InvalidArgument` naming any other dtype (complex64, object, ...)."""
+        if _numpy_kind(array) is None:
+            array = _import_numpy("Tensor.from_numpy").asarray(array)
+        return _tensor_from_array("Tensor.from_numpy", array)
+
+    def to_numpy(self) -> Any:
+        """A new, writable ``numpy.ndarray`` of this tensor's shape and dtype (in the machine's byte order).
+
+        Needs numpy (``pip install 'trio-bridge[numpy]'``); raises ImportError saying so otherwise.
+        """
+        numpy = _import_numpy("Tensor.to_numpy")
+        dtype = numpy.dtype(self.dtype)
+        return numpy.frombuffer(self.data, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(self.shape)
+
+
+#: Classes that are certainly not numpy's: no need to look through their bases.
+_NOT_NUMPY = frozenset({bool, int, float, str, bytes, tuple, list, dict, Tensor, type(None)})
+
+
+def _numpy_kind(value: object) -> str | None:
+    """What ``value`` is to numpy: "array" for a ``numpy.ndarray`` (or a subclass), "scalar" for a numpy
+    scalar (``numpy.float32(1)``), else None. Found from the class's bases, without importing numpy."""
+    cls = type(value)
+    if cls in _NOT_NUMPY:
+        return None
+    for base in cls.__mro__:
+        if base.__module__ == "numpy":
+            if base.__name__ == "ndarray":
+                return "array"
+            if base.__name__ == "generic":
+                return "scalar"
+    return None
+
+
+def _tensor_from_array(where: str, array: Any) -> Tensor:
+    """The tensor of a numpy array or scalar; ``where`` starts the message of a refusal."""
+    name = array.dtype.name  # "float32" whatever the byte order
+    if name not in DTYPE_SIZES or array.dtype.kind not in "biuf":
+        raise InvalidArgument(
+            f"{where}: numpy dtype {name!r} is not supported (a tensor holds one of {', '.join(DTYPE_SIZES)})"
+        )
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return Tensor(tuple(int(d) for d in array.shape), name, little.tobytes(order="C"))
+
+
+def _embedding_from_array(where: str, array: Any) -> tuple[float, ...]:
+    """The elements of a 1-D numpy array of real numbers, as Python floats."""
+    if _numpy_kind(array) != "array" or array.ndim != 1:
+        got = (
+            f"a {array.ndim}-D array of shape {tuple(array.shape)}"
+            if _numpy_kind(array) == "array"
+            else f"a numpy {array.dtype.name} scalar"
+        )
+        raise InvalidArgument(f"{where}: expects a 1-D array of numbers, got {got}")
+    if array.dtype.kind not in "iuf":
+        raise InvalidArgument(
+            f"{where}: numpy dtype {array.dtype.name!r} is not a real number type "
+            "(an embedding takes an array of floats or integers)"
+        )
+    return tuple(array.astype("float64").tolist())
+
+
+def _from_numpy(where: str, vtype: VariableType, value: Any) -> Any:
+    """``value`` with numpy objects turned into the native form for ``vtype``: an array into a Tensor or
+    an embedding's tuple, a numpy scalar into the Python number it holds. Other values are returned as
+    they are (for the checks to accept or refuse)."""
+    kind = _numpy_kind(value)
+    if kind is None:
+        return value
+    if vtype is VariableType.TENSOR:
+        return _tensor_from_array(where, value)
+    if vtype is VariableType.EMBEDDING:
+        return _embedding_from_array(where, value)
+    if kind == "scalar":
+        return value.item()
+    return value
+
+
+def _plain_number(item: Any) -> Any:
+    """An embedding's element: a numpy scalar as the Python number it holds, anything else as it is."""
+    return item if type(item) is float or _numpy_kind(item) != "scalar" else item.item()
+
 
 def native_value(vtype: VariableType, value: Any) -> Any:
     """Accept the obvious Python spellings of a value of ``vtype`` (an int for a float, a list for an
-    embedding) as the native form the store checks; anything else is left for ``check_value`` to refuse."""
+    embedding, a numpy array for a tensor or an embedding, a numpy scalar for a number) as the native form
+    the store checks; anything else is left for ``check_value`` to refuse.
+
+    Raises :class:`~trio_bridge._errors.InvalidArgument` for a numpy array that has no such form (a
+    complex64 tensor, a 2-D embedding); its message starts with the type's name.
+    """
+    value = _from_numpy(vtype.label, vtype, value)
     if vtype is VariableType.FLOAT and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if vtype is VariableType.EMBEDDING and not isinstance(value, tuple):
-        return tuple(value)
+        return tuple(_plain_number(item) for item in value)
     return value
 
 
@@ -211,7 +319,7 @@ def check_value(name: str, vtype: VariableType, constraints: Constraints, value:
     """
     where = f"variable {name!r} ({vtype.label})"
     checker = _CHECKERS[vtype]
-    return checker(where, constraints, value)
+    return checker(where, constraints, _from_numpy(where, vtype, value))
 
 
 def _check_number_bounds(where: str, c: Constraints, value: float) -> None:
@@ -273,6 +381,7 @@ def _check_embedding(where: str, c: Constraints, value: object) -> tuple[float, 
         raise InvalidArgument(f"{where}: expects a sequence of numbers, got {_short(value)}")
     numbers: list[float] = []
     for index, item in enumerate(value):
+        item = _plain_number(item)
         if isinstance(item, bool) or not isinstance(item, int | float):
             raise InvalidArgument(f"{where}: element {index} is not a number: {_short(item)}")
         if not math.isfinite(item):

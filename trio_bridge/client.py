@@ -26,20 +26,21 @@ from typing import Any, TypeVar
 import betterproto2
 from grpclib.client import Channel
 from grpclib.config import Configuration
-from grpclib.const import Cardinality, Status
+from grpclib.const import Cardinality
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 
 from . import _encoding as enc
-from ._errors import LIMIT_VALUE_TRAILER, BridgeError, ResourceExhausted, Unavailable
+from ._errors import LIMIT_VALUE_TRAILER, BridgeError, NotFound, ResourceExhausted, Unavailable
+from ._reach import unreachable
 from ._security import AUTHORIZATION
 from ._security import client_tls as tls_context
-from ._status import error_from_status
+from ._status import STATE_ID_HEADER, error_from_status
 from ._types import Constraints, VariableType, native_value
 from .proto import unified_bridge as pb
 from .storage.records import SessionInfo, VariableSnapshot
 
-__all__ = ["BridgeClient", "Reconnect", "Variable", "WatchEvent", "tls_context"]
+__all__ = ["RECONNECTING", "BridgeClient", "Reconnect", "Variable", "WatchEvent", "tls_context"]
 
 log = logging.getLogger("trio_bridge.client")
 
@@ -49,6 +50,8 @@ Variable = VariableSnapshot
 ReplyT = TypeVar("ReplyT", bound=betterproto2.Message)
 
 _SERVICE = "/unified_bridge.UnifiedBridge/"
+#: How long a watch keeps trying to reach a server before it gives up (Reconnect.give_up_after).
+DEFAULT_GIVE_UP_SECONDS = 30.0
 #: Below h2's default of 100 concurrent streams per connection, which would block the 101st silently.
 MAX_STREAMS_PER_CONNECTION = 90
 
@@ -56,7 +59,9 @@ MAX_STREAMS_PER_CONNECTION = 90
 @dataclass(frozen=True)
 class WatchEvent:
     """One decoded watch update. ``kind`` is one of ``initial_value``, ``value_change``,
-    ``variable_registered``, ``variable_deleted``, ``resync``, ``synced`` or ``heartbeat``."""
+    ``variable_registered``, ``variable_deleted``, ``resync``, ``synced`` or ``heartbeat``; and
+    ``reconnecting`` (only with ``include_reconnects``): the stream was lost, ``error`` says why, and
+    attempt ``attempt`` to resume follows (a ``synced`` says it succeeded)."""
 
     kind: str
     variable: Variable | None
@@ -67,18 +72,24 @@ class WatchEvent:
     timestamp: float = 0.0
     #: The store revision it stands at (for a heartbeat, a bookmark: every change up to it was sent).
     revision: int = 0
+    #: ``reconnecting``: why the stream was lost, and the how-many-th attempt in a row comes next.
+    error: BridgeError | None = None
+    attempt: int = 0
 
 
 @dataclass(frozen=True)
 class Reconnect:
-    """How a watch reconnects: exponential backoff with full jitter, and when a silent connection
-    counts as dead (``liveness_factor`` heartbeat intervals without any message)."""
+    """How a watch reconnects: exponential backoff with full jitter, when a silent connection counts
+    as dead (``liveness_factor`` heartbeat intervals without any message), and when to give up."""
 
     initial_delay: float = 0.1
     max_delay: float = 5.0
     liveness_factor: float = 3.0
-    #: Give up after this many failed attempts in a row (None: never).
+    #: Give up after this many failed attempts in a row (None: no such limit).
     max_attempts: int | None = None
+    #: Give up once attempts have failed for this many seconds in a row, raising the last error
+    #: (None: never; the CLI's ``watch --wait``).
+    give_up_after: float | None = DEFAULT_GIVE_UP_SECONDS
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """The wait before attempt ``attempt + 1``: up to ``initial_delay * 2**attempt``, at most
@@ -86,11 +97,26 @@ class Reconnect:
         return rng.uniform(0, min(self.max_delay, self.initial_delay * 2 ** min(attempt, 64)))
 
 
-_RETRYABLE_STATUSES = (Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED)
+#: The ``kind`` of the event a watch yields for a lost stream (with ``include_reconnects``).
+RECONNECTING = "reconnecting"
 
 
-class _DeadConnection(Exception):
-    """No message for longer than the liveness window."""
+class _SeenState:
+    """Which store state (its ``state_id``) a watch's streams were served from: a change means the
+    server lost what the watch followed (see ``_status.STATE_ID_HEADER``)."""
+
+    def __init__(self) -> None:
+        self.first = ""
+        self.now = ""
+
+    def saw(self, state_id: str | None) -> None:
+        if state_id:
+            self.first = self.first or state_id
+            self.now = state_id
+
+    @property
+    def changed(self) -> bool:
+        return self.first != self.now
 
 
 class BridgeClient:
@@ -128,7 +154,7 @@ class BridgeClient:
         self.timeout = timeout
         self.reconnect = reconnect or Reconnect()
         self._config = config
-        self._channels: list[Channel] = []
+        self._channels: list[_Channel] = []
         self._streams: dict[int, int] = {}  # id(channel) → open watch streams on it
         # Watch streams to put on one connection: fewer if the server says its limit is lower.
         self._streams_per_connection = MAX_STREAMS_PER_CONNECTION
@@ -161,16 +187,16 @@ class BridgeClient:
         log.info("moving to %s:%d", self.host, self.port)
         self.close()
 
-    def _new_channel(self) -> Channel:
+    def _new_channel(self) -> _Channel:
         channel = _Channel(self.host, self.port, config=self._config, ssl=self._tls)
         self._channels.append(channel)
         self._streams[id(channel)] = 0
         return channel
 
-    def _unary_channel(self) -> Channel:
+    def _unary_channel(self) -> _Channel:
         return self._channels[0] if self._channels else self._new_channel()
 
-    def _watch_channel(self) -> Channel:
+    def _watch_channel(self) -> _Channel:
         for channel in self._channels:
             if self._streams[id(channel)] < self._streams_per_connection:
                 return channel
@@ -182,21 +208,27 @@ class BridgeClient:
         return len(self._channels)
 
     async def _unary(self, method: str, request: betterproto2.Message, reply_type: type[ReplyT]) -> ReplyT:
-        for _ in range(len(self.addresses) - 1):
+        """One call; a connection that cannot be made or is lost raises :class:`Unavailable` naming the
+        address and the cause (see ``_reach``)."""
+        tries = len(self.addresses)
+        while True:
+            tries -= 1
             address = (self.host, self.port)
+            channel = self._unary_channel()
             try:
-                return await self._unary_once(method, request, reply_type)
-            except OSError as exc:
-                if not _not_connected(exc):
-                    raise
-                log.info("%s:%d cannot be reached (%s)", *address, exc)
-                self._move_on(address)
-        return await self._unary_once(method, request, reply_type)
+                return await self._unary_once(channel, method, request, reply_type)
+            except (OSError, StreamTerminatedError) as exc:
+                error = await unreachable(exc, *address, self._tls, answered=channel.answered)
+                if tries > 0 and isinstance(exc, OSError) and _not_connected(exc):
+                    log.info("%s", error)
+                    self._move_on(address)
+                    continue
+                raise error from None
 
     async def _unary_once(
-        self, method: str, request: betterproto2.Message, reply_type: type[ReplyT]
+        self, channel: _Channel, method: str, request: betterproto2.Message, reply_type: type[ReplyT]
     ) -> ReplyT:
-        stream = self._unary_channel().request(
+        stream = channel.request(
             _SERVICE + method,
             Cardinality.UNARY_UNARY,
             type(request),
@@ -209,7 +241,9 @@ class BridgeClient:
                 await stream.send_message(request, end=True)
                 reply = await stream.recv_message()
         except GRPCError as exc:
-            raise _error(exc, stream.trailing_metadata) from None
+            channel.answered = True
+            raise _error(exc, stream.trailing_metadata, (self.host, self.port)) from None
+        channel.answered = True
         assert reply is not None
         return reply
 
@@ -361,6 +395,7 @@ class BridgeClient:
         *,
         include_initial_values: bool = True,
         include_heartbeats: bool = False,
+        include_reconnects: bool = False,
         heartbeat_interval: float | None = None,
         coalesce: bool = False,
         resume_versions: Mapping[str, int] | None = None,
@@ -371,7 +406,13 @@ class BridgeClient:
         On UNAVAILABLE, RESOURCE_EXHAUSTED, a dropped connection, or silence for longer than
         ``liveness_factor`` heartbeat intervals, it reconnects with backoff and resumes from the last
         version it yielded of each variable: across reconnects you still see every version exactly once,
-        or an explicit ``resync`` event (then ``synced`` again). Any other status raises its error.
+        or an explicit ``resync`` event (then ``synced`` again). Each lost stream is logged (logger
+        ``trio_bridge.client``, WARNING), or with ``include_reconnects`` yielded as a ``reconnecting``
+        event instead. It gives up, raising the last error (an :class:`Unavailable` naming the address),
+        after ``reconnect.give_up_after`` seconds of failures in a row (30 by default), at once when
+        retrying cannot help (TLS on one side only, not a gRPC server). Any other status raises its
+        error; a session that vanished because the server lost its state (an in-memory server that
+        restarted) raises :class:`NotFound` saying so.
 
         Leaving the loop ends the server stream (at once with ``contextlib.aclosing``, else when the
         generator is finalized); so does cancelling the task that iterates.
@@ -383,6 +424,9 @@ class BridgeClient:
         delivered: dict[str, int] = dict(resume_versions or {})
         revision = 0  # every change up to it delivered (past the first "synced")
         failures = 0
+        failing_since = 0.0
+        seen = _SeenState()
+        loop = asyncio.get_running_loop()
         while True:
             request = pb.WatchVariablesRequest(
                 session_id=session_id,
@@ -396,7 +440,7 @@ class BridgeClient:
             address = (self.host, self.port)
             try:
                 async for update in self._one_stream(
-                    request, liveness=interval * self.reconnect.liveness_factor
+                    request, liveness=interval * self.reconnect.liveness_factor, seen=seen
                 ):
                     event = _event(update)
                     if event.kind != enc.HEARTBEAT:
@@ -413,22 +457,51 @@ class BridgeClient:
                         delivered.pop(event.variable_id, None)
                     if event.kind != enc.HEARTBEAT or include_heartbeats:
                         yield event
-            except (Unavailable, ResourceExhausted, _DeadConnection, StreamTerminatedError, OSError) as exc:
+            except (Unavailable, ResourceExhausted) as exc:
+                if isinstance(exc, Unavailable) and not exc.retryable:
+                    raise
                 failures += 1
-                if self.reconnect.max_attempts is not None and failures > self.reconnect.max_attempts:
+                if failures == 1:
+                    failing_since = loop.time()
+                give_up = self.reconnect.give_up_after
+                if (self.reconnect.max_attempts is not None and failures > self.reconnect.max_attempts) or (
+                    give_up is not None and failures > 1 and loop.time() - failing_since >= give_up
+                ):
+                    if isinstance(exc, Unavailable) and give_up is not None and failures > 1:
+                        raise Unavailable(
+                            f"{exc} (gave up after {loop.time() - failing_since:.0f}s of retrying)",
+                            exc.details,
+                            address=exc.address,
+                        ) from None
                     raise
                 if not isinstance(exc, ResourceExhausted):  # the server is gone or going: try another
                     self._move_on(address)
                 delay = self.reconnect.delay(failures - 1, self._rng)
-                log.info("watch of %s interrupted (%s); resuming in %.2fs", session_id, exc, delay)
+                if include_reconnects:
+                    log.info("watch of %s: %s; retrying (%d) in %.1fs", session_id, exc, failures, delay)
+                    yield WatchEvent(kind=RECONNECTING, variable=None, error=exc, attempt=failures)
+                else:
+                    log.warning("watch of %s: %s; retrying (%d) in %.1fs", session_id, exc, failures, delay)
                 await asyncio.sleep(delay)
                 continue
+            except NotFound:
+                if seen.changed and (revision or delivered):
+                    where = f"{address[0]}:{address[1]}"
+                    how = "it keeps state in memory and restarted" if seen.now.startswith("memory:") else ""
+                    raise NotFound(
+                        f"session {session_id!r} is gone: the server at {where} lost the state this "
+                        f"watch was following{f' ({how})' if how else ''}; the watch has ended"
+                    ) from None
+                raise
             return  # the server ended the stream with OK (it never does today)
 
     async def _one_stream(
-        self, request: pb.WatchVariablesRequest, *, liveness: float
+        self, request: pb.WatchVariablesRequest, *, liveness: float, seen: _SeenState
     ) -> AsyncIterator[pb.VariableUpdate]:
+        """One WatchVariables stream's updates. A lost, refused or silent connection raises
+        :class:`Unavailable`; a status raises its error."""
         channel = self._watch_channel()
+        address = (self.host, self.port)
         self._streams[id(channel)] += 1
         stream = channel.request(
             _SERVICE + "WatchVariables",
@@ -446,7 +519,15 @@ class BridgeClient:
                         update = await asyncio.wait_for(stream.recv_message(), liveness)
                     except TimeoutError:
                         silent = True
-                        raise _DeadConnection(f"no message for {liveness:.1f}s") from None
+                        raise Unavailable(
+                            f"{address[0]}:{address[1]} sent nothing for {liveness:.1f}s",
+                            address=address,
+                        ) from None
+                    finally:
+                        if stream.initial_metadata is not None:
+                            channel.answered = True
+                            state_id = stream.initial_metadata.get(STATE_ID_HEADER)
+                            seen.saw(state_id if isinstance(state_id, str) else None)
                     if update is None:
                         break
                     yield update
@@ -454,9 +535,12 @@ class BridgeClient:
             # server that shuts down does): read it here, so an UNAVAILABLE is not taken for an OK.
             stream._maybe_raise()
             if not _ended_ok(stream):
-                raise _DeadConnection("the stream ended without a status")
+                raise Unavailable(
+                    f"the stream from {address[0]}:{address[1]} ended without a status", address=address
+                )
         except GRPCError as exc:
-            error = _error(exc, stream.trailing_metadata)
+            channel.answered = True
+            error = _error(exc, stream.trailing_metadata, address)
             if isinstance(error, ResourceExhausted) and error.limit == "max_watch_streams_per_connection":
                 # The server allows fewer streams per connection than we put on one: from now on,
                 # spread them thinner (the retry goes to a connection with room).
@@ -464,6 +548,8 @@ class BridgeClient:
                     limit = int(error.details[LIMIT_VALUE_TRAILER])
                     self._streams_per_connection = max(1, min(self._streams_per_connection, limit))
             raise error from None
+        except (OSError, StreamTerminatedError) as exc:
+            raise await unreachable(exc, *address, self._tls, answered=channel.answered) from None
         finally:
             if id(channel) in self._streams:
                 self._streams[id(channel)] -= 1
@@ -482,14 +568,17 @@ class BridgeClient:
 class _Channel(Channel):
     """grpclib's Channel, except that a connection lost while it was being made (a peer that resets it
     at once) raises ConnectionResetError. grpclib returns such a connection, and the call made on it
-    then fails inside grpclib with an AttributeError; the next call opens a new connection."""
+    then fails inside grpclib with an AttributeError; the next call opens a new connection.
+
+    ``answered``: whether the server at the other end ever answered a call (then a lost connection is
+    just lost; before, it may not be a trio-bridge server at all: see ``_reach``)."""
+
+    answered = False
 
     async def __connect__(self) -> H2Protocol:
         protocol = await super().__connect__()
         if _connection_lost(self):
-            raise ConnectionResetError(
-                f"the connection to {self._host}:{self._port} was lost as soon as it was made"
-            )
+            raise ConnectionResetError("reset as soon as it was made")
         return protocol
 
 
@@ -510,9 +599,13 @@ def _connection_lost(channel: Channel) -> bool:
     return protocol is not None and bool(getattr(protocol.handler, "connection_lost", False))
 
 
-def _error(exc: GRPCError, trailing: Any) -> BridgeError:
+def _error(exc: GRPCError, trailing: Any, address: tuple[str, int]) -> BridgeError:
+    """The error a status stands for; an UNAVAILABLE names the server that sent it."""
     trailers = {str(k): str(v) for k, v in (trailing or {}).items()}
-    return error_from_status(exc.status, exc.message, trailers)
+    error = error_from_status(exc.status, exc.message, trailers)
+    if isinstance(error, Unavailable):
+        return Unavailable(f"{address[0]}:{address[1]}: {error}", error.details, address=address)
+    return error
 
 
 def _event(update: pb.VariableUpdate) -> WatchEvent:
@@ -540,4 +633,3 @@ def _variable_type(vtype: VariableType | str) -> VariableType:
     except KeyError:
         known = ", ".join(t.label for t in VariableType)
         raise ValueError(f"unknown variable type {vtype!r}; known: {known}") from None
-

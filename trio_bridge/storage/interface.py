@@ -48,6 +48,11 @@ class Store(Protocol):
     #: store's do): asyncio code may then await them directly. Otherwise they need a Trio task.
     never_suspends: bool
 
+    #: Names the state this store holds, the same for every server sharing it and across restarts of
+    #: a durable store; a new one each time an in-memory store is made ("memory:..."). A client that
+    #: sees it change knows the state it watched is gone, not expired.
+    state_id: str
+
     @property
     def cache(self) -> SessionCache:
         """The sessions as this server holds them: watches subscribe and read here."""

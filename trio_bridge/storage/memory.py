@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,7 @@ class MemoryStore(SingleVariableCalls):
         clock: Callable[[], float] = trio.current_time,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        self.state_id = f"memory:{uuid.uuid4().hex}"
         self.limits = checks.SessionLimits(
             default_ttl=default_ttl,
             max_ttl=max_ttl,

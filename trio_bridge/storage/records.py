@@ -19,8 +19,13 @@ DEFAULT_SESSION_TTL = 3600.0
 #: The longest TTL a session may have (ten years): beyond it, expiry times stop being dates.
 MAX_SESSION_TTL = 10 * 365 * 86_400.0
 MAX_IDENTIFIER_LENGTH = 128
-SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]*")
-VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+SESSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+#: The rules above in words, for the messages that refuse a name.
+_RULES = {
+    SESSION_ID.pattern: "letters, digits, '_', '.', ':' or '-', starting with a letter or digit",
+    VARIABLE_NAME.pattern: "letters, digits, '_', '.' or '-', starting with a letter or '_'",
+}
 EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
@@ -131,4 +136,7 @@ def check_identifier(what: str, value: str, pattern: re.Pattern[str]) -> None:
             f"{what} {value[:40]!r}... is {len(value)} characters; the limit is {MAX_IDENTIFIER_LENGTH}"
         )
     if pattern.fullmatch(value) is None:
-        raise InvalidArgument(f"{what} {value!r} must match {pattern.pattern!r}")
+        rule = _RULES.get(pattern.pattern, "")
+        raise InvalidArgument(
+            f"{what} {value!r} must match {pattern.pattern}" + (f" ({rule})" if rule else "")
+        )

@@ -82,6 +82,8 @@ class Feed:
         self._keys = keys
         self._cache = cache
         self.applied = 0
+        #: The etcd cluster's id (from the first load): names the state the cache mirrors.
+        self.cluster_id = 0
         self.sessions: dict[str, SessionLease] = {}
         #: Per variable id, the revision its key was created at (where its etcd history starts).
         self.created_at_revision: dict[str, int] = {}
@@ -170,6 +172,7 @@ class Feed:
                 log.warning("etcd unreachable while loading (%s); retrying", exc)
                 await trio.sleep(RETRY_MAX * random.uniform(0.5, 1.0))
         assert response.header is not None
+        self.cluster_id = response.header.cluster_id
         self._cache.begin(max(self._cache.revision, response.header.revision))
         self._apply_state(response.kvs)
         self._advance(response.header.revision)

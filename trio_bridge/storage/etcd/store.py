@@ -124,6 +124,7 @@ class EtcdStore(SingleVariableCalls):
     ) -> None:
         self.settings = settings
         self.keys = Keys(settings.prefix)
+        self.state_id = f"etcd:{settings.prefix}"  # with etcd's cluster id once it is known (see run)
         self.limits = checks.SessionLimits(
             default_ttl=default_ttl,
             max_ttl=max_ttl,
@@ -207,6 +208,7 @@ class EtcdStore(SingleVariableCalls):
             feed = Feed(client, self.keys, self._cache)
             async with trio.open_nursery() as nursery:
                 await nursery.start(feed.run)
+                self.state_id = f"etcd:{feed.cluster_id:x}:{self.settings.prefix}"
                 self._client, self._feed = client, feed
                 self._running.set()
                 nursery.start_soon(self._keep_watched_sessions_alive)
