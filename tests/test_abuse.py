@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import zlib
+from typing import Any
 
 import h2.errors
 import h2.events
@@ -17,6 +18,7 @@ import pytest
 import trio
 import trio.testing
 import trio_asyncio
+from grpc_reflection.v1alpha.reflection_pb2 import ServerReflectionRequest
 from grpclib.const import Status
 from grpclib.health.v1.health_pb2 import HealthCheckRequest
 
@@ -27,6 +29,7 @@ from trio_bridge.client import BridgeClient
 from trio_bridge.proto import unified_bridge as pb
 
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 
 
 def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -54,15 +57,25 @@ async def test_a_compressed_message_is_unimplemented_without_a_traceback(
     await raw.aclose()
 
 
-async def test_health_watch_streams_count_toward_the_watch_stream_limits(nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize(
+    ("path", "request_message", "end"),
+    [
+        (HEALTH_WATCH, HealthCheckRequest(), True),
+        # Held open by not ending the request stream: reflection answers each request as it comes.
+        (REFLECTION, ServerReflectionRequest(list_services=""), False),
+    ],
+)
+async def test_held_open_streams_of_other_services_count_toward_the_watch_stream_limits(
+    nursery: trio.Nursery, path: str, request_message: Any, end: bool
+) -> None:
     # Issue #10, observation 6: 150 unauthenticated health Watch streams were accepted, held, and
-    # counted by no limit.
+    # counted by no limit. Reflection streams, added for issue #12, count the same way.
     server = await start_server(nursery, max_watch_streams_per_connection=3, max_watch_streams=5)
     raws = [await RawH2.open(server.port) for _ in range(2)]
     first, second = raws
     opened = []
     for _ in range(4):
-        opened.append(first.start_call(HEALTH_WATCH, HealthCheckRequest(), end=True))
+        opened.append(first.start_call(path, request_message, end=end))
     await first.flush()
     await _wait_ended(first, opened[3])
     trailers = first.trailers_of(opened[3])
@@ -71,7 +84,7 @@ async def test_health_watch_streams_count_toward_the_watch_stream_limits(nursery
     assert trailers["trio-bridge-limit"] == "max_watch_streams_per_connection"
     assert server.service.open_watches == 3
 
-    more = [second.start_call(HEALTH_WATCH, HealthCheckRequest(), end=True) for _ in range(3)]
+    more = [second.start_call(path, request_message, end=end) for _ in range(3)]
     await second.flush()
     await _wait_ended(second, more[2])
     trailers = second.trailers_of(more[2])

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from grpclib._typing import IServable
 from grpclib.health.check import ServiceStatus
+from grpclib.health.service import Health
 
 from ._bridge import open_asyncio_loop, serve_grpc
 from ._config import ServerConfig
@@ -19,7 +21,7 @@ from ._errors import CannotServe
 from ._metrics import Metrics
 from ._reflection import with_reflection
 from ._security import Tokens, server_tls
-from ._service import CountedHealth, UnifiedBridgeService
+from ._service import CountedStreams, UnifiedBridgeService
 from .storage import MemoryStore, Store
 from .storage.location import parse_store
 
@@ -89,6 +91,13 @@ async def serve(
                 f"cannot serve metrics on {config.host}:{config.metrics_port}: {reason}"
             ) from None
         log.info("metrics on http://%s:%d/metrics", config.host, metrics_port)
+    # Health and reflection streams count toward the watch stream limits: see CountedStreams.
+    health = Health({service: [serving, store_serving]})
+    service_and_others = with_reflection([service, health], tokens)
+    services: list[IServable] = [
+        service,
+        *(CountedStreams(other, service) for other in service_and_others[1:]),
+    ]
     try:
         async with open_asyncio_loop(), trio.open_nursery() as store_nursery:
             # The store outlives the gRPC side: calls still running while the server shuts down may
@@ -105,10 +114,7 @@ async def serve(
                 async with trio.open_nursery() as nursery:
                     bound = await nursery.start(
                         lambda task_status: serve_grpc(
-                            with_reflection(
-                                [service, CountedHealth({service: [serving, store_serving]}, service)],
-                                tokens,
-                            ),
+                            services,
                             host=config.host,
                             port=config.port,
                             tls=tls,

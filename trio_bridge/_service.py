@@ -13,15 +13,14 @@ import contextlib
 import contextvars
 import functools
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpclib.const
 import trio
+from grpclib._typing import IServable
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from grpclib.health.check import CheckBase
-from grpclib.health.service import Health
 from grpclib.server import Stream
 from h2.errors import ErrorCodes
 
@@ -437,23 +436,32 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             self._watches.discard(watch)
 
 
-HEALTH_WATCH_PATH = "/grpc.health.v1.Health/Watch"
+#: Methods whose streams a client may hold open for as long as it likes.
+_HELD_OPEN = (grpclib.const.Cardinality.UNARY_STREAM, grpclib.const.Cardinality.STREAM_STREAM)
 
 
-class CountedHealth(Health):
-    """grpclib's standard health service, whose Watch streams count toward the watch stream limits
-    (``max_watch_streams``, ``max_watch_streams_per_connection``) like any stream a client can hold
-    open: it answers without a token, so uncounted it was a way to hold streams by the thousand."""
+class CountedStreams(IServable):
+    """Another service (health, reflection) whose streaming methods count toward the watch stream
+    limits (``max_watch_streams``, ``max_watch_streams_per_connection``) like any stream a client can
+    hold open: they answer without a token (or before one is checked), so uncounted they were a way
+    to hold streams by the thousand. A stream over a limit ends at once with RESOURCE_EXHAUSTED
+    naming it."""
 
-    def __init__(self, checks: Mapping[Any, Collection[CheckBase]], service: UnifiedBridgeService) -> None:
-        super().__init__(checks)
+    def __init__(self, inner: IServable, service: UnifiedBridgeService) -> None:
+        self._inner = inner
         self._service = service
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
-        mapping = super().__mapping__()
-        handler = mapping[HEALTH_WATCH_PATH]
+        mapping = self._inner.__mapping__()
+        return {
+            path: handler._replace(func=self._counted(handler.func))
+            if handler.cardinality in _HELD_OPEN
+            else handler
+            for path, handler in mapping.items()
+        }
 
-        async def watch(stream: Stream[Any, Any]) -> None:
+    def _counted(self, func: Callable[[Stream[Any, Any]], Awaitable[None]]) -> _RawHandler:
+        async def counted(stream: Stream[Any, Any]) -> None:
             try:
                 self._service.check_watch_room(stream.peer.addr())
             except ResourceExhausted as exc:
@@ -462,7 +470,6 @@ class CountedHealth(Health):
                 )
                 return
             with self._service.admit_watch(stream):  # no await since the check: there is room
-                await handler.func(stream)
+                await func(stream)
 
-        mapping[HEALTH_WATCH_PATH] = handler._replace(func=watch)
-        return mapping
+        return counted
