@@ -447,3 +447,29 @@ async def test_changes_after_a_revision(make_store: Callable[..., Awaitable[Stor
     if feed is not None:  # ... nor does etcd's, once compacted
         await store.client.compact(feed.applied)  # type: ignore[attr-defined]
     assert await store.changes_after_revision(session, x.id, held, up_to=7) is None
+
+
+async def test_a_replayed_event_is_the_one_observers_were_sent(
+    make_store: Callable[..., Awaitable[Store]],
+) -> None:
+    store = await make_store()
+    session = (await store.create_session()).session_id
+    x = await store.register_variable(session, "x", VariableType.INTEGER, 0)
+    with store.cache.observers.subscribe([session_key(session)]) as observed:
+        y = await store.register_variable(
+            session, "y", VariableType.INTEGER, 7, metadata={"unit": "m"}, source="registrar"
+        )
+        await store.set_variables(session, [VariableWrite("x", 1)], source="writer", metadata={"why": "t"})
+        registered, changed = observed.take_nowait(10)
+    assert (registered.kind, registered.source) == (EventKind.REGISTERED, "registrar")
+    assert registered.timestamp > 0 and registered.variable is not None
+    assert registered.variable.created_at == registered.timestamp
+    assert (changed.kind, changed.old_value, changed.source, dict(changed.metadata)) == (
+        EventKind.CHANGED,
+        0,
+        "writer",
+        {"why": "t"},
+    )
+    assert await store.changes_after_revision(session, y.id, x.revision, up_to=1) == [registered]
+    assert await store.changes_after_revision(session, x.id, x.revision, up_to=2) == [changed]
+    assert await store.changes_since(session, x.id, 1, up_to=2) == [changed]

@@ -801,3 +801,91 @@ async def test_a_resume_by_revision_replays_only_what_changed_after_it(
     assert refused.updates == [] and isinstance(refused.error, GRPCError)
     assert refused.error.status == Status.INVALID_ARGUMENT
     assert "resume_revision must not be negative" in (refused.error.message or "")
+
+
+async def test_a_replayed_update_is_the_live_one_field_for_field(
+    client: Client, nursery: trio.Nursery
+) -> None:
+    # A registration replayed by a resume from a revision came with no source and a 1970 timestamp.
+    session, ids = await new_session(client, x=0.0)
+    live = await start_watch(nursery, client, watch_request(session))  # open throughout: sees them live
+    await live.wait_synced()
+    held = live.updates[-1].revision
+    await write(client, session, "x", 1.0, source="writer", metadata={"why": "calibration"})
+    registered = await client(
+        client.stub.register_variable(
+            pb.RegisterVariableRequest(
+                session_id=session,
+                name="z",
+                type=VT.FLOAT,
+                initial_value=number(5.0),
+                metadata={"unit": "m"},
+                source="registrar",
+            )
+        )
+    )
+    assert registered.variable is not None
+    z = registered.variable.id
+    await live.wait_for(lambda w: bool(w.of(z)))
+    change, registration = [u for u in live.updates if u.variable is not None and u.revision > held]
+    assert (change.variable_id, change.update_type, change.update_source) == (
+        ids["x"],
+        "value_change",
+        "writer",
+    )
+    assert change.update_metadata == {"why": "calibration"} and change.old_value == number(0.0)
+    assert (registration.variable_id, registration.update_type) == (z, "variable_registered")
+    assert registration.update_source == "registrar"
+    assert registration.timestamp is not None and registration.timestamp.year > 2000
+
+    by_revision = watch_request(session)
+    by_revision.resume_revision = held
+    resumed = await start_watch(nursery, client, by_revision)
+    await resumed.wait_synced()
+    assert [u for u in resumed.updates if u.variable is not None] == [change, registration]
+
+    by_version = watch_request(session, "x", initial=False)
+    by_version.resume_versions = {ids["x"]: 1}
+    again = await start_watch(nursery, client, by_version)
+    await again.wait_synced()
+    assert [u for u in again.updates if u.variable is not None] == [change]
+
+
+async def test_a_replay_beyond_the_servers_history_is_etcds_history_or_a_resync(
+    store_kind: str, nursery: trio.Nursery, aio_loop: Any
+) -> None:
+    server = await start_server(nursery, history_size=1)  # the server's own history: one change
+    with connect(server) as client:
+        session, ids = await new_session(client, x=0.0)
+        live = await start_watch(nursery, client, watch_request(session))
+        await live.wait_synced()
+        held = live.updates[-1].revision
+        registered = await client(
+            client.stub.register_variable(
+                pb.RegisterVariableRequest(
+                    session_id=session, name="z", type=VT.FLOAT, initial_value=number(5.0), source="registrar"
+                )
+            )
+        )
+        assert registered.variable is not None
+        z = registered.variable.id
+        for i in (1, 2):  # x and z changed twice each since `held`: z registered and changed since
+            await write(client, session, "x", float(i), source=f"x{i}", metadata={"i": str(i)})
+            await write(client, session, "z", 5.0 + i, source=f"z{i}", metadata={"i": str(i)})
+        await live.wait_for(lambda w: w.versions(z) == [1, 2, 3])
+        sent_live = {v: [u for u in live.of(v) if u.revision > held] for v in (ids["x"], z)}
+
+        request = watch_request(session)
+        request.resume_revision = held
+        resumed = await start_watch(nursery, client, request)
+        await resumed.wait_synced()
+        if store_kind == "etcd":  # read back from etcd's history (not compacted): as sent live
+            assert {v: resumed.of(v) for v in (ids["x"], z)} == sent_live
+        else:  # lost: the current value, standing for the changes missed, from where the client stood
+            assert [(u.variable_id, u.update_type, value_of(u)) for u in resumed.updates[:2]] == [
+                (ids["x"], "resync", 2.0),
+                (z, "resync", 7.0),
+            ]
+            for update in resumed.updates[:2]:
+                assert update.update_source == "resync"
+                assert update.update_metadata == {"resume_revision": str(held)}

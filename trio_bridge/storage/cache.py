@@ -11,7 +11,10 @@ and the ``apply_*`` methods record what was decided. They never block: an observ
 is overflowed, never waited for.
 
 History: each session keeps its last ``history_size`` accepted changes (at most ``max_history_bytes``
-of them), so a watcher that reconnects can be sent exactly what it missed (:meth:`changes_since`).
+of them), so a watcher that reconnects can be sent exactly what it missed (:meth:`changes_since`,
+:meth:`changes_after_revision`). What it keeps are the events its observers were sent, so a replayed
+change is the live one, field for field (new and old value, source, update metadata, time, revision);
+so is a replayed registration, kept apart for as long as the variable is at its first version.
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ class CachedSession:
     fixed_sizes: dict[str, int] = field(default_factory=dict)
     #: Per variable, the revision it was registered at.
     created_revisions: dict[str, int] = field(default_factory=dict)
+    #: Per variable still at the version it was registered with, the event that registered it (its
+    #: snapshot is the one in ``variables``): what a resume from a revision before it replays.
+    registrations: dict[str, VariableEvent] = field(default_factory=dict)
 
     @property
     def deadline(self) -> float:
@@ -207,7 +213,12 @@ class SessionCache:
 
     def changes_since(self, session_id: str, variable_id: str, version: int) -> list[VariableEvent] | None:
         """Every change of the variable after ``version``, oldest first, or None when the history no
-        longer reaches back that far (or ``version`` is not one this variable has had)."""
+        longer reaches back that far (or ``version`` is not one this variable has had).
+
+        The events are those the observers were sent (the same objects), so each replays as the live
+        update did. On None the watch sends the current value instead, as one ``resync`` update (source
+        "resync", the time of the resume, metadata naming the ``resume_version``): the changes it
+        stands for, and their sources, times and update metadata, can no longer be had."""
         session = self.session(session_id)
         current = session.variables[variable_id].version
         if version == current:
@@ -233,15 +244,21 @@ class SessionCache:
         self, session_id: str, variable_id: str, revision: int
     ) -> list[VariableEvent] | None:
         """Every change of the variable made at a revision after ``revision``, oldest first (its
-        registration too, if that came after), or None when the history cannot tell them all."""
+        registration too, if that came after), or None when the history cannot tell them all.
+
+        The events are those the observers were sent (the same objects), the registration included, so
+        each replays as the live update did: its source, time and metadata, and a change's old value.
+        A registration is kept only while the variable is at its first version: for one registered and
+        changed since, the answer is None (the etcd store then reads its versions from etcd's history),
+        and the watch sends its current value as one ``resync`` update (source "resync", the time of
+        the resume, metadata naming the ``resume_revision``)."""
         session = self.session(session_id)
         current = session.variables[variable_id]
         if current.revision <= revision:
             return []
         if session.created_revisions.get(variable_id, 0) > revision:  # registered since
-            if current.version == 1:
-                return [VariableEvent(EventKind.REGISTERED, session_id, current, revision=current.revision)]
-            return None
+            registration = session.registrations.get(variable_id)
+            return [registration] if registration is not None else None
         missed: list[VariableEvent] = []
         for remembered in reversed(session.history):  # newest first: the cost is what was missed
             event = remembered.event
@@ -313,18 +330,18 @@ class SessionCache:
         session.created_revisions[snapshot.id] = self.revision
         self._grow(session, size)
         self._variable_count += 1
-        self.observers.publish(
-            (session_key(session.id), variable_key(snapshot.id)),
-            VariableEvent(
-                EventKind.REGISTERED,
-                session.id,
-                snapshot,
-                source=snapshot.last_update_source,
-                timestamp=timestamp,
-                size=size,
-                revision=self.revision,
-            ),
+        event = VariableEvent(
+            EventKind.REGISTERED,
+            session.id,
+            snapshot,
+            source=snapshot.last_update_source,
+            timestamp=timestamp,
+            size=size,
+            revision=self.revision,
         )
+        if snapshot.version == 1:  # not a variable first seen at a later version (an etcd reload)
+            session.registrations[snapshot.id] = event
+        self.observers.publish((session_key(session.id), variable_key(snapshot.id)), event)
         return snapshot
 
     def apply_changed(
@@ -344,6 +361,7 @@ class SessionCache:
         changes = [(current, replace(updated, revision=self.revision)) for current, updated in changes]
         for _, updated in changes:
             session.variables[updated.id] = updated
+            session.registrations.pop(updated.id, None)  # its first version is gone
         for current, updated in changes:
             event = VariableEvent(
                 kind,
@@ -370,6 +388,7 @@ class SessionCache:
         del session.ids_by_name[snapshot.name]
         fixed = session.fixed_sizes.pop(snapshot.id)
         session.created_revisions.pop(snapshot.id, None)
+        session.registrations.pop(snapshot.id, None)
         self._grow(session, -(fixed + approximate_size(snapshot.value) + len(snapshot.last_update_source)))
         self._variable_count -= 1
         self.observers.publish(
