@@ -14,12 +14,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 
+from tests.doc_blocks import Block, blocks
 from trio_bridge import RunningServer, Tensor, VariableType
 from trio_bridge import _encoding as enc
 from trio_bridge.proto.google.protobuf import Any as PackedAny
@@ -27,49 +27,12 @@ from trio_bridge.proto.google.protobuf import Any as PackedAny
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "protocol.md"
 NODE_EXAMPLE = ROOT / "examples" / "node"
-MARKER = re.compile(r"<!-- example: ([\w-]+) -->")
 #: A time as the doc's clients print it; the doc shows one of its own.
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
-@dataclass
-class Block:
-    """A fenced block of the doc: its language, text, the example marker on the line before it, and
-    for a ```text block right after an example (only prose between), the example it is the output of."""
-
-    language: str
-    text: str
-    name: str | None
-    output_of: str | None = None
-
-
 def _blocks() -> list[Block]:
-    lines = DOC.read_text().splitlines()
-    blocks: list[Block] = []
-    between: list[str] = []  # the lines since the last block
-    at = 0
-    while at < len(lines):
-        line = lines[at]
-        if not line.startswith("```"):
-            between.append(line)
-            at += 1
-            continue
-        end = lines.index("```", at + 1)
-        marker = MARKER.fullmatch(lines[at - 1]) if at else None
-        block = Block(line[3:].strip(), "\n".join(lines[at + 1 : end]) + "\n", marker and marker.group(1))
-        previous = blocks[-1] if blocks else None
-        if (
-            block.name is None
-            and block.language == "text"
-            and previous is not None
-            and previous.name is not None
-            and not any(MARKER.search(prose) for prose in between)
-        ):
-            block.output_of = previous.name
-        blocks.append(block)
-        between = []
-        at = end + 1
-    return blocks
+    return blocks(DOC)
 
 
 def _example(name: str) -> Block:

@@ -18,6 +18,7 @@ from grpclib.client import Channel
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
+from tests.doc_blocks import README, example
 from tests.support import start_server
 from trio_bridge import NotFound, RunningServer, Unauthenticated, Unavailable, VariableType
 from trio_bridge._security import Tokens
@@ -231,8 +232,7 @@ def test_plain_text_off_loopback_warns_loudly(caplog: pytest.LogCaptureFixture) 
 def test_the_readme_tls_example_runs_as_written(
     pki: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = readme.split("<!-- example: tls -->\n```python\n", 1)[1].split("```", 1)[0]
+    block = example(README, "tls").text
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ca.pem").write_bytes(pki["ca"].read_bytes())
     namespace: dict[str, Any] = {}

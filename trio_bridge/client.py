@@ -21,7 +21,7 @@ import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import betterproto2
 from grpclib.client import Channel
@@ -40,7 +40,22 @@ from ._types import Constraints, VariableType, native_value
 from .proto import unified_bridge as pb
 from .storage.records import SessionInfo, VariableSnapshot
 
-__all__ = ["RECONNECTING", "BridgeClient", "Reconnect", "Variable", "WatchEvent", "tls_context"]
+__all__ = [
+    "RECONNECTING",
+    "BridgeClient",
+    "ClientClosed",
+    "Reconnect",
+    "SyncBridgeClient",
+    "SyncWatch",
+    "Variable",
+    "WatchEvent",
+    "tls_context",
+]
+
+if TYPE_CHECKING:
+    from .sync_client import ClientClosed, SyncBridgeClient, SyncWatch
+
+_SYNC_NAMES = ("ClientClosed", "SyncBridgeClient", "SyncWatch")
 
 log = logging.getLogger("trio_bridge.client")
 
@@ -516,7 +531,10 @@ class BridgeClient:
                 await stream.send_message(request, end=True)
                 while True:
                     try:
-                        update = await asyncio.wait_for(stream.recv_message(), liveness)
+                        # Not asyncio.wait_for: on 3.11 it drops a cancellation that lands as a message
+                        # arrives, and the watch would go on reading after its consumer left.
+                        async with asyncio.timeout(liveness):
+                            update = await stream.recv_message()
                     except TimeoutError:
                         silent = True
                         raise Unavailable(
@@ -633,3 +651,13 @@ def _variable_type(vtype: VariableType | str) -> VariableType:
     except KeyError:
         known = ", ".join(t.label for t in VariableType)
         raise ValueError(f"unknown variable type {vtype!r}; known: {known}") from None
+
+
+def __getattr__(name: str) -> Any:
+    """The blocking client (:mod:`trio_bridge.sync_client`), imported on first use: it imports this
+    module."""
+    if name in _SYNC_NAMES:
+        from . import sync_client
+
+        return getattr(sync_client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

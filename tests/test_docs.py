@@ -1,0 +1,57 @@
+"""Every code block of the README and of docs/ runs as written in a test: each has an example marker
+naming it, and a test that runs it names it (docs/protocol.md's own list is in test_protocol_docs)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests import test_install, test_readme, test_security
+from tests.doc_blocks import DOCS, README, blocks
+
+#: Which test runs each example, per file (the test's source names the example).
+RUN_BY: dict[str, dict[str, Callable[..., object]]] = {
+    "README.md": {
+        "install": test_install.test_the_readmes_first_commands_in_a_fresh_virtualenv,
+        "two-commands": test_readme.test_the_two_commands_are_what_ci_runs,
+        "client": test_readme.test_client_examples_run_as_written,
+        "sync": test_readme.test_client_examples_run_as_written,
+        "numpy": test_readme.test_numpy_example_runs_as_written,
+        "cli": test_readme.test_command_line_example_runs_as_written,
+        "tls-cli": test_readme.test_tls_command_line_example_runs_as_written,
+        "tls": test_security.test_the_readme_tls_example_runs_as_written,
+    },
+    "watch.md": {
+        "quickstart": test_readme.test_quickstart_runs_as_written,
+        "watch": test_readme.test_watch_example_runs_as_written,
+    },
+    "several-servers.md": {"several-servers": test_readme.test_several_servers_run_as_written},
+    "security.md": {"token-file": test_readme.test_the_token_file_example_is_a_token_file},
+}
+FILES = [README, *sorted(path for path in DOCS.glob("*.md") if path.name != "protocol.md")]
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda path: path.name)
+def test_every_block_is_an_example_a_test_runs(path: Path) -> None:
+    found = blocks(path)
+    for block in found:
+        assert block.name or block.output_of, (
+            f"{path.name}: a ```{block.language} block with no example marker:\n{block.text}"
+        )
+    names = [block.name for block in found if block.name]
+    expected = RUN_BY.get(path.name, {})
+    assert sorted(names) == sorted(expected), f"{path.name}: each example once, each run by a test"
+    for name, test in expected.items():
+        assert f'"{name}"' in inspect.getsource(test), f"{test.__name__} does not run {name!r}"
+
+
+def test_the_readme_is_short_and_says_where_the_state_lives() -> None:
+    # Issue #12: it was 35 KB, a third of it benchmark and GC notes, and never said that the state is
+    # in one process's memory while its health section suggested a load balancer.
+    text = README.read_text()
+    assert len(text.encode()) <= 15_000
+    assert "every session lives in the memory of one server process" in text
+    assert "do not put several behind a load balancer" in text
