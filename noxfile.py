@@ -18,7 +18,7 @@ def tests(session: nox.Session) -> None:
     session.install("-e", ".[test,lint]")
     # What a newcomer's `pip install .` needs, as wheels: tests/test_install.py follows the README's
     # first commands in a fresh virtualenv, offline (tests use no network beyond loopback).
-    wheelhouse = Path(session.create_tmp()) / "wheelhouse"
+    wheelhouse = Path(session.create_tmp()).resolve() / "wheelhouse"
     session.run(
         "python",
         "-m",

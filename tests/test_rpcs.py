@@ -250,6 +250,16 @@ async def test_malformed_requests_are_invalid_argument(client: Client) -> None:
             ["variable name '9 lives' must match"],
         ),
         (
+            # A name of an id's form could never be reached by name (ids are looked up first).
+            pb.RegisterVariableRequest(
+                session_id=session,
+                name="var_" + "0" * 32,
+                type=VT.FLOAT,
+                initial_value=packed(DoubleValue(value=1)),
+            ),
+            ["has the form of a variable id"],
+        ),
+        (
             pb.RegisterVariableRequest(
                 session_id=session,
                 name="x",

@@ -20,6 +20,7 @@ from grpclib.exceptions import GRPCError
 from tests.h2raw import RawH2, messages_in
 from tests.support import (
     Client,
+    Watcher,
     compact_etcd,
     connect,
     eventually,
@@ -889,3 +890,163 @@ async def test_a_replay_beyond_the_servers_history_is_etcds_history_or_a_resync(
             for update in resumed.updates[:2]:
                 assert update.update_source == "resync"
                 assert update.update_metadata == {"resume_revision": str(held)}
+
+
+async def delete(client: Client, session: str, identifier: str) -> None:
+    await client(
+        client.stub.delete_variable(
+            pb.DeleteVariableRequest(session_id=session, variable_identifier=identifier)
+        )
+    )
+
+
+async def register(client: Client, session: str, name: str, value: float) -> pb.Variable:
+    response = await client(
+        client.stub.register_variable(
+            pb.RegisterVariableRequest(
+                session_id=session, name=name, type=VT.FLOAT, initial_value=number(value)
+            )
+        )
+    )
+    assert response.variable is not None
+    return response.variable
+
+
+def seen(watcher: Watcher) -> list[tuple[str, str, bool]]:
+    """Each update as (type, variable id, whether it carries the variable)."""
+    return [(u.update_type, u.variable_id, u.variable is not None) for u in watcher.updates]
+
+
+async def _away_while_variables_go(
+    client: Client, nursery: trio.Nursery
+) -> tuple[str, dict[str, str], int, pb.Variable]:
+    """A session of x, y and w, watched whole until ``synced`` (at the revision returned); then, with
+    no watch open, y is deleted, z registered and deleted, and w deleted and registered anew (the new
+    variable, returned, has the old one's name and a new id)."""
+    session, ids = await new_session(client, x=0.0, y=0.0, w=0.0)
+    first = await start_watch(nursery, client, watch_request(session))
+    await first.wait_synced()
+    held = first.updates[-1].revision
+    first.cancel_scope.cancel()
+    await first.wait_ended()
+    await delete(client, session, "y")
+    await register(client, session, "z", 1.0)  # registered and deleted since `held`: never held
+    await delete(client, session, "z")
+    await delete(client, session, "w")
+    new_w = await register(client, session, "w", 2.0)
+    return session, ids, held, new_w
+
+
+async def test_a_resume_by_revision_reports_the_variables_deleted_since(
+    client: Client, nursery: trio.Nursery
+) -> None:
+    # A whole-session watch resumed with resume_revision alone was sent just `synced`: y and the old
+    # w, deleted meanwhile, stayed with the client for ever.
+    session, ids, held, new_w = await _away_while_variables_go(client, nursery)
+    request = watch_request(session)
+    request.resume_revision = held
+    resumed = await start_watch(nursery, client, request)
+    await resumed.wait_synced()
+    assert seen(resumed) == [
+        ("variable_deleted", ids["y"], False),  # gone since `held`: only its id
+        ("variable_deleted", ids["w"], False),
+        ("variable_registered", new_w.id, True),  # its successor, replayed; z: nothing (never held)
+        ("synced", "", False),
+    ]
+    assert resumed.updates[-1].update_metadata == {}  # the server could tell: nothing to resync
+
+    for named in ("y", ids["y"]):  # named in resume_versions too: one notice, under the name given
+        request.resume_versions = {named: 1}
+        both = await start_watch(nursery, client, request)
+        await both.wait_synced()
+        assert seen(both) == [
+            ("variable_deleted", named, False),
+            ("variable_deleted", ids["w"], False),
+            ("variable_registered", new_w.id, True),
+            ("synced", "", False),
+        ]
+
+
+async def test_a_watch_by_name_resumed_by_revision_reports_the_variable_the_name_had(
+    client: Client, nursery: trio.Nursery
+) -> None:
+    session, ids, held, new_w = await _away_while_variables_go(client, nursery)
+    request = watch_request(session, "w", "x")
+    request.resume_revision = held
+    resumed = await start_watch(nursery, client, request)
+    await resumed.wait_synced()
+    assert seen(resumed) == [
+        ("variable_deleted", ids["w"], False),  # the w the client held, by its id
+        ("variable_registered", new_w.id, True),
+        ("synced", "", False),
+    ]
+
+
+async def test_a_resume_by_revision_beyond_the_history_is_etcds_history_or_a_full_resync(
+    store_kind: str, nursery: trio.Nursery, aio_loop: Any
+) -> None:
+    server = await start_server(nursery, history_size=1)  # the server's own history: one change
+    with connect(server) as client:
+        session, ids = await new_session(client, x=0.0, y=0.0, u=0.0)
+        first = await start_watch(nursery, client, watch_request(session))
+        await first.wait_synced()
+        held = first.updates[-1].revision
+        first.cancel_scope.cancel()
+        await first.wait_ended()
+        await delete(client, session, "y")
+        await write(client, session, "x", 1.0)  # the deletion falls out of the one-change history
+        request = watch_request(session)
+        request.resume_revision = held
+        if store_kind == "etcd":  # etcd's history tells which variables the session had at `held`
+            exact = await start_watch(nursery, client, request)
+            await exact.wait_synced()
+            assert seen(exact) == [
+                ("variable_deleted", ids["y"], False),
+                ("value_change", ids["x"], True),
+                ("synced", "", False),
+            ]
+            assert exact.updates[-1].update_metadata == {}
+            await compact_etcd(server)
+        # Nothing can tell any more which variables went: every variable comes, and `synced` says
+        # that any other the client holds is gone.
+        resynced = await start_watch(nursery, client, request)
+        await resynced.wait_synced()
+        assert seen(resynced) == [
+            ("value_change", ids["x"], True),  # replayed: its own change is still in the history
+            ("resync", ids["u"], True),  # unchanged, but sent, so that the client can tell it is there
+            ("synced", "", False),
+        ]
+        assert resynced.updates[1].update_metadata == {"resume_revision": str(held)}
+        assert resynced.updates[-1].update_metadata == {"resync": "all"}
+
+
+async def test_a_resume_by_revision_on_a_server_started_since_is_exact(
+    store_kind: str, nursery: trio.Nursery, aio_loop: Any
+) -> None:
+    # A server that loaded the state after `held` replayed x's registration again (the client held it),
+    # waited etcd's request timeout (5 s) for y's changes since (none) before resyncing it, and said
+    # nothing of w.
+    if store_kind == "memory":
+        pytest.skip("an in-memory server's state is its own: another server does not have the session")
+    first = await start_server(nursery)
+    with connect(first) as client:
+        session, ids = await new_session(client, x=0.0, y=0.0, w=0.0)
+        await write(client, session, "y", 1.0)
+        watcher = await start_watch(nursery, client, watch_request(session))
+        await watcher.wait_synced()
+        held = watcher.updates[-1].revision
+        watcher.cancel_scope.cancel()
+        await watcher.wait_ended()
+        await delete(client, session, "w")
+        u = await register(client, session, "u", 3.0)
+    second = await start_server(nursery)  # loads the state as it is now
+    with connect(second) as client:
+        request = watch_request(session)
+        request.resume_revision = held
+        resumed = await start_watch(nursery, client, request)
+        await resumed.wait_synced()
+        assert seen(resumed) == [
+            ("variable_deleted", ids["w"], False),
+            ("variable_registered", u.id, True),
+            ("synced", "", False),
+        ]

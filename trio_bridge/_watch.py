@@ -57,7 +57,7 @@ class WatchPlan:
     variable_ids: tuple[str, ...] | None  # None: every variable of the session, present and future
     include_initial_values: bool
     resume: Mapping[str, int]  # variable id → last version the client holds
-    gone: tuple[str, ...]  # resume identifiers of a session-wide watch that no longer exist
+    gone: tuple[str, ...]  # resume_versions identifiers of a session-wide watch that no longer exist
     heartbeat_interval: float  # seconds
     coalesce: bool
     resume_revision: int = 0  # the revision the client holds every change up to (0: none)
@@ -357,7 +357,14 @@ class WatchStream:
         """What the stream sends before any change: gone markers, replays or initial values, then
         synced. Read from the store now (right after subscribing); each update is encoded only when the
         sender takes it, a batch at a time, so a long replay starts going out at once, and one cut off
-        by a lost connection was not encoded in full for nothing."""
+        by a lost connection was not encoded in full for nothing.
+
+        A resume from a revision (``resume_revision``) this server has reached covers the variables
+        that ``resume_versions`` does not name: each one's changes since are replayed (or it is resynced
+        where they cannot be told), and each variable held at that revision that is gone now is
+        reported by id, as those named in ``resume_versions`` are. When the server cannot tell which
+        are gone, every covered variable is sent (replayed, else resynced) and ``synced`` carries
+        ``{"resync": "all"}``: any other variable the client holds is gone."""
         plan = self._plan
         now = time.time()
         if plan.variable_ids is None:
@@ -366,6 +373,19 @@ class WatchStream:
             snapshots = self._cache.get_variables(plan.session_id, plan.variable_ids)
         read_at = self._cache.revision
         held_at = plan.resume_revision
+        # Per variable covered by ``held_at``: its changes since, or None where they cannot be told. A
+        # revision this server has not reached (another deployment's, or state that was lost) says
+        # nothing of what the client holds: each one comes as a resync.
+        missed_since: dict[str, list[VariableEvent] | None] = {}
+        gone_since: list[str] | None = []
+        if held_at and held_at <= read_at:
+            for snapshot in snapshots:
+                if snapshot.id not in plan.resume:
+                    missed_since[snapshot.id] = await self._store.changes_after_revision(
+                        plan.session_id, snapshot.id, held_at, up_to=snapshot.version
+                    )
+            gone_since = await self._gone_since(snapshots, missed_since)
+        complete = gone_since is not None  # the server could tell which held variables went
 
         def resync(snapshot: VariableSnapshot, where: dict[str, str]) -> VariableUpdate:
             """The current value, standing for changes that cannot be replayed; ``where`` says from where."""
@@ -373,8 +393,15 @@ class WatchStream:
                 snapshot, enc.RESYNC, source="resync", when=now, metadata=where, revision=read_at
             )
 
+        def synced() -> VariableUpdate:
+            update = enc.marker_update(enc.SYNCED, now, read_at)
+            if not complete:
+                update.update_metadata = {"resync": "all"}
+            return update
+
         updates: list[_Encode] = [
-            partial(enc.gone_update, identifier, now, read_at) for identifier in plan.gone
+            partial(enc.gone_update, identifier, now, read_at)
+            for identifier in (*plan.gone, *(gone_since or ()))
         ]
         for snapshot in snapshots:
             self._known.add(snapshot.id)
@@ -382,19 +409,13 @@ class WatchStream:
             # What the client holds as the stream starts: where a resume from its trailer begins, until
             # a later version is delivered.
             if resume_from is None and held_at:
-                # Not named, but the client holds every change up to ``held_at``. A revision this
-                # server has not reached (another deployment's, or state that was lost) says nothing
-                # of what the client holds: the current value, as a resync.
+                # Not named, but the client holds every change up to ``held_at``.
                 self._resume_point[snapshot.id] = snapshot.version
                 self._sent[snapshot.id] = snapshot.version
-                missed = None
-                if held_at <= read_at:
-                    missed = await self._store.changes_after_revision(
-                        plan.session_id, snapshot.id, held_at, up_to=snapshot.version
-                    )
-                if missed is not None:
+                missed = missed_since.get(snapshot.id)
+                if missed:
                     updates.extend(partial(enc.event_update, event) for event in missed)
-                else:
+                elif missed is None or not complete:  # unknown, or sent to say it is there
                     updates.append(partial(resync, snapshot, {"resume_revision": str(held_at)}))
                 continue
             if resume_from is not None:
@@ -424,8 +445,45 @@ class WatchStream:
                     )
                 )
                 self._sent[snapshot.id] = snapshot.version
-        updates.append(partial(enc.marker_update, enc.SYNCED, now, read_at))
+        updates.append(synced)
         return updates
+
+    async def _gone_since(
+        self,
+        snapshots: Sequence[VariableSnapshot],
+        missed_since: Mapping[str, list[VariableEvent] | None],
+    ) -> list[str] | None:
+        """The ids of the variables a client holding the watch as of ``resume_revision`` may hold that
+        are gone now and that ``resume_versions`` did not name; None when the store cannot tell.
+
+        A whole-session watch: every variable of the session then that is gone now. A watch of named
+        variables: the one that had a watched variable's name then, if that variable was registered
+        since (the name was another's; asked of the store only then)."""
+        plan = self._plan
+        names: set[str] | None = None
+        if plan.variable_ids is not None:
+            names = set()
+            for snapshot in snapshots:
+                if snapshot.id not in missed_since:
+                    continue  # named in resume_versions
+                missed = missed_since[snapshot.id]
+                if missed is None or (missed and missed[0].kind is EventKind.REGISTERED):
+                    names.add(snapshot.name)
+            if not names:
+                return []
+        deleted = await self._store.deleted_after_revision(plan.session_id, plan.resume_revision)
+        if deleted is None:
+            return None
+        current = {snapshot.id for snapshot in snapshots}  # one deleted since it was read: told live
+        told = set(plan.gone)  # by id or by name
+        return [
+            variable.id
+            for variable in deleted
+            if variable.id not in current
+            and variable.id not in told
+            and variable.name not in told
+            and (names is None or variable.name in names)
+        ]
 
     def _updates_for(self, events: list[VariableEvent]) -> list[VariableUpdate]:
         updates = []

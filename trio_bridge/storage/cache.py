@@ -15,6 +15,8 @@ of them), so a watcher that reconnects can be sent exactly what it missed (:meth
 :meth:`changes_after_revision`). What it keeps are the events its observers were sent, so a replayed
 change is the live one, field for field (new and old value, source, update metadata, time, revision);
 so is a replayed registration, kept apart for as long as the variable is at its first version.
+Deletions count as changes too (kept without the value), so that a watcher resuming from a revision can
+be told which of the variables it held are gone (:meth:`deleted_after_revision`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from .._limits import DEFAULT_LIMITS
 from .._observers import ObserverManager
 from .._types import approximate_mapping_size, approximate_size
 from .records import (
+    EMPTY,
     SESSION_ID,
+    DeletedVariable,
     EventKind,
     SessionInfo,
     VariableEvent,
@@ -51,10 +55,12 @@ EVENT_OVERHEAD = 256
 
 @dataclass(frozen=True, slots=True)
 class _Remembered:
-    """A change in a session's history, with about how much memory it keeps alive."""
+    """A change in a session's history, with about how much memory it keeps alive; for a deletion,
+    the revision the variable had been registered at."""
 
     event: VariableEvent
     size: int
+    created_revision: int = 0
 
 
 @dataclass(slots=True)
@@ -67,6 +73,9 @@ class CachedSession:
     last_accessed_at: float  # on `wall_clock`
     owner: str = ""
     history: deque[_Remembered] = field(default_factory=deque)
+    #: The history holds every change of the session made after this revision: the session was
+    #: created (or loaded) at it, or the history has forgotten the changes up to it since.
+    history_complete_after: int = 0
     variables: dict[str, VariableSnapshot] = field(default_factory=dict)
     ids_by_name: dict[str, str] = field(default_factory=dict)
     #: Open watches of it: while there is one, it does not expire.
@@ -240,6 +249,33 @@ class SessionCache:
                 return missed
         return None
 
+    def deleted_after_revision(self, session_id: str, revision: int) -> list[DeletedVariable] | None:
+        """The variables of the session that existed at ``revision`` and have been deleted since,
+        oldest deletion first; None when the history cannot tell (it no longer holds every change made
+        after ``revision``, or ``revision`` comes before the session was created or loaded here).
+
+        A variable registered after ``revision`` is not one of them, deleted or not: a client that
+        held the session as of ``revision`` never held it."""
+        session = self.session(session_id)
+        if revision < session.history_complete_after:
+            return None
+        deleted: list[DeletedVariable] = []
+        for remembered in reversed(session.history):  # newest first: the cost is what came since
+            event = remembered.event
+            if event.revision <= revision:
+                break
+            if event.kind is EventKind.DELETED and remembered.created_revision <= revision:
+                assert event.variable is not None
+                deleted.append(DeletedVariable(event.variable.id, event.variable.name))
+        deleted.reverse()
+        return deleted
+
+    def history_gap(self, revision: int) -> None:
+        """Changes up to ``revision`` may have gone unseen (the etcd feed loaded the state again after
+        a compaction): no session's history answers for a revision before it any more."""
+        for session in self.sessions.values():
+            session.history_complete_after = max(session.history_complete_after, revision)
+
     def changes_after_revision(
         self, session_id: str, variable_id: str, revision: int
     ) -> list[VariableEvent] | None:
@@ -312,22 +348,34 @@ class SessionCache:
         return self.revision
 
     def apply_new_session(self, session: CachedSession) -> None:
+        """Add a session; its history answers for every revision from this one on."""
+        session.history_complete_after = self.revision
         self.sessions[session.id] = session
         if session.owner:
             self.sessions_by_owner[session.owner] = self.sessions_by_owner.get(session.owner, 0) + 1
         self.deadlines_changed.set()
 
     def apply_registered(
-        self, session: CachedSession, snapshot: VariableSnapshot, *, timestamp: float
+        self,
+        session: CachedSession,
+        snapshot: VariableSnapshot,
+        *,
+        timestamp: float,
+        created_revision: int | None = None,
+        revision: int | None = None,
     ) -> VariableSnapshot:
-        """Add a variable; return it as kept (at this revision)."""
-        snapshot = replace(snapshot, revision=self.revision)
+        """Add a variable and publish its registration (at this revision); return it as kept. It was
+        registered at ``created_revision`` and its version made at ``revision``: both this revision
+        unless given (a variable the etcd feed loads was registered, and last changed, before)."""
+        snapshot = replace(snapshot, revision=self.revision if revision is None else revision)
         fixed = fixed_size(snapshot)
         size = fixed + approximate_size(snapshot.value) + len(snapshot.last_update_source)
         session.variables[snapshot.id] = snapshot
         session.ids_by_name[snapshot.name] = snapshot.id
         session.fixed_sizes[snapshot.id] = fixed
-        session.created_revisions[snapshot.id] = self.revision
+        session.created_revisions[snapshot.id] = (
+            self.revision if created_revision is None else created_revision
+        )
         self._grow(session, size)
         self._variable_count += 1
         event = VariableEvent(
@@ -384,25 +432,29 @@ class SessionCache:
     def apply_deleted(
         self, session: CachedSession, snapshot: VariableSnapshot, *, source: str, timestamp: float
     ) -> None:
+        """Remove a variable and publish its deletion. The history keeps the deletion (its id, name
+        and revision, not its value) for :meth:`deleted_after_revision`."""
         del session.variables[snapshot.id]
         del session.ids_by_name[snapshot.name]
         fixed = session.fixed_sizes.pop(snapshot.id)
-        session.created_revisions.pop(snapshot.id, None)
+        created_revision = session.created_revisions.pop(snapshot.id, 0)
         session.registrations.pop(snapshot.id, None)
         self._grow(session, -(fixed + approximate_size(snapshot.value) + len(snapshot.last_update_source)))
         self._variable_count -= 1
-        self.observers.publish(
-            (session_key(session.id), variable_key(snapshot.id)),
-            VariableEvent(
-                EventKind.DELETED,
-                session.id,
-                snapshot,
-                old_value=snapshot.value,
-                source=source,
-                timestamp=timestamp,
-                revision=self.revision,
-            ),
+        event = VariableEvent(
+            EventKind.DELETED,
+            session.id,
+            snapshot,
+            old_value=snapshot.value,
+            source=source,
+            timestamp=timestamp,
+            revision=self.revision,
         )
+        # What the history keeps of it: less than the variable freed (its value, its fixed part).
+        kept = replace(event, variable=replace(snapshot, value=None, metadata=EMPTY), old_value=None)
+        size = EVENT_OVERHEAD + len(snapshot.id) + len(snapshot.name)
+        self._remember(session, kept, size, created_revision=created_revision)
+        self.observers.publish((session_key(session.id), variable_key(snapshot.id)), event)
 
     def apply_session_ended(self, session: CachedSession, *, reason: str) -> int:
         """Remove the session and its variables ("cleanup" or "expired"); return how many went."""
@@ -455,10 +507,12 @@ class SessionCache:
         session.stored_bytes += size
         self._stored_bytes += size
 
-    def _remember(self, session: CachedSession, event: VariableEvent, size: int) -> None:
+    def _remember(
+        self, session: CachedSession, event: VariableEvent, size: int, *, created_revision: int = 0
+    ) -> None:
         """Add a change to the session's history, which keeps at most ``history_size`` changes and
         ``max_history_bytes``: the oldest go first."""
-        session.history.append(_Remembered(event, size))
+        session.history.append(_Remembered(event, size, created_revision))
         session.history_bytes += size
         self._grow(session, size)
         while session.history and (
@@ -467,8 +521,10 @@ class SessionCache:
             self._forget_oldest(session)
 
     def _forget_oldest(self, session: CachedSession) -> None:
+        """Drop the oldest change: the history no longer answers for the revisions up to it."""
         oldest = session.history.popleft()
         session.history_bytes -= oldest.size
+        session.history_complete_after = max(session.history_complete_after, oldest.event.revision)
         self._grow(session, -oldest.size)
 
 

@@ -3,6 +3,7 @@ input with the same status and message. Pure functions; nothing here changes the
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -20,6 +21,9 @@ from .records import (
     check_identifier,
     frozen_metadata,
 )
+
+#: What the ids of variables look like (see ``new_variable``).
+_VARIABLE_ID = re.compile(r"var_[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,11 @@ def new_variable(
 ) -> VariableSnapshot:
     """The first version of a new variable, checked (name, room, type, constraints, value, memory)."""
     check_identifier("variable name", name, VARIABLE_NAME)
+    if _VARIABLE_ID.fullmatch(name):
+        # Identifiers are looked up as ids first: such a name could never be reached by name.
+        raise InvalidArgument(
+            f"variable name {name!r} has the form of a variable id ('var_' and 32 hex digits); choose another"
+        )
     if name in session.ids_by_name:
         raise AlreadyExists(f"session {session.id!r} already has a variable named {name!r}")
     if len(session.ids_by_name) >= limits.max_variables_per_session:

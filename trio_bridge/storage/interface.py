@@ -21,7 +21,8 @@ The contract, method by method where it matters:
   watch served from it); writes made through other servers reach the cache in the order they were
   applied.
 * **Watches** subscribe to ``cache.observers`` and then read the cache synchronously (see
-  :mod:`trio_bridge._watch`); what a resume missed comes from :meth:`Store.changes_since`.
+  :mod:`trio_bridge._watch`); what a resume missed comes from :meth:`Store.changes_since`,
+  :meth:`Store.changes_after_revision` and :meth:`Store.deleted_after_revision`.
 * **Access**: every method that names a session counts as an access to it (its TTL restarts), except
   :meth:`Store.owner_of` and :meth:`Store.list_sessions`.
 """
@@ -35,7 +36,7 @@ import trio
 
 from .._types import Constraints, VariableType
 from .cache import SessionCache
-from .records import SessionInfo, VariableEvent, VariableSnapshot, VariableWrite
+from .records import DeletedVariable, SessionInfo, VariableEvent, VariableSnapshot, VariableWrite
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -175,6 +176,12 @@ class Store(Protocol):
     ) -> list[VariableEvent] | None:
         """Every change of the variable made at a revision after ``revision`` (its registration too,
         if that came after), up to version ``up_to``, oldest first; None when they cannot all be had."""
+        ...
+
+    async def deleted_after_revision(self, session_id: str, revision: int) -> list[DeletedVariable] | None:
+        """The variables of the session that existed at ``revision`` and are gone from the cache now
+        (one registered after ``revision`` is never among them); None when that cannot be told any
+        more (a resume then resyncs every variable it covers)."""
         ...
 
 

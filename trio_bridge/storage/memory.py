@@ -29,6 +29,7 @@ from .interface import SingleVariableCalls, Store
 from .records import (
     DEFAULT_SESSION_TTL,
     MAX_SESSION_TTL,
+    DeletedVariable,
     SessionInfo,
     VariableEvent,
     VariableSnapshot,
@@ -229,6 +230,10 @@ class MemoryStore(SingleVariableCalls):
     ) -> list[VariableEvent] | None:
         """From this process's history (``up_to`` is always the current version here)."""
         return self._cache.changes_after_revision(session_id, variable_id, revision)
+
+    async def deleted_after_revision(self, session_id: str, revision: int) -> list[DeletedVariable] | None:
+        """From this process's history: None once it has forgotten deletions after ``revision``."""
+        return self._cache.deleted_after_revision(session_id, revision)
 
     # ---- internals -----------------------------------------------------------------------------
 

@@ -95,6 +95,15 @@ class VariableEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class DeletedVariable:
+    """A variable that no longer exists: its id, and the name it had (which a later variable may have
+    taken). What a watch resumed from a revision reports as gone."""
+
+    id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
 class VariableWrite:
     """One write of a batch: ``identifier`` is a variable id or name."""
 

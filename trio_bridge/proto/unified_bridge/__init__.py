@@ -674,7 +674,9 @@ class WatchVariablesRequest(betterproto2.Message):
     Resume: the revision of the last update the client received (0: none). A watched variable not
     named in resume_versions is taken as held as of this revision: what changed after it is replayed
     (a "resync" with the current value where the history cannot tell), and it is not sent as an
-    initial value if it did not change.
+    initial value if it did not change. A variable that existed at this revision and is gone comes
+    as a "variable_deleted" with its id; where the server cannot tell which went, "synced" carries
+    update_metadata {"resync": "all"}: forget what this stream did not send.
     """
 
 

@@ -162,7 +162,8 @@ class Feed:
 
     async def _load(self) -> None:
         """Make the cache what etcd holds now: the first time, everything; after a compaction, what
-        changed (see :meth:`_apply_state`)."""
+        changed (see :meth:`_apply_state`). What changed before the revision loaded at was not all
+        seen: no session's history answers for an earlier revision (etcd's may)."""
         while True:
             try:
                 response = await self._client.range(self._keys.root, self._keys.root_end)
@@ -175,6 +176,7 @@ class Feed:
         self.cluster_id = response.header.cluster_id
         self._cache.begin(max(self._cache.revision, response.header.revision))
         self._apply_state(response.kvs)
+        self._cache.history_gap(self._cache.revision)
         self._advance(response.header.revision)
 
     async def _reload(self) -> None:
@@ -364,12 +366,21 @@ class Feed:
         )
 
     def _put_variable(self, session: CachedSession, kv: mvccpb.KeyValue) -> None:
+        """A variable new to the cache: registered now, or (loading) at whatever version etcd holds,
+        kept with the revisions etcd made it and its version at (a resume from a revision between
+        them and now has nothing to replay of it)."""
         record = VariableRecord.decode(kv.value, version=kv.version)
         snapshot = record.snapshot
         self.created_at_revision[snapshot.id] = kv.create_revision
         if snapshot.id in session.variables:  # a put we applied already (never expected)
             return
-        self._cache.apply_registered(session, snapshot, timestamp=record.timestamp)
+        self._cache.apply_registered(
+            session,
+            snapshot,
+            timestamp=record.timestamp,
+            created_revision=kv.create_revision,
+            revision=kv.mod_revision,
+        )
 
     def _change_variables(self, changed: Sequence[tuple[CachedSession, mvccpb.KeyValue]]) -> None:
         """The puts of one revision: one write (a batch), applied and published as one."""

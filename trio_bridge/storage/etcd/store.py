@@ -53,6 +53,7 @@ from ..records import (
     DEFAULT_SESSION_TTL,
     EMPTY,
     MAX_SESSION_TTL,
+    DeletedVariable,
     EventKind,
     SessionInfo,
     VariableEvent,
@@ -76,7 +77,7 @@ from .client import (
     op_range,
 )
 from .feed import Feed
-from .layout import Keys, SessionRecord, VariableRecord
+from .layout import Keys, SessionRecord, VariableRecord, prefix_end
 
 if TYPE_CHECKING:
     from ..interface import Store
@@ -443,6 +444,28 @@ class EtcdStore(SingleVariableCalls):
         if missed is not None:
             return [e for e in missed if e.variable is not None and e.variable.version <= up_to]
         return await self._history(session_id, variable_id, start=revision + 1, after_version=0, up_to=up_to)
+
+    async def deleted_after_revision(self, session_id: str, revision: int) -> list[DeletedVariable] | None:
+        """From this server's history when it tells (oldest deletion first), else from etcd's state at
+        ``revision`` (the session's name keys then, each naming its variable's id: those no longer in
+        the cache, by name), else None (compacted, or etcd cannot be reached)."""
+        deleted = self._cache.deleted_after_revision(session_id, revision)
+        if deleted is not None:
+            return deleted
+        names = self.keys.name(session_id, "")
+        try:
+            with trio.fail_after(self.client.request_timeout):
+                response = await self.client.range(names, prefix_end(names), revision=revision)
+        except (EtcdError, trio.TooSlowError):
+            return None
+        current = self._cache.session(session_id).variables
+        deleted = []
+        for kv in response.kvs:
+            key = self.keys.parse(kv.key)
+            variable_id = kv.value.decode()
+            if key is not None and variable_id not in current:
+                deleted.append(DeletedVariable(variable_id, key.name))
+        return deleted
 
     async def _history(
         self, session_id: str, variable_id: str, *, start: int, after_version: int, up_to: int
