@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import socket
 import struct
 import time
@@ -154,6 +155,27 @@ async def start_watch(
     watcher = Watcher(client, request, **call_options)
     await nursery.start(watcher.run)
     return watcher
+
+
+async def read_until(stream: trio.abc.ReceiveStream, marker: bytes, *, limit: float = 60.0) -> bytes:
+    """What ``stream`` (a process's pipe) sends up to and including the first ``marker``, and all of
+    that chunk; fails if it ends first or takes longer than ``limit`` (a safety bound, not a timing)."""
+    received = b""
+    with trio.fail_after(limit):
+        while marker not in received:
+            chunk = await stream.receive_some()
+            assert chunk, f"ended before {marker!r}: {received[-2000:]!r}"
+            received += chunk
+    return received
+
+
+async def serving_port(process: trio.Process) -> int:
+    """The port a `trio-bridge serve` process says it listens on, once it says so."""
+    assert process.stdout is not None
+    said = await read_until(process.stdout, b"serving on")
+    found = re.search(rb"trio-bridge serving on [\d.]+:(\d+)", said)
+    assert found, said
+    return int(found.group(1))
 
 
 async def eventually(condition: Callable[[], bool], *, limit: float = 10.0) -> None:

@@ -4,10 +4,12 @@ cannot reach the server, retries, gives up, and tells a lost state from an expir
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -215,75 +217,66 @@ class _Lines:
                 self.seen.extend(line.decode() for line in lines)
 
 
+@contextlib.asynccontextmanager
+async def watch_then_lose_the_server(
+    store: MemoryStore, *flags: str
+) -> AsyncIterator[tuple[RunningServer, trio.Process, _Lines, _Lines]]:
+    """A server on ``store``, a `trio-bridge watch lab` of it that has synced, and then that server
+    stopped; yields the stopped server, the watch process and its stdout and stderr lines."""
+    async with trio.open_nursery() as outer:
+        first = trio.CancelScope()
+
+        async def serve_first(*, task_status: trio.TaskStatus[RunningServer]) -> None:
+            with first:
+                async with trio.open_nursery() as inner:
+                    task_status.started(await start_server(inner, store=store))
+
+        server = await outer.start(serve_first)
+        process = await trio.lowlevel.open_process(
+            [*PYTHON, "watch", "lab", "--port", str(server.port), *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            out, err = _Lines(process.stdout), _Lines(process.stderr)
+            await out.until("synced")
+            first.cancel()
+            yield server, process, out, err
+        finally:
+            process.kill()
+            await process.wait()
+
+
 async def test_watch_reports_a_lost_server_and_carries_on_when_it_is_back() -> None:
     store = MemoryStore()  # the state outlives the first server
     await store.create_session("lab")
     await store.register_variable("lab", "temperature", VariableType.FLOAT, 21.5)
-    async with trio.open_nursery() as outer:
-        first = trio.CancelScope()
-
-        async def serve_first(*, task_status: trio.TaskStatus[RunningServer]) -> None:
-            with first:
-                async with trio.open_nursery() as inner:
-                    task_status.started(await start_server(inner, store=store))
-
-        server = await outer.start(serve_first)
-        process = await trio.lowlevel.open_process(
-            [*PYTHON, "watch", "lab", "--port", str(server.port), "--wait"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            out, err = _Lines(process.stdout), _Lines(process.stderr)
-            await out.until("synced")
-            first.cancel()
-            retrying = await err.until("retrying (1)")
-            assert retrying.startswith("trio-bridge: ") and f"127.0.0.1:{server.port}" in retrying
-            async with trio.open_nursery() as second:
-                await start_server(second, store=store, port=server.port)
-                await err.until(f"watching again on 127.0.0.1:{server.port}")
-                await store.set_variable("lab", "temperature", 22.5, source="thermostat")
-                change = await out.until("value_change")
-                assert "temperature = 22.5 (v2)  was 21.5  by thermostat" in change
-                second.cancel_scope.cancel()
-        finally:
-            process.kill()
-            await process.wait()
+    async with watch_then_lose_the_server(store, "--wait") as (server, _, out, err):
+        retrying = await err.until("retrying (1)")
+        assert retrying.startswith("trio-bridge: ") and f"127.0.0.1:{server.port}" in retrying
+        async with trio.open_nursery() as second:
+            await start_server(second, store=store, port=server.port)
+            await err.until(f"watching again on 127.0.0.1:{server.port}")
+            await store.set_variable("lab", "temperature", 22.5, source="thermostat")
+            change = await out.until("value_change")
+            assert "temperature = 22.5 (v2)  was 21.5  by thermostat" in change
+            second.cancel_scope.cancel()
 
 
 async def test_watch_says_when_a_restarted_in_memory_server_lost_the_session() -> None:
     # It said the session "may have expired".
-    async with trio.open_nursery() as outer:
-        first = trio.CancelScope()
-        store = MemoryStore()
-        await store.create_session("lab")
-
-        async def serve_first(*, task_status: trio.TaskStatus[RunningServer]) -> None:
-            with first:
-                async with trio.open_nursery() as inner:
-                    task_status.started(await start_server(inner, store=store))
-
-        server = await outer.start(serve_first)
-        process = await trio.lowlevel.open_process(
-            [*PYTHON, "watch", "lab", "--port", str(server.port)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            out, err = _Lines(process.stdout), _Lines(process.stderr)
-            await out.until("synced")
-            first.cancel()
-            await err.until("retrying (1")
-            async with trio.open_nursery() as second:
-                await start_server(second, store=MemoryStore(), port=server.port)  # a restart: empty
-                with trio.fail_after(30):
-                    code = await process.wait()
-                await err.until("is gone")
-                second.cancel_scope.cancel()
-        finally:
-            process.kill()
-            await process.wait()
+    store = MemoryStore()
+    await store.create_session("lab")
+    async with watch_then_lose_the_server(store) as (server, process, _, err):
+        await err.until("retrying (1")
+        async with trio.open_nursery() as second:
+            await start_server(second, store=MemoryStore(), port=server.port)  # a restart: empty
+            with trio.fail_after(30):
+                code = await process.wait()
+            gone = await err.until("is gone")
+            second.cancel_scope.cancel()
     assert code == 1
+    assert "lost the state this watch was following (it keeps state in memory and restarted)" in gone
     assert not [line for line in err.seen if "Traceback" in line]
 
 

@@ -10,7 +10,6 @@ environment (``PIP_NO_INDEX``, ``PIP_FIND_LINKS``); the commands themselves are 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.doc_blocks import README, ROOT, commands, example
+from tests.doc_blocks import README, ROOT, commands, example, output
+from tests.support import read_until, serving_port
 
 WHEELHOUSE = os.environ.get("TRIO_BRIDGE_WHEELHOUSE", "")
 
@@ -67,20 +67,6 @@ async def _in_venv(command: str, project: Path, env: dict[str, str]) -> trio.Com
     )
 
 
-async def _serving_port(process: trio.Process, lines: list[bytes]) -> int:
-    assert process.stdout is not None
-    buffer = b""
-    with trio.fail_after(60):
-        while b"serving on" not in buffer:
-            chunk = await process.stdout.receive_some()
-            assert chunk, buffer
-            buffer += chunk
-    lines.append(buffer)
-    found = re.search(rb"trio-bridge serving on 127\.0\.0\.1:(\d+)", buffer)
-    assert found, buffer
-    return int(found.group(1))
-
-
 async def test_the_readmes_first_commands_in_a_fresh_virtualenv(tmp_path: Path) -> None:
     # After the README's two commands there was no `trio-bridge` on the PATH, and the examples failed
     # with ModuleNotFoundError.
@@ -102,7 +88,7 @@ async def test_the_readmes_first_commands_in_a_fresh_virtualenv(tmp_path: Path) 
         ["bash", "-c", f"exec {serve} --port 0"], cwd=project, env=env, stdout=subprocess.PIPE
     )
     try:
-        port = await _serving_port(server, [])
+        port = await serving_port(server)
         # The CLI, from the PATH.
         created = await trio.run_process(
             ["trio-bridge", "session", "create", "--id", "lab", "--port", str(port)],
@@ -125,12 +111,8 @@ async def test_the_readmes_first_commands_in_a_fresh_virtualenv(tmp_path: Path) 
             stdout=subprocess.PIPE,
         )
         assert controller.stdout is not None
-        shown = b""
+        shown = await read_until(controller.stdout, b"watching")
         with trio.fail_after(60):
-            while b"watching" not in shown:
-                chunk = await controller.stdout.receive_some()
-                assert chunk, shown
-                shown += chunk
             sensor = await _in_venv(f"python examples/greenhouse_sensor.py {port}", project, env)
             assert sensor.returncode == 0, sensor.stderr
             async for chunk in controller.stdout:
@@ -143,13 +125,7 @@ async def test_the_readmes_first_commands_in_a_fresh_virtualenv(tmp_path: Path) 
             ["python", "-c", code], env=env, capture_stdout=True, capture_stderr=True, check=False
         )
         assert synchronous.returncode == 0, synchronous.stderr.decode()
-        shown = (
-            README.read_text()
-            .split("<!-- example: sync -->", 1)[1]
-            .split("```text\n", 1)[1]
-            .split("```", 1)[0]
-        )
-        assert synchronous.stdout.decode() == shown
+        assert synchronous.stdout.decode() == output(README, "sync")
     finally:
         server.send_signal(signal.SIGINT)
         with trio.move_on_after(10):
@@ -174,7 +150,8 @@ async def test_nox_serve_installs_once_then_starts_without_pip(tmp_path: Path) -
             start_new_session=True,
         )
         try:
-            await _serving_port(process, outputs)
+            assert process.stdout is not None
+            outputs.append(await read_until(process.stdout, b"serving on"))
         finally:
             os.killpg(process.pid, signal.SIGINT)
             with trio.move_on_after(10):

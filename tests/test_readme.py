@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from tests.doc_blocks import DOCS, README, ROOT, commands, example, output
+from tests.support import serving_port
 from trio_bridge import RunningServer
 from trio_bridge._security import Tokens
 
@@ -93,14 +94,7 @@ async def test_tls_command_line_example_runs_as_written(pki: dict[str, Path], tm
         [*_TRIO_BRIDGE, *shlex.split(serve)[1:], "--port", "0"], cwd=tmp_path, stdout=subprocess.PIPE
     )
     try:
-        assert server.stdout is not None
-        buffer = b""
-        with trio.fail_after(30):
-            while b"serving on" not in buffer:
-                chunk = await server.stdout.receive_some()
-                assert chunk, buffer
-                buffer += chunk
-        port = buffer.split(b"serving on 127.0.0.1:", 1)[1].split(b"\n", 1)[0].decode()
+        port = str(await serving_port(server))
         result = await trio.run_process(
             [*_TRIO_BRIDGE, *shlex.split(listing)[1:], "--port", port],
             cwd=tmp_path,
