@@ -42,7 +42,7 @@ def tests(session: nox.Session) -> None:
 def serve(session: nox.Session) -> None:
     """Run the server; extra arguments go to `trio-bridge serve` (e.g. `nox -s serve -- --port 6000`).
     Its virtualenv is kept, and installed into again only when pyproject.toml changes: it starts in
-    about a second."""
+    about two seconds."""
     install_once(session, "-e", ".")
     session.run("trio-bridge", "serve", *session.posargs)
 

@@ -252,6 +252,34 @@ async def test_writes_of_one_turn_leave_in_one_write_in_order(aio_loop: Any) -> 
     await _in_asyncio(scenario)
 
 
+async def test_a_calls_trailers_leave_at_once_with_what_was_gathered(aio_loop: Any) -> None:
+    """Issue #13: with 1,000 watchers, a writer's reply waited behind every delivery its write woke
+    (47 ms): deliveries run before the loop's next turn, where the coalesced bytes left."""
+    real = _RecordingTransport()
+    transport = _CoalescingTransport(real)
+    delivery = _frame(0x0, 0x0, 3, b"upd")  # DATA on a watch stream: waits for the turn
+    reply = _frame(0x1, 0x4, 1, b"hdr") + _frame(0x0, 0x0, 1, b"msg")  # a reply's headers and message
+    trailers = _frame(0x1, 0x5, 1, b"tr")  # HEADERS with END_STREAM (and END_HEADERS)
+
+    async def scenario() -> None:
+        transport.write(delivery)
+        transport.write(reply)
+        assert real.writes == []
+        transport.write(trailers)
+        assert real.writes == [delivery + reply + trailers]  # at once, in order
+        transport.write(b"a")  # not frames: gathered as before
+        assert real.writes == [delivery + reply + trailers]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert real.writes == [delivery + reply + trailers, b"a"]
+
+    await _in_asyncio(scenario)
+
+
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big") + payload
+
+
 async def test_close_sends_what_is_gathered_and_abort_drops_it(aio_loop: Any) -> None:
     async def scenario() -> None:
         closing = _RecordingTransport()

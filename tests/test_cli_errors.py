@@ -17,6 +17,7 @@ import pytest
 import trio
 import trio_asyncio
 
+from tests.h2raw import RawH2
 from tests.support import start_server
 from trio_bridge import MemoryStore, RunningServer, Unavailable, VariableType
 from trio_bridge.client import RECONNECTING, BridgeClient, Reconnect
@@ -156,6 +157,26 @@ async def test_client_raises_unavailable_with_the_address(
     assert "speaks TLS" in str(plain_at_tls)
 
 
+async def test_a_server_refusing_new_connections_is_worth_retrying(
+    aio_loop: Any, nursery: trio.Nursery
+) -> None:
+    # A server at its --max-connections closes new connections at once: the watch gave up at once,
+    # calling it "not a trio-bridge gRPC server".
+    server = await start_server(nursery, max_connections=1)
+    held = await RawH2.open(server.port)
+
+    async def call() -> Unavailable:
+        async with BridgeClient("127.0.0.1", server.port, timeout=10) as client:
+            with pytest.raises(Unavailable) as caught:
+                await client.ping()
+            return caught.value
+
+    error = await trio_asyncio.aio_as_trio(call)()
+    assert error.retryable, error
+    assert "refusing new connections" in str(error) or "refuses new connections" in str(error)
+    await held.aclose()
+
+
 async def test_client_watch_reports_reconnects_and_gives_up(aio_loop: Any) -> None:
     port = free_port()
 
@@ -251,7 +272,7 @@ async def test_watch_reports_a_lost_server_and_carries_on_when_it_is_back() -> N
     store = MemoryStore()  # the state outlives the first server
     await store.create_session("lab")
     await store.register_variable("lab", "temperature", VariableType.FLOAT, 21.5)
-    async with watch_then_lose_the_server(store, "--wait") as (server, _, out, err):
+    async with watch_then_lose_the_server(store, "--wait", "forever") as (server, _, out, err):
         retrying = await err.until("retrying (1)")
         assert retrying.startswith("trio-bridge: ") and f"127.0.0.1:{server.port}" in retrying
         async with trio.open_nursery() as second:

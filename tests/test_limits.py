@@ -229,6 +229,8 @@ def test_every_limit_is_a_serve_flag_and_a_readme_row() -> None:
         assert rows.get(flag) == default, f"README Limits table: --{flag} should show {default}"
         assert getattr(defaults, name) == default
         assert getattr(parser.parse_args(["serve", f"--{flag}", "7"]), name) == 7
+        if default == 0:  # documented as "0: worked out": it must be accepted (it was refused)
+            assert getattr(parser.parse_args(["serve", f"--{flag}", "0"]), name) == 0
 
 
 # ---- sizes of what a request may make the server keep (issue #10, observation 3) ----------------------

@@ -179,6 +179,10 @@ async def test_numpy_scalars_are_accepted_where_python_numbers_are(
         ("embedding", np.float32(1.0), "expects a 1-D array of numbers, got a numpy float32 scalar"),
         ("embedding", np.zeros(3, dtype=np.complex128), "numpy dtype 'complex128' is not a real number type"),
         ("embedding", np.array([True, False]), "numpy dtype 'bool' is not a real number type"),
+        # A variable of one value: an array of several was a struct.error or numpy's ValueError.
+        ("float", np.array([1.5]), "expects one value, got a 1-D numpy array of shape (1,)"),
+        ("float", np.array([1.5, 2.5]), "expects one value, got a 1-D numpy array of shape (2,)"),
+        ("string", np.array(["a", "b"]), "expects one value, got a 1-D numpy array of shape (2,)"),
     ],
 )
 async def test_unsupported_arrays_are_refused_before_they_are_sent(
@@ -256,8 +260,13 @@ def test_native_value_and_check_value_convert_arrays_for_tensors_and_embeddings_
     assert check_value("t", VariableType.TENSOR, Constraints(), array) == tensor
     assert native_value(VariableType.EMBEDDING, array) == (1.0, 2.0)
     assert check_value("e", VariableType.EMBEDDING, Constraints(), array) == (1.0, 2.0)
-    with pytest.raises(InvalidArgument, match=r"variable 's' \(string\): expects a string, got array"):
-        check_value("s", VariableType.STRING, Constraints(), native_value(VariableType.STRING, array))
+    with pytest.raises(InvalidArgument, match=r"^string: expects one value, got a 1-D numpy array"):
+        native_value(VariableType.STRING, array)
+    with pytest.raises(InvalidArgument, match=r"variable 's' \(string\): expects one value, got a 1-D"):
+        check_value("s", VariableType.STRING, Constraints(), array)
+    # A 0-d array holds one value, as a numpy scalar does.
+    assert native_value(VariableType.FLOAT, np.array(1.5)) == 1.5
+    assert check_value("f", VariableType.FLOAT, Constraints(), np.array(1.5)) == 1.5
 
 
 def test_trio_bridge_never_imports_numpy_on_its_own() -> None:

@@ -231,6 +231,11 @@ def test_float32_and_float16_tensor_data_show_their_shortest_exact_form() -> Non
 @given(st.floats(width=32, allow_nan=False, allow_infinity=False))
 @example(0.11810522526502609)  # a float32 that needs all 9 significant digits: 0.118105225
 @example(-1.401298464324817e-45)  # the smallest subnormal, negative
+# Powers of two, where what reads back reaches further on one side: 9 digits where numpy shows 8.
+@example(2.0**-96)
+@example(2.0**87)
+@example(2.0**90)
+@example(2.0**-12)  # two shortest decimals as near: numpy takes the even one (0.00024414062)
 def test_an_embedding_element_shows_as_numpy_shows_a_float32_and_reads_back_the_same(x: float) -> None:
     (shown,) = plain_value(E, (x,))
     assert f32(shown) == x and math.copysign(1, shown) == math.copysign(1, x)
@@ -243,3 +248,8 @@ def test_float16_tensors_read_back_bit_for_bit(values: list[float]) -> None:
     tensor = Tensor((len(values),), "float16", struct.pack(f"<{len(values)}e", *values))
     assert parse_value(T, show_value(T, tensor)) == tensor
     assert plain_value(T, tensor)["data"] == [float(str(np.float16(v))) for v in values]
+
+
+def test_a_value_beyond_float32s_range_is_shown_as_it_is() -> None:
+    # It raised OverflowError (a float64 the store's Python API keeps in an embedding).
+    assert plain_value(VariableType.EMBEDDING, (1e39,)) == [1e39]

@@ -9,7 +9,7 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -17,7 +17,7 @@ import trio
 from ._commands import add_client_commands
 from ._config import DEFAULT_HOST, DEFAULT_PORT, ServerConfig
 from ._errors import BridgeError, CannotServe, Unavailable
-from ._limits import Limits
+from ._limits import ZERO_MEANS_DERIVED, Limits
 from ._limits import describe as describe_limits
 from ._security import Tokens, server_tls
 from ._status import RemoteError, status_of
@@ -38,14 +38,19 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _whole_number(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {least}")
+        return value
+
+    return parse
 
 
 def _port(text: str) -> int:
@@ -229,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, default, what in describe_limits():
         limits.add_argument(
             "--" + name.replace("_", "-"),
-            type=_positive_int,
+            # 0 asks the server to work a limit out (max_connections: from the open-file limit)
+            type=_whole_number(0 if name in ZERO_MEANS_DERIVED else 1),
             default=default,
             metavar="N",
             help=f"{what} (default %(default)s)",

@@ -287,11 +287,14 @@ VALUES_HELP = """values, by type (quote what your shell would split):
 """
 
 
-def _seconds(text: str) -> float:
+def _seconds(text: str) -> float | None:
+    """A number of seconds, at least 0; "forever" is None."""
+    if text == "forever":
+        return None
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds, nor 'forever'") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more seconds")
     return value
@@ -371,13 +374,11 @@ def add_client_commands(commands: Any, connection: argparse.ArgumentParser) -> N
     watch.add_argument("--heartbeat-interval", type=float, default=None, help="seconds (default 30)")
     watch.add_argument(
         "--wait",
-        nargs="?",
         type=_seconds,
-        const=None,
         default=DEFAULT_GIVE_UP_SECONDS,
         metavar="SECONDS",
         help="while the server cannot be reached, keep retrying this long (default %(default)g); "
-        "--wait alone: forever",
+        "'forever' never gives up, 0 gives up at the first failure",
     )
     commands.add_parser(
         "ping", parents=[connection], help="check that the server answers; prints its version"

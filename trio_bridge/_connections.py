@@ -14,9 +14,9 @@ h2o did for that CVE:
   read; more than ``4 * max_streams`` waiting is abuse.
 * **Budgets per connection, per second**: streams the client resets (``max_stream_resets_per_second``)
   and frames that cost work but carry no request (PING, SETTINGS, PRIORITY, and tiny DATA frames past
-  the first few of a stream: ``max_control_frames_per_second``), each a token bucket holding one
-  second's worth; for ten seconds after an address was told to calm down, its new connections' buckets
-  start empty (reconnecting buys no new burst).
+  the first few of a stream that are not whole messages: ``max_control_frames_per_second``), each a
+  token bucket holding one second's worth; for ten seconds after an address was told to calm down,
+  its new connections' buckets start empty (reconnecting buys no new burst).
 * **Unsent bytes**: while the connection's socket does not take what the server writes (the client
   does not read: its PING and SETTINGS acknowledgements included), the connection is not read either.
 * **Request bytes buffered** for messages not yet read whole, per connection
@@ -167,10 +167,38 @@ class _Penalties:
         return self._until.get(host, 0.0) > time.monotonic()
 
 
+def _whole_messages(data: bytes) -> bool:
+    """Whether ``data`` (a DATA frame's payload) is one or more whole gRPC messages (a flag byte, a
+    4-byte length, that many bytes): a request each, as a producer streams them, which the handler
+    pays for as requests, not a message cut into frames to cost work."""
+    at, size = 0, len(data)
+    while at + 5 <= size and data[at] in (0, 1):
+        at += 5 + int.from_bytes(data[at + 1 : at + 5], "big")
+    return size > 0 and at == size
+
+
+_HEADERS_FRAME = 0x1
+_END_STREAM_FLAG = 0x1
+
+
+def _ends_a_stream(data: bytes | bytearray | memoryview) -> bool:
+    """Whether ``data`` (whole HTTP/2 frames, as h2 hands them over) holds a HEADERS frame that ends
+    its stream: a call's trailers. Anything else (a partial frame, the preface) reads as False."""
+    view = memoryview(data)
+    at, size = 0, len(view)
+    while at + 9 <= size:
+        if view[at + 3] == _HEADERS_FRAME and view[at + 4] & _END_STREAM_FLAG:
+            return True
+        at += 9 + int.from_bytes(view[at : at + 3], "big")
+    return False
+
+
 class _CoalescingTransport(asyncio.Transport):
     """Wraps a connection's transport: bytes written before the event loop's next turn leave in one
     ``write`` then, in the order they were written, or as soon as ``_FLUSH_AT`` bytes are gathered
-    (so the first streams of a large fan-out need not wait for the last).
+    (so the first streams of a large fan-out need not wait for the last), or at once with what ends a
+    call (its trailers): a writer's reply leaves before the deliveries its write woke, which run
+    before the loop's next turn.
 
     Closing sends what is gathered first; aborting drops it, as aborting the socket would.
     """
@@ -188,7 +216,7 @@ class _CoalescingTransport(asyncio.Transport):
             asyncio.get_running_loop().call_soon(self._flush)
         self._pending.append(bytes(data))
         self._pending_size += len(data)
-        if self._pending_size >= _FLUSH_AT:
+        if self._pending_size >= _FLUSH_AT or _ends_a_stream(data):
             self._flush()
 
     def _flush(self) -> None:
@@ -385,7 +413,11 @@ class GuardedProtocol(H2Protocol):
         elif isinstance(event, DataReceived):
             count = self._frames.get(event.stream_id, 0) + 1
             self._frames[event.stream_id] = count
-            tiny = len(event.data) < _TINY_FRAME and event.stream_ended is None
+            tiny = (
+                len(event.data) < _TINY_FRAME
+                and event.stream_ended is None
+                and not _whole_messages(event.data)
+            )
             if tiny and count > _FRAMES_BEFORE_TINY_COUNTS and not self._control.take():
                 return self._too_many_control_frames()
         elif isinstance(event, StreamEnded):

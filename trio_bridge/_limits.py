@@ -25,7 +25,7 @@ def _limit(default: int, help: str) -> Any:
 
 
 #: Limits whose 0 means "derived from the machine" (their help says how).
-_ZERO_MEANS_DERIVED = frozenset({"max_connections"})
+ZERO_MEANS_DERIVED = frozenset({"max_connections"})
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class Limits:
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
-            least = 0 if item.name in _ZERO_MEANS_DERIVED else 1
+            least = 0 if item.name in ZERO_MEANS_DERIVED else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(
                     f"limit {item.name} must be a whole number of at least {least}, got {value!r}"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from decimal import Decimal
 from typing import Any
 
 from ._types import DTYPE_SIZES, Tensor, VariableType
@@ -175,17 +176,34 @@ def _shortest(value: float, code: str, digits: int) -> float:
     A value that is not of that width, or not finite, comes back as it is."""
     if not math.isfinite(value):
         return value
-    bits = struct.pack(f"<{code}", value)
+    try:
+        bits = struct.pack(f"<{code}", value)
+    except OverflowError:
+        return value  # beyond the width's range: not of that width
     if struct.unpack(f"<{code}", bits)[0] != value:
         return value  # not of that width (the store's Python API keeps any float): shown exactly
     for precision in range(1, digits + 1):
-        candidate = float(f"{value:.{precision}g}")
-        try:
-            if struct.pack(f"<{code}", candidate) == bits:
-                return candidate
-        except OverflowError:  # rounded up past the largest finite value
-            continue
+        # The nearest decimal of this many digits, and its neighbours in the last digit: at a power of
+        # two the values that read back as these bits reach further on one side than the other.
+        mantissa, exponent = f"{abs(value):.{precision - 1}e}".split("e")
+        nearest = int(mantissa.replace(".", ""))
+        exact = Decimal(abs(value))
+        scale = int(exponent) - (precision - 1)
+        fits = [
+            (abs(Decimal(f"{n}e{scale}") - exact), n % 2, candidate)  # the nearest; a tie to even
+            for n in (nearest, nearest - 1, nearest + 1)
+            if _packs_to(candidate := math.copysign(float(f"{n}e{scale}"), value), code, bits)
+        ]
+        if fits:
+            return min(fits)[2]
     return value
+
+
+def _packs_to(candidate: float, code: str, bits: bytes) -> bool:
+    try:
+        return struct.pack(f"<{code}", candidate) == bits
+    except OverflowError:  # rounded up past the largest finite value
+        return False
 
 
 #: The narrow float dtypes: their struct code and the significant digits that always round-trip.

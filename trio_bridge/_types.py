@@ -143,8 +143,9 @@ def _embedding_from_array(where: str, array: Any) -> tuple[float, ...]:
 
 def _from_numpy(where: str, vtype: VariableType, value: Any) -> Any:
     """``value`` with numpy objects turned into the native form for ``vtype``: an array into a Tensor or
-    an embedding's tuple, a numpy scalar into the Python number it holds. Other values are returned as
-    they are (for the checks to accept or refuse)."""
+    an embedding's tuple, a numpy scalar or 0-d array into the Python value it holds; a larger array
+    for a variable of one value is refused (InvalidArgument). Other values are returned as they are
+    (for the checks to accept or refuse)."""
     kind = _numpy_kind(value)
     if kind is None:
         return value
@@ -152,9 +153,11 @@ def _from_numpy(where: str, vtype: VariableType, value: Any) -> Any:
         return _tensor_from_array(where, value)
     if vtype is VariableType.EMBEDDING:
         return _embedding_from_array(where, value)
-    if kind == "scalar":
+    if kind == "scalar" or value.ndim == 0:
         return value.item()
-    return value
+    raise InvalidArgument(
+        f"{where}: expects one value, got a {value.ndim}-D numpy array of shape {tuple(value.shape)}"
+    )
 
 
 def _plain_number(item: Any) -> Any:
