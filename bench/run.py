@@ -1,8 +1,11 @@
-"""Benchmarks of what users feel: throughput, fan-out latency, idle streams, writer isolation, growth.
+"""Benchmarks of what users feel: throughput, writers, fan-out latency, idle streams, writer isolation,
+growth.
 
-Run with ``nox -s bench`` (``-- --quick`` for a short run, ``-- --json PATH`` to keep the figures).
-The server under test and the load generators are separate processes on loopback; the plain-asyncio
-baseline (bench/baseline_server.py) runs the same single-stream and fan-out scenarios in the same run.
+Run with ``nox -s bench`` (``-- --quick`` for a short run, ``-- --json PATH`` to keep the figures,
+``-- --only writers`` for one scenario, ``-- --updates 1000`` or ``-- --watchers 1 10`` for still
+smaller sizes). The server under test and the load generators are separate processes on loopback; the
+plain-asyncio baseline (bench/baseline_server.py) runs the same single-stream, writers and fan-out
+scenarios in the same run.
 Figures depend on the machine: the JSON records it. Targets are printed as PASS/MISS, never asserted.
 """
 
@@ -23,10 +26,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf import any_pb2, wrappers_pb2
 from grpclib.client import Channel
 from grpclib.config import Configuration
@@ -40,7 +44,11 @@ from trio_bridge.proto.google.protobuf import DoubleValue
 ROOT = Path(__file__).resolve().parent.parent
 PER_CONNECTION = 90
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
-SCENARIOS = ("single_stream", "fan_out", "idle_streams", "writer_isolation", "growth", "etcd")
+SCENARIOS = ("single_stream", "writers", "fan_out", "idle_streams", "writer_isolation", "growth", "etcd")
+#: The ``writers`` scenario's writers, each with the requests it keeps in flight (unanswered).
+WRITERS = {"SetVariable": 64, "SetVariables/100": 4, "WriteVariables": 256}
+#: Variables of the ``writers`` session, and writes in one SetVariables batch.
+BATCH = 100
 
 
 # ---- the server under test --------------------------------------------------------------------------
@@ -211,6 +219,125 @@ async def _write(
     return latencies
 
 
+def _writer_requests(writer: str, session: str, updates: int) -> list[Any]:
+    """The requests of one of ``WRITERS``, made before the clock starts: ``updates`` writes in all,
+    write ``i`` setting ``v{i % BATCH}`` to ``i``; one write a request, or ``BATCH`` for SetVariables."""
+    pb2, _ = stock_client.stubs()
+
+    def value(index: int) -> any_pb2.Any:
+        packed = any_pb2.Any()
+        packed.Pack(wrappers_pb2.DoubleValue(value=float(index)))
+        return packed
+
+    def write(index: int) -> Any:
+        return pb2.VariableWrite(variable_identifier=f"v{index % BATCH}", value=value(index))
+
+    if writer == "SetVariable":
+        return [
+            pb2.SetVariableRequest(session_id=session, variable_identifier=f"v{i % BATCH}", value=value(i))
+            for i in range(updates)
+        ]
+    if writer == "SetVariables/100":
+        return [
+            pb2.SetVariablesRequest(
+                session_id=session, writes=[write(i) for i in range(start, start + BATCH)]
+            )
+            for start in range(0, updates, BATCH)
+        ]
+    return [
+        pb2.WriteRequest(request_id=i, session_id=session, writes=[write(i)], versions_only=True)
+        for i in range(updates)
+    ]
+
+
+async def _run_writer(port: int, writer: str, requests: list[Any]) -> None:
+    """Send ``requests`` with the stock client on a connection of their own, keeping ``WRITERS[writer]``
+    of them unanswered: unary calls made by as many workers, or one WriteVariables stream whose next
+    request goes out while fewer are unanswered. An RPC error (UNIMPLEMENTED too) is raised."""
+    _, pb2_grpc = stock_client.stubs()
+    in_flight = WRITERS[writer]
+    async with stock_client.channel(port) as channel:
+        stub = pb2_grpc.UnifiedBridgeStub(channel)
+        if writer == "WriteVariables":
+            await _stream_writes(stub, requests, in_flight)
+            return
+        method = stub.SetVariable if writer == "SetVariable" else stub.SetVariables
+        pending = iter(requests)
+
+        async def worker() -> None:
+            for request in pending:  # shared: each request goes out once
+                await method(request)
+
+        await _all_or_first_failure([asyncio.create_task(worker()) for _ in range(in_flight)])
+
+
+async def _stream_writes(stub: Any, requests: list[Any], window: int) -> None:
+    """One WriteVariables stream: send ``requests`` with at most ``window`` unanswered; check that each
+    result answers its request, in order, with status OK. If the call ends with an error, raise it
+    with the server's status."""
+    call = stub.WriteVariables()
+    room = asyncio.Semaphore(window)
+    # A write still in flight when the call ends fails, and grpcio then replaces the call's status with
+    # its own INTERNAL "Internal error from Core": keep the status the call ended with.
+    ended: list[tuple[grpc.StatusCode, str]] = []
+    call.add_done_callback(lambda done: ended.append((_ready(done.code()), _ready(done.details()))))
+
+    async def send() -> None:
+        try:
+            for request in requests:
+                await room.acquire()
+                await call.write(request)
+            await call.done_writing()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return  # the call has ended: ``receive`` reads how
+
+    async def receive() -> None:
+        for request in requests:
+            result = await call.read()
+            if result is grpc.aio.EOF:
+                raise RuntimeError(f"WriteVariables ended before answering request {request.request_id}")
+            if result.request_id != request.request_id or result.status != 0:
+                raise RuntimeError(
+                    f"WriteVariables answered request {request.request_id} with request_id "
+                    f"{result.request_id}, status {result.status}: {result.message}"
+                )
+            room.release()
+
+    try:
+        await _all_or_first_failure([asyncio.create_task(receive()), asyncio.create_task(send())])
+    except grpc.aio.AioRpcError as error:
+        if not ended or ended[0][0] in (error.code(), grpc.StatusCode.OK):
+            raise
+        code, details = ended[0]
+        raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details) from error
+    finally:
+        call.cancel()
+
+
+def _ready(awaitable: Any) -> Any:
+    """The value of a coroutine that returns without waiting (a finished call's ``code()``)."""
+    try:
+        awaitable.send(None)
+    except StopIteration as stop:
+        return stop.value
+    awaitable.close()
+    raise RuntimeError("the coroutine waited")
+
+
+async def _all_or_first_failure(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Wait for every task; if one fails, cancel the others and raise its exception."""
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:  # in the given order: the first given is the one whose error says most
+            error = task.exception() if task.done() and not task.cancelled() else None
+            if error is not None:
+                raise error
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def watcher_process(*arguments: Any) -> None:
     """A load-generator process holding watch streams: see ``_watchers`` for the arguments."""
     asyncio.run(_watchers(*arguments))
@@ -219,7 +346,7 @@ def watcher_process(*arguments: Any) -> None:
 async def _watchers(
     port: int,
     session: str,
-    name: str,
+    name: str | list[str],
     streams: int,
     expect: int,
     mode: str,
@@ -228,10 +355,11 @@ async def _watchers(
     results: Any,
     counter: Any,
 ) -> None:
-    """Hold ``streams`` streams on ``name`` (at most 90 per connection); ``mode`` "latency" reads each
-    value as the monotonic time of its write. Set ``ready`` once all are synced; count every change
-    received in ``counter`` (a shared value only this process writes); end when each stream has
-    ``expect`` changes or ``stop`` is set; put the figures on ``results``. Uses the stock client.
+    """Hold ``streams`` streams on ``name`` (a variable, or a list of them; at most 90 streams per
+    connection); ``mode`` "latency" reads each value as the monotonic time of its write. Set ``ready``
+    once all are synced; count every change received in ``counter`` (a shared value only this process
+    writes); end when each stream has ``expect`` changes or ``stop`` is set; put the figures on
+    ``results``. Uses the stock client.
 
     In "latency" mode the streams stay open until ``stop``, even once they have ``expect`` changes: a
     stream that ends cancels its call, and that work, done in the same process while the last write
@@ -246,7 +374,9 @@ async def _watchers(
     all_synced = asyncio.Event()
     last_receipt = 0.0
     request = pb2.WatchVariablesRequest(
-        session_id=session, variable_identifiers=[name], include_initial_values=True
+        session_id=session,
+        variable_identifiers=[name] if isinstance(name, str) else name,
+        include_initial_values=True,
     )
 
     async def one(index: int) -> None:
@@ -326,7 +456,15 @@ class Watchers:
     """Watcher processes, started together; ``wait_ready`` returns once every stream is synced."""
 
     def __init__(
-        self, port: int, session: str, name: str, streams: int, *, expect: int, mode: str, processes: int
+        self,
+        port: int,
+        session: str,
+        name: str | list[str],
+        streams: int,
+        *,
+        expect: int,
+        mode: str,
+        processes: int,
     ):
         context = mp.get_context("spawn")
         self.stop = context.Event()
@@ -397,10 +535,58 @@ def single_stream(kind: str, updates: int) -> dict[str, Any]:
     }
 
 
+def writers(kind: str, writer: str, updates: int) -> dict[str, Any]:
+    """Single-stream throughput of one of ``WRITERS``: ``updates`` writes to a session of ``BATCH``
+    variables (write ``i`` to ``v{i % BATCH}``), one watch stream on all of them counting deliveries;
+    from the first write to the last delivery. A server that answers the writer's RPC UNIMPLEMENTED
+    gives a row "not served"; another RPC error, a row "failed"."""
+    row: dict[str, Any] = {"server": kind, "writer": writer, "in_flight": WRITERS[writer], "updates": updates}
+    queue = ("--watch-queue-size", str(updates * 2), "--watch-queue-bytes", str(updates * 4096))
+    with server(kind, *queue) as srv:
+        (session,) = asyncio.run(_setup(srv.write_port, variables=BATCH))
+        requests = _writer_requests(writer, session, updates)
+        names = [f"v{i}" for i in range(BATCH)]
+        watchers = Watchers(srv.port, session, names, 1, expect=updates, mode="count", processes=1)
+        watchers.wait_ready()
+        cpu0, started, client_cpu0 = srv.cpu_seconds(), time.monotonic(), time.process_time()
+        try:
+            asyncio.run(_run_writer(srv.write_port, writer, requests))
+        except grpc.aio.AioRpcError as error:
+            (result,) = watchers.halt()
+            code, details = error.code(), error.details()
+            outcome = "not served" if code == grpc.StatusCode.UNIMPLEMENTED else "failed"
+            return {
+                **row,
+                "received": result["received"],
+                "updates_per_second": None,
+                "server_cpu_us_per_update": None,
+                "writer_cpu_us_per_update": None,
+                "watcher_cpu_us_per_update": None,
+                "cores_busy": None,
+                "note": f"{outcome} ({code.name}{': ' + details[:80] if details else ''})",
+            }
+        (result,) = watchers.finish()
+        elapsed = result["last"] - started
+        server_cpu = srv.cpu_seconds() - cpu0
+    writer_cpu = time.process_time() - client_cpu0  # this process: the writer, grpcio's threads too
+    short = result["received"] < updates  # the watch stream ended early (it overflowed?)
+    return {
+        **row,
+        "received": result["received"],
+        "updates_per_second": round(updates / elapsed),
+        "server_cpu_us_per_update": round(server_cpu / updates * 1e6, 1),
+        "writer_cpu_us_per_update": round(writer_cpu / updates * 1e6, 1),
+        "watcher_cpu_us_per_update": round(result["measured_cpu"] / updates * 1e6, 1),
+        "cores_busy": round((server_cpu + writer_cpu + result["measured_cpu"]) / elapsed, 2),
+        "note": "watch stream ended early" if short else "",
+    }
+
+
 def fan_out(kind: str, watchers_count: int, writes: int) -> dict[str, Any]:
     """Latency of one write to each of ``watchers_count`` watchers, ``writes`` times: the next write is
     made only once every watcher has the previous one (and 10 ms later), so a figure is the latency of
-    a single fan-out, not of a queue built by writes arriving faster than they fan out."""
+    a single fan-out, not of a queue built by writes arriving faster than they fan out. Beside the
+    delivery latency: the writer's own SetVariable call latency, and server CPU per delivery."""
     with server(kind) as srv:
         (session,) = asyncio.run(_setup(srv.write_port))
         processes = max(1, min(4, math.ceil(watchers_count / 250)))
@@ -414,7 +600,7 @@ def fan_out(kind: str, watchers_count: int, writes: int) -> dict[str, Any]:
                 await asyncio.sleep(0.001)
 
         cpu0, started = srv.cpu_seconds(), time.monotonic()
-        asyncio.run(
+        write_latencies = asyncio.run(
             _write(
                 srv.write_port,
                 session,
@@ -437,7 +623,10 @@ def fan_out(kind: str, watchers_count: int, writes: int) -> dict[str, Any]:
         "p50_ms": round(_percentile(latencies, 0.50) * 1000, 2),
         "p99_ms": round(_percentile(latencies, 0.99) * 1000, 2),
         "max_ms": round(max(latencies) * 1000, 2),
+        "writer_p50_ms": round(_percentile(write_latencies, 0.50) * 1000, 2),
+        "writer_p99_ms": round(_percentile(write_latencies, 0.99) * 1000, 2),
         "server_cpu_ms_per_write": round(server_cpu / writes * 1000, 1),
+        "server_cpu_us_per_delivery": round(server_cpu / writes / watchers_count * 1e6, 1),
         "clients_cpu_ms_per_write": round(sum(r["measured_cpu"] for r in results) / writes * 1000, 1),
         "cores_busy": round((server_cpu + sum(r["measured_cpu"] for r in results)) / elapsed, 2),
         "client_processes": processes,
@@ -542,11 +731,12 @@ def _table(title: str, rows: list[dict[str, Any]]) -> None:
     print(f"\n## {title}")
     if not rows:
         return
-    columns = list(rows[0])
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    for row in rows:
-        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
+    columns = list(dict.fromkeys(c for r in rows for c in r))
+    cells = [["-" if r.get(c) is None else str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     sys.stdout.flush()
 
 
@@ -556,6 +746,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a first look")
     parser.add_argument(
         "--only", choices=SCENARIOS, action="append", help="run just this scenario (may be repeated)"
+    )
+    parser.add_argument(
+        "--updates",
+        type=int,
+        help=f"updates a row of single_stream and writers (default 20,000; 5,000 with --quick; writers "
+        f"round it to a multiple of {BATCH})",
+    )
+    parser.add_argument(
+        "--watchers", type=int, nargs="+", help="fan_out: these numbers of watchers (default 1 10 100 1000)"
     )
     args = parser.parse_args()
     quick = args.quick
@@ -570,13 +769,24 @@ def main() -> None:
     }
     print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}")
 
+    updates = args.updates or (5_000 if quick else 20_000)
     if "single_stream" in chosen:
-        updates = 5_000 if quick else 20_000
         report["single_stream"] = [single_stream(kind, updates) for kind in ("trio_bridge", "baseline")]
         _table("1. single stream throughput (and 6. baseline)", report["single_stream"])
 
+    if "writers" in chosen:
+        batched = max(BATCH, updates // BATCH * BATCH)
+        report["writers"] = [
+            writers(kind, w, batched) for w in WRITERS for kind in ("trio_bridge", "baseline")
+        ]
+        _table(
+            "1. single stream throughput by writer: SetVariable, SetVariables of 100, WriteVariables stream "
+            "(and 6. baseline)",
+            report["writers"],
+        )
+
     if "fan_out" in chosen:
-        sizes = (1, 10, 100, 1000)
+        sizes = tuple(args.watchers or (1, 10, 100, 1000))
         writes = 10 if quick else 40
         report["fan_out"] = [fan_out(kind, w, writes) for w in sizes for kind in ("trio_bridge", "baseline")]
         _table("2. fan-out latency of one write, write call to receipt (and 6. baseline)", report["fan_out"])
@@ -634,6 +844,8 @@ def _targets(report: dict[str, Any]) -> list[str]:
         ratio = ours["updates_per_second"] / base["updates_per_second"]
         verdict = "PASS" if ratio >= 1.0 else "MISS"
         lines.append(f"{verdict} single stream: {ratio:.2f}x the plain-asyncio baseline (target >= 1.0x)")
+    if "writers" in report:
+        lines += _writers_targets(report["writers"])
     thousand = [
         r for r in report.get("fan_out", []) if r["server"] == "trio_bridge" and r["watchers"] == 1000
     ]
@@ -642,11 +854,61 @@ def _targets(report: dict[str, Any]) -> list[str]:
         lines.append(
             f"{'PASS' if p99 <= 100 else 'MISS'} fan-out to 1,000 watchers: p99 {p99} ms (target <= 100 ms)"
         )
+        lines += _fan_out_targets(thousand[0])
     if "idle_streams" in report:
         lines.append(_idle_target(report["idle_streams"][-1]))
     if "writer_isolation" in report:
         lines.append(_isolation_target(report["writer_isolation"]))
     return lines
+
+
+def _writers_targets(rows: list[dict[str, Any]]) -> list[str]:
+    """Per writer, trio_bridge's figures against its targets, with the baseline's beside them."""
+    found = {(r["server"], r["writer"]): r for r in rows}
+    lines = []
+    for writer, label, rate_target, cpu_target in (
+        ("WriteVariables", "streaming writes (WriteVariables) to one watcher", 15_000, 60),
+        ("SetVariable", f"unary SetVariable ({WRITERS['SetVariable']} in flight)", None, 250),
+        ("SetVariables/100", f"SetVariables of {BATCH}", None, 40),
+    ):
+        ours, base = found.get(("trio_bridge", writer)), found.get(("baseline", writer))
+        if ours is None:
+            continue
+        wanted = (
+            f">= {rate_target:,} updates/s and " if rate_target else ""
+        ) + f"<= {cpu_target} us per update"
+        if base is not None and base["updates_per_second"] is not None:
+            beside = f"; baseline {base['updates_per_second']:,}/s, {base['server_cpu_us_per_update']} us"
+        else:
+            beside = ""
+        if ours["updates_per_second"] is None:
+            lines.append(f"MISS {label}: {ours['note']} (target {wanted}{beside})")
+            continue
+        rate, cpu = ours["updates_per_second"], ours["server_cpu_us_per_update"]
+        ok = cpu <= cpu_target and (rate_target is None or rate >= rate_target) and not ours["note"]
+        if rate_target is not None:  # what the rate could be on this machine: the load generators' share
+            clients = ours["writer_cpu_us_per_update"] + ours["watcher_cpu_us_per_update"]
+            beside += (
+                f"; {ours['cores_busy']} of {os.cpu_count()} cores busy, the load generators' CPU "
+                f"{clients:.0f} us per update"
+            )
+        lines.append(
+            f"{'PASS' if ok else 'MISS'} {label}: {rate:,} updates/s, {cpu} us server CPU per update"
+            f"{' (' + ours['note'] + ')' if ours['note'] else ''} (target {wanted}{beside})"
+        )
+    return lines
+
+
+def _fan_out_targets(thousand: dict[str, Any]) -> list[str]:
+    """Issue #13's targets for a fan-out to 1,000 watchers (beside the p99 <= 100 ms one)."""
+    cpu, p99, writer = thousand["server_cpu_ms_per_write"], thousand["p99_ms"], thousand["writer_p50_ms"]
+    return [
+        f"{'PASS' if cpu <= 15 else 'MISS'} fan-out to 1,000 watchers: {cpu} ms server CPU per write "
+        f"(target <= 15 ms)",
+        f"{'PASS' if p99 <= 25 else 'MISS'} fan-out to 1,000 watchers: p99 {p99} ms (target <= 25 ms)",
+        f"{'PASS' if writer <= 5 else 'MISS'} fan-out to 1,000 watchers: the writer's SetVariable call "
+        f"p50 {writer} ms (target <= 5 ms)",
+    ]
 
 
 def _idle_target(largest: dict[str, Any]) -> str:

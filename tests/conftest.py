@@ -30,6 +30,7 @@ BOTH_STORES = {
     "test_watch_random",
     "test_watch_teardown",
     "test_client",
+    "test_write_stream",
     "test_sync_client",
     "test_watch_scale",
     "test_limits",

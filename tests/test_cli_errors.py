@@ -4,6 +4,7 @@ cannot reach the server, retries, gives up, and tells a lost state from an expir
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -19,7 +20,7 @@ import trio_asyncio
 
 from tests.h2raw import RawH2
 from tests.support import start_server
-from trio_bridge import MemoryStore, RunningServer, Unavailable, VariableType
+from trio_bridge import MemoryStore, NotFound, RunningServer, Unavailable, VariableType
 from trio_bridge.client import RECONNECTING, BridgeClient, Reconnect
 
 PYTHON = [sys.executable, "-m", "trio_bridge"]
@@ -197,6 +198,112 @@ async def test_client_watch_reports_reconnects_and_gives_up(aio_loop: Any) -> No
     kinds, error = await trio_asyncio.aio_as_trio(watch)()
     assert len(kinds) >= 2
     assert error is not None and "gave up after" in str(error) and str(port) in str(error)
+
+
+async def _silent_server(nursery: trio.Nursery) -> int:
+    """A port that accepts connections and never answers (a hung process, a black hole)."""
+
+    async def hold(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(trio.serve_tcp, hold, 0)
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+async def test_a_calls_deadline_is_unavailable_not_a_lost_connection(
+    aio_loop: Any, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A `timeout=` that ran out was reported as "the connection was lost" (a TimeoutError is an OSError).
+    port = await _silent_server(nursery)
+
+    async def call() -> Unavailable:
+        async with BridgeClient("127.0.0.1", port, timeout=2) as client:
+            with pytest.raises(Unavailable) as caught:
+                await client.ping()
+            return caught.value
+
+    error = await trio_asyncio.aio_as_trio(call)()
+    assert (
+        str(error) == f"127.0.0.1:{port} did not answer within 2s; the call may or may not have been applied"
+    )
+    assert error.address == ("127.0.0.1", port) and error.retryable
+
+
+async def test_a_watch_gives_up_on_a_server_that_never_answers_in_time(
+    aio_loop: Any, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    # With give_up_after=1 it gave up after 6 s (two liveness windows), saying "3s"; with the defaults,
+    # after about 180 s where the README says 30.
+    port = await _silent_server(nursery)
+
+    async def watch() -> tuple[Unavailable, float]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        async with BridgeClient("127.0.0.1", port, reconnect=Reconnect(give_up_after=1)) as client:
+            with pytest.raises(Unavailable) as caught:
+                async for _ in client.watch("lab", heartbeat_interval=1):
+                    pass
+            return caught.value, loop.time() - start
+
+    error, waited = await trio_asyncio.aio_as_trio(watch)()
+    assert "(gave up after 1s without an answer)" in str(error)
+    assert waited == pytest.approx(1.0, abs=0.01)  # mock time: the bound itself, not a measurement
+
+
+async def test_a_resumed_watch_raises_when_the_state_it_followed_is_gone(aio_loop: Any) -> None:
+    # After an in-memory server restarted and a producer made the session again, the watch resumed
+    # with a silent gap (the new variables' first versions never came, no resync).
+    first_store, second_store = MemoryStore(), MemoryStore()
+    await first_store.create_session("lab")
+    await first_store.register_variable("lab", "t", VariableType.INTEGER, 1)
+    await second_store.create_session("lab")  # what a producer made on the restarted server
+    await second_store.register_variable("lab", "t", VariableType.INTEGER, 100)
+    await second_store.register_variable("lab", "u", VariableType.INTEGER, 0)
+    for value in range(1, 10):
+        await second_store.set_variable("lab", "u", value)
+    async with trio.open_nursery() as outer:
+        first = trio.CancelScope()
+        stopped = trio.Event()
+
+        async def serve_first(*, task_status: trio.TaskStatus[RunningServer]) -> None:
+            with first:
+                async with trio.open_nursery() as inner:
+                    task_status.started(await start_server(inner, store=first_store))
+            stopped.set()  # its port is free again
+
+        server = await outer.start(serve_first)
+        synced = trio.Event()
+
+        async def watch() -> list[str]:
+            kinds = []
+            reconnect = Reconnect(initial_delay=0.01, max_delay=0.05)
+            async with BridgeClient("127.0.0.1", server.port, reconnect=reconnect) as client:
+
+                async def follow() -> None:
+                    async for event in client.watch("lab", include_reconnects=True):
+                        kinds.append(event.kind)
+                        if event.kind == "synced" and not synced.is_set():
+                            synced.set()
+
+                with pytest.raises(NotFound) as caught:
+                    await follow()
+                kinds.append(str(caught.value))
+            return kinds
+
+        async def restart() -> None:
+            await synced.wait()
+            first.cancel()
+            await stopped.wait()
+            await start_server(outer, store=second_store, port=server.port)
+
+        outer.start_soon(restart)
+        with trio.fail_after(30):  # a safety bound: before the fix the watch went on, never ending
+            kinds = await trio_asyncio.aio_as_trio(watch)()
+        outer.cancel_scope.cancel()
+    assert kinds[:2] == ["initial_value", "synced"]
+    assert "value_change" not in kinds and "initial_value" not in kinds[2:]  # nothing of the new state
+    assert "lost the state this watch was following (it keeps state in memory and restarted)" in kinds[-1]
 
 
 # ---- the CLI watch: retries you can see ------------------------------------------------------------

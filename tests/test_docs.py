@@ -4,13 +4,35 @@ naming it, and a test that runs it names it (docs/protocol.md's own list is in t
 from __future__ import annotations
 
 import inspect
+import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests import test_install, test_readme, test_security
-from tests.doc_blocks import DOCS, README, blocks
+from tests.doc_blocks import DOCS, README, ROOT, blocks, commands
+
+
+async def test_the_profile_commands_run_as_written(tmp_path: Path) -> None:
+    """performance.md's "profile" commands, with fewer calls (and the profile written to tmp_path):
+    each measures the server's CPU per update and prints py-spy's top functions."""
+    for command in commands(DOCS / "performance.md", "profile"):
+        arguments = shlex.split(command)
+        assert arguments[:3] == [".nox/tests/bin/python", "-m", "bench.write_load"]
+        calls = arguments.index("--calls") + 1
+        arguments[calls] = "200"
+        profile = arguments.index("--profile") + 1
+        arguments[profile] = str(tmp_path / Path(arguments[profile]).name)
+        result = await trio.run_process(
+            [sys.executable, *arguments[1:]], cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False
+        )
+        output = result.stdout.decode()
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        assert "server CPU" in output and "self%  total%  function" in output, output
+
 
 #: Which test runs each example, per file (the test's source names the example).
 RUN_BY: dict[str, dict[str, Callable[..., object]]] = {
@@ -30,6 +52,7 @@ RUN_BY: dict[str, dict[str, Callable[..., object]]] = {
     },
     "several-servers.md": {"several-servers": test_readme.test_several_servers_run_as_written},
     "security.md": {"token-file": test_readme.test_the_token_file_example_is_a_token_file},
+    "performance.md": {"profile": test_the_profile_commands_run_as_written},
 }
 FILES = [README, *sorted(path for path in DOCS.glob("*.md") if path.name != "protocol.md")]
 

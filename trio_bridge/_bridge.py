@@ -314,11 +314,17 @@ async def _until_done(waiting_on: object) -> None:
     if future.done():
         return
     task = trio.lowlevel.current_task()
+    aborted = False
 
     def wake(_: object) -> None:
-        trio.lowlevel.reschedule(task)
+        if not aborted:
+            trio.lowlevel.reschedule(task)
 
     def abort(_: object) -> trio.lowlevel.Abort:
+        # A future done already has queued its callbacks on asyncio's loop, where removing one no
+        # longer stops it: the wake-up may still run, after the task has gone on (or ended).
+        nonlocal aborted
+        aborted = True
         future.remove_done_callback(wake)
         return trio.lowlevel.Abort.SUCCEEDED
 

@@ -29,12 +29,13 @@ import betterproto2
 
 from ._errors import InvalidArgument
 from ._types import Constraints, Tensor, VariableType
-from ._wire import check_wire, serialize
+from ._wire import parse, parse_value, serialize, serialize_value
 from .proto import unified_bridge as pb
 from .proto.google import protobuf as wkt
 from .storage.records import EventKind, SessionInfo, VariableEvent, VariableSnapshot
 
 TYPE_URL_PREFIX = "type.googleapis.com/"
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 _WIRE_MESSAGE: dict[VariableType, type[betterproto2.Message]] = {
     VariableType.FLOAT: wkt.DoubleValue,
@@ -57,21 +58,27 @@ _FULL_NAME: dict[type[betterproto2.Message], str] = {
 }
 
 
+_TYPE_URL: dict[VariableType, str] = {
+    vtype: TYPE_URL_PREFIX + _FULL_NAME[message] for vtype, message in _WIRE_MESSAGE.items()
+}
+#: The variable types packed in a one-field wrapper message (``google.protobuf.DoubleValue``, ...).
+_WRAPPED = {vtype for vtype, message in _WIRE_MESSAGE.items() if message.__module__ == wkt.__name__}
+
+
 def type_url_for(vtype: VariableType) -> str:
     """The type URL a value of ``vtype`` is packed with."""
-    return TYPE_URL_PREFIX + _FULL_NAME[_WIRE_MESSAGE[vtype]]
+    return _TYPE_URL[vtype]
 
 
 def pack_value(vtype: VariableType, value: Any) -> wkt.Any:
     """Pack a native value (already checked against its type) into an Any."""
-    message: betterproto2.Message
-    if vtype is VariableType.EMBEDDING:
-        message = pb.Embedding(values=list(value))
-    elif vtype is VariableType.TENSOR:
-        message = pb.Tensor(shape=list(value.shape), dtype=value.dtype, data=value.data)
+    if vtype in _WRAPPED:
+        payload = serialize_value(_WIRE_MESSAGE[vtype], value)  # (no wrapper message made)
+    elif vtype is VariableType.EMBEDDING:
+        payload = serialize(pb.Embedding(values=list(value)))
     else:
-        message = _WIRE_MESSAGE[vtype](value=value)  # type: ignore[call-arg]
-    return wkt.Any(type_url=type_url_for(vtype), value=serialize(message))
+        payload = serialize(pb.Tensor(shape=list(value.shape), dtype=value.dtype, data=value.data))
+    return wkt.Any(type_url=_TYPE_URL[vtype], value=payload)
 
 
 def unpack_value(name: str, vtype: VariableType, packed: wkt.Any | None) -> Any:
@@ -79,24 +86,30 @@ def unpack_value(name: str, vtype: VariableType, packed: wkt.Any | None) -> Any:
 
     The value still has to pass :func:`~trio_bridge._types.check_value`; this only decodes.
     """
-    where = f"variable {name!r} ({vtype.label})"
     if packed is None or not packed.type_url:
-        raise InvalidArgument(f"{where}: a value is required (a google.protobuf.Any)")
-    expected = type_url_for(vtype)
-    got_name = packed.type_url.rsplit("/", 1)[-1]
-    if got_name != expected.rsplit("/", 1)[-1]:
-        raise InvalidArgument(f"{where}: expects an Any of {expected!r}, got {packed.type_url!r}")
+        raise InvalidArgument(f"{_where(name, vtype)}: a value is required (a google.protobuf.Any)")
+    expected = _TYPE_URL[vtype]
+    type_url = packed.type_url
+    if type_url != expected and type_url.rsplit("/", 1)[-1] != expected.rsplit("/", 1)[-1]:  # any prefix
+        raise InvalidArgument(f"{_where(name, vtype)}: expects an Any of {expected!r}, got {type_url!r}")
     message_type = _WIRE_MESSAGE[vtype]
-    try:
-        check_wire(packed.value, message_type)
-        message = message_type.parse(packed.value)
+    try:  # (checked as it is read: see _wire.check_wire)
+        if vtype in _WRAPPED:
+            return parse_value(message_type, packed.value)
+        message = parse(message_type, packed.value)
     except Exception as exc:
-        raise InvalidArgument(f"{where}: the Any's payload is not a valid {got_name}: {exc}") from None
+        got_name = type_url.rsplit("/", 1)[-1]
+        raise InvalidArgument(
+            f"{_where(name, vtype)}: the Any's payload is not a valid {got_name}: {exc}"
+        ) from None
     if isinstance(message, pb.Embedding):
         return tuple(message.values)
-    if isinstance(message, pb.Tensor):
-        return Tensor(shape=tuple(message.shape), dtype=message.dtype, data=bytes(message.data))
-    return message.value  # type: ignore[attr-defined]
+    assert isinstance(message, pb.Tensor)
+    return Tensor(shape=tuple(message.shape), dtype=message.dtype, data=bytes(message.data))
+
+
+def _where(name: str, vtype: VariableType) -> str:
+    return f"variable {name!r} ({vtype.label})"
 
 
 def constraints_from_proto(message: pb.Constraints | None) -> Constraints:
@@ -137,18 +150,35 @@ def variable_type_from_proto(name: str, value: pb.VariableType | int) -> Variabl
         raise InvalidArgument(f"variable {name!r}: type {int(value)} is not one of {known}") from None
 
 
+#: The datetimes of recent times, by their seconds: the same few come back over and over (a variable's
+#: creation time in every message about it, one write time for every variable of a batch and every
+#: update about them), and the same object then finds its encoding in ``_wire``'s cache at once.
+#: Bounded: emptied when full.
+_moments: dict[float, datetime.datetime] = {}
+MOMENTS_KEPT = 2048
+
+
 def timestamp(seconds: float) -> datetime.datetime:
     """A wall-clock time (seconds since the epoch) as betterproto2 carries a Timestamp field."""
-    if not math.isfinite(seconds):
-        seconds = 0.0
-    return datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    moment = _moments.get(seconds)
+    if moment is None:
+        if not math.isfinite(seconds):
+            return _EPOCH  # (a NaN would never be found again: not kept)
+        moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+        if len(_moments) >= MOMENTS_KEPT:
+            _moments.clear()
+        _moments[seconds] = moment
+    return moment
+
+
+_PROTO_TYPE = {vtype: pb.VariableType(int(vtype)) for vtype in VariableType}
 
 
 def variable_to_proto(snapshot: VariableSnapshot) -> pb.Variable:
     return pb.Variable(
         id=snapshot.id,
         name=snapshot.name,
-        type=pb.VariableType(int(snapshot.type)),
+        type=_PROTO_TYPE[snapshot.type],
         value=pack_value(snapshot.type, snapshot.value),
         # No rules: no message (smaller, and cheaper to serialize on every update).
         constraints=constraints_to_proto(snapshot.constraints)

@@ -4,6 +4,9 @@ Handlers run on the asyncio side (grpclib, inside trio-asyncio's loop) and call 
 from there (see ``storage.interface`` for what each guarantees). Every handler is wrapped by
 :meth:`UnifiedBridgeService._guard`, which turns errors into statuses (through ``_status``), counts
 RPCs by method and status, and refuses new calls with UNAVAILABLE once the server drains for shutdown.
+
+The two streaming RPCs run on the Trio side, one Trio task per stream: WatchVariables (``_watch``) and
+WriteVariables (:class:`WriteStream`, whose writes take the same path as SetVariables').
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import contextvars
 import functools
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpclib.const
 import trio
@@ -34,7 +37,7 @@ from ._bridge import (
     run_in_trio,
     send_messages,
 )
-from ._errors import BridgeError, InvalidArgument, ResourceExhausted
+from ._errors import BridgeError, InvalidArgument, ResourceExhausted, Unavailable
 from ._limits import DEFAULT_LIMITS, Limits, check_constraint_sizes, check_metadata, check_source
 from ._metrics import Metrics
 from ._security import AUTHORIZATION, Principal, Tokens
@@ -46,6 +49,16 @@ from .proto import unified_bridge as pb
 from .storage import Store, VariableSnapshot, VariableWrite, session_not_found
 
 WATCH_PATH = "/unified_bridge.UnifiedBridge/WatchVariables"
+WRITE_PATH = "/unified_bridge.UnifiedBridge/WriteVariables"
+WRITE_METHOD = "WriteVariables"
+#: What a WriteVariables stream itself is counted as in the RPC metrics (``trio_bridge_rpcs``, label
+#: ``method``) when it ends; each of its requests is counted as a "WriteVariables" call with its status,
+#: as a SetVariables call is.
+WRITE_STREAM_LABEL = "WriteVariables/stream"
+SHUTTING_DOWN = "the server is shutting down"
+#: How long a write stream goes on answering requests that were already waiting (it never had to wait
+#: for one) before it lets the server's other tasks run.
+WRITE_SLICE_SECONDS = 0.002
 #: Watch streams that may be ending with a status at once; more wait their turn (``_run_watch``).
 ENDINGS_AT_ONCE = 8
 
@@ -55,6 +68,18 @@ _RawHandler = Callable[[Stream[Any, Any]], Awaitable[None]]
 
 #: The principal of the call being handled (None when the server checks no tokens).
 _caller: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("trio_bridge_caller", default=None)
+
+
+class _StoreCall(Protocol):
+    """How a handler calls a store method (Trio code): from asyncio (``_in_store``), or from Trio
+    (:func:`_direct`)."""
+
+    def __call__(self, method: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> Awaitable[T]: ...
+
+
+async def _direct(method: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
+    """From Trio: call a store method in the calling task (cancelled with it)."""
+    return await method(*args, **kwargs)
 
 
 def _peer_is_gone(stream: Stream[Any, Any]) -> bool:
@@ -77,12 +102,15 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         self.limits = limits
         self.tokens = tokens
         self._watches: set[WatchStream] = set()
+        self._write_streams: set[WriteStream] = set()
         # Watch streams ending with a status whose asyncio side may not have run yet (_run_watch).
         self._endings = trio.Semaphore(ENDINGS_AT_ONCE)
         # Watch calls admitted (counted from the request, before their stream starts), in all and by
         # connection (its peer address).
         self._admitted_watches = 0
         self._watches_by_peer: dict[object, int] = {}
+        # Of those, the WriteVariables streams (held open too, so counted the same: admit_watch).
+        self._admitted_writes = 0
         self._draining = False
         self._in_flight = 0
         self._idle = trio.Event()
@@ -94,11 +122,18 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
     def open_watches(self) -> int:
         """Watch streams open right now, WatchVariables and health Watch (counted from the moment they
         are admitted)."""
-        return self._admitted_watches
+        return self._admitted_watches - self._admitted_writes
+
+    @property
+    def open_write_streams(self) -> int:
+        """WriteVariables streams open right now (counted from the moment they are admitted). They
+        count toward the watch stream limits too, not among ``open_watches``."""
+        return self._admitted_writes
 
     async def drain(self) -> None:
-        """Refuse new RPCs with UNAVAILABLE, end every watch stream with UNAVAILABLE, then wait until
-        the running calls have finished.
+        """Refuse new RPCs with UNAVAILABLE, end every watch stream with UNAVAILABLE, let every write
+        stream answer the request it is applying and then end it with UNAVAILABLE, then wait until the
+        running calls have finished.
 
         Cancellation (the shutdown's grace period running out) just stops the wait; the server then
         cancels whatever is still running.
@@ -106,6 +141,8 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         self._draining = True
         for watch in list(self._watches):
             watch.shut_down()
+        for writes in list(self._write_streams):
+            writes.shut_down()
         while self._in_flight:
             await self._idle.wait()
 
@@ -119,16 +156,29 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             pb.WatchVariablesRequest,
             pb.VariableUpdate,
         )
+        # Raw too: one Trio task answers the stream's requests in order (WriteStream).
+        mapping[WRITE_PATH] = grpclib.const.Handler(
+            self._write_variables,
+            grpclib.const.Cardinality.STREAM_STREAM,
+            pb.WriteRequest,
+            pb.WriteResult,
+        )
         return {
             path: handler._replace(func=self._guard(path.rsplit("/", 1)[-1], handler.func))
             for path, handler in mapping.items()
         }
 
     def _guard(self, method: str, func: _RawHandler) -> _RawHandler:
+        # A WriteVariables stream is counted under a label of its own (its requests count as
+        # "WriteVariables" calls), and checks each request's session itself: a refusal is that
+        # request's result, not the stream's end.
+        label = WRITE_STREAM_LABEL if method == WRITE_METHOD else method
+        scope_on_read = method not in ("CreateSession", WRITE_METHOD)
+
         async def guarded(stream: Stream[Any, Any]) -> None:
             if self._draining:
-                self.metrics.record_rpc(method, Status.UNAVAILABLE.name)
-                raise GRPCError(Status.UNAVAILABLE, "the server is shutting down")
+                self.metrics.record_rpc(label, Status.UNAVAILABLE.name)
+                raise GRPCError(Status.UNAVAILABLE, SHUTTING_DOWN)
             self._in_flight += 1
             if self._in_flight == 1:
                 self._idle = trio.Event()
@@ -141,7 +191,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
                     header = stream.metadata.get(AUTHORIZATION) if stream.metadata else None
                     principal = self.tokens.principal_for(header if isinstance(header, str) else None)
                     _caller.set(principal)
-                    if method != "CreateSession":
+                    if scope_on_read:
                         scope_checked = self._scope_checked_on_read(stream, principal)
                 with (
                     scope_checked,
@@ -176,7 +226,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
                 self._in_flight -= 1
                 if not self._in_flight:
                     self._idle.set()
-                self.metrics.record_rpc(method, status)
+                self.metrics.record_rpc(label, status)
 
         return guarded
 
@@ -189,10 +239,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
 
         async def recv_message() -> Any:
             message = await read()
-            session_id = getattr(message, "session_id", "")
-            owner = await self._in_store(self.store.owner_of, session_id) if session_id else None
-            if owner is not None and not principal.may_use(owner):
-                raise session_not_found(session_id)  # exactly as for a session that is not there
+            await self._check_scope(principal, getattr(message, "session_id", ""), self._in_store)
             return message
 
         stream.recv_message = recv_message  # type: ignore[method-assign]
@@ -200,6 +247,15 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             yield
         finally:
             del stream.recv_message
+
+    async def _check_scope(self, principal: Principal | None, session_id: str, call: _StoreCall) -> None:
+        """Refuse ``session_id`` if it is outside ``principal``'s scope, exactly as if it did not exist
+        (NOT_FOUND, the same message). No principal (no tokens), no session id: nothing to check."""
+        if principal is None or not session_id:
+            return
+        owner = await call(self.store.owner_of, session_id)
+        if owner is not None and not principal.may_use(owner):
+            raise session_not_found(session_id)  # exactly as for a session that is not there
 
     async def _in_store(self, method: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """From asyncio (a handler): call a store method, which is Trio code. A store whose methods
@@ -312,14 +368,17 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         *,
         source: str,
         metadata: dict[str, str],
+        call: _StoreCall | None = None,
     ) -> list[VariableSnapshot]:
+        """The one path of every write (SetVariable, SetVariables, each WriteVariables request): checks
+        in the order a client would fix them, then one atomic store call. ``call``: how to reach the
+        store (from asyncio by default; ``_direct`` from Trio)."""
+        call = call or self._in_store
         check_metadata("update", metadata, self.limits)
         check_source(source, self.limits)
         # Decoding needs each variable's type. A variable's id never changes type; a name whose variable
         # was replaced meanwhile is checked again by the store, which refuses a value of the wrong type.
-        targets = await self._in_store(
-            self.store.get_variables, session_id, [w.variable_identifier for w in writes]
-        )
+        targets = await call(self.store.get_variables, session_id, [w.variable_identifier for w in writes])
         decoded = [
             VariableWrite(
                 identifier=write.variable_identifier,
@@ -328,9 +387,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             )
             for write, target in zip(writes, targets, strict=True)
         ]
-        return await self._in_store(
-            self.store.set_variables, session_id, decoded, source=source, metadata=metadata
-        )
+        return await call(self.store.set_variables, session_id, decoded, source=source, metadata=metadata)
 
     def _unpack_value(self, name: str, vtype: VariableType, packed: Any) -> Any:
         limit = self.limits.max_value_bytes
@@ -434,6 +491,141 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             raise
         finally:
             self._watches.discard(watch)
+
+    async def _write_variables(self, stream: Stream[pb.WriteRequest, pb.WriteResult]) -> None:
+        """A WriteVariables stream: admitted, then run by a :class:`WriteStream` in one Trio task.
+        Cancelled (the client went away, or the server stopped waiting for it), it cancels that task.
+
+        Held open like a watch, so counted like one (``max_watch_streams``, ``..._per_connection``):
+        over a limit, the stream ends at once with RESOURCE_EXHAUSTED naming it, nothing read."""
+        with self.admit_watch(stream), self._counted_write_stream():
+            # Headers first: a status from here on ends a stream that was accepted, after the results
+            # of every request it read (a client can tell which requests were never read).
+            await stream.send_initial_metadata()
+            await run_in_trio(self._run_writes, stream, _caller.get())
+
+    @contextlib.contextmanager
+    def _counted_write_stream(self) -> Iterator[None]:
+        self._admitted_writes += 1
+        try:
+            yield
+        finally:
+            self._admitted_writes -= 1
+
+    async def _run_writes(
+        self, stream: Stream[pb.WriteRequest, pb.WriteResult], principal: Principal | None
+    ) -> None:
+        """The Trio side of one WriteVariables stream (:class:`WriteStream`). Raises the BridgeError
+        that ends it (UNAVAILABLE once the server drains); cancelled when the client goes away."""
+        writes = WriteStream(self, stream, principal)
+        self._write_streams.add(writes)
+        if self._draining:  # began while the stream started
+            writes.shut_down()
+        try:
+            await writes.run()
+        finally:
+            self._write_streams.discard(writes)
+
+    async def write_result(self, request: pb.WriteRequest, principal: Principal | None) -> pb.WriteResult:
+        """From Trio: apply one request of a WriteVariables stream as SetVariables would apply it (the
+        scope check, then ``_apply_writes``: the same checks in the same order, one atomic store call)
+        and say what became of it. A refusal is a result carrying the status, message and trailers
+        SetVariables would have ended with. Counted as a "WriteVariables" call with its status.
+
+        Cancellation: as a cancelled SetVariables, the write may or may not have been applied."""
+        try:
+            await self._check_scope(principal, request.session_id, _direct)
+            snapshots = await self._apply_writes(
+                request.session_id,
+                request.writes,
+                source=request.source,
+                metadata=request.metadata,
+                call=_direct,
+            )
+        except Exception as exc:
+            error, trailers = grpc_error_for(exc, method=WRITE_METHOD)
+            self.metrics.record_rpc(WRITE_METHOD, error.status.name)
+            return pb.WriteResult(
+                request_id=request.request_id,
+                status=error.status.value,
+                message=error.message or "",
+                details=trailers,
+            )
+        self.metrics.record_rpc(WRITE_METHOD, Status.OK.name)
+        if request.versions_only:
+            written = [
+                pb.WrittenVersion(variable_id=s.id, version=s.version, revision=s.revision) for s in snapshots
+            ]
+            return pb.WriteResult(request_id=request.request_id, written=written)
+        variables = [enc.variable_to_proto(s) for s in snapshots]
+        return pb.WriteResult(request_id=request.request_id, variables=variables)
+
+
+class WriteStream:
+    """The Trio side of one WriteVariables stream: each request is read, applied
+    (:meth:`UnifiedBridgeService.write_result`) and answered before the next is read, so results come
+    in request order and a stream's writes are applied in the order they were sent. One Trio task
+    for the whole stream: no task per request, and with the in-memory store no hop between asyncio
+    and Trio either (it reads and sends through ``run_in_asyncio``).
+
+    Flow control, end to end, one request at a time: the next request is read only once the result of
+    the one before has been handed to the connection, which waits for the client's HTTP/2 window. A
+    client that stops reading results stops the stream after one more request: it holds one result,
+    and reads nothing more. What the client sends meanwhile waits in its connection's request buffer,
+    bounded by ``max_connection_buffer_bytes`` and ``max_request_buffer_bytes``; past either, the
+    stream ends with RESOURCE_EXHAUSTED naming the limit when it next reads.
+
+    Drain (:meth:`shut_down`): the request being applied is finished and answered, then the stream
+    ends with UNAVAILABLE; the requests it had not read were not applied, and they are exactly those
+    without a result.
+    """
+
+    def __init__(
+        self,
+        service: UnifiedBridgeService,
+        stream: Stream[pb.WriteRequest, pb.WriteResult],
+        principal: Principal | None,
+    ) -> None:
+        self._service = service
+        self._stream = stream
+        self._principal = principal
+        self._stopping = False
+        self._receiving: trio.CancelScope | None = None
+
+    def shut_down(self) -> None:
+        """End the stream with UNAVAILABLE once the request being applied (if any) is answered."""
+        self._stopping = True
+        if self._receiving is not None:
+            self._receiving.cancel()
+
+    async def run(self) -> None:
+        """Answer requests until the client ends its side (the stream then ends with OK). Raises
+        :class:`Unavailable` once the server drains, and the error of a request it cannot read (over
+        ``max_message_bytes``, malformed, compressed), which ends the stream with that status.
+
+        Cancellation (the client went away, or the server stopped waiting for it): the request being
+        applied may or may not have been, as with a cancelled SetVariables; nothing more is read."""
+        pause_at = time.perf_counter() + WRITE_SLICE_SECONDS
+        while (request := await self._next_request()) is not None:
+            result = await self._service.write_result(request, self._principal)
+            await run_in_asyncio(send_messages, self._stream, [result])
+            if time.perf_counter() >= pause_at:  # requests that were waiting, read with no pause
+                await trio.lowlevel.checkpoint()
+                pause_at = time.perf_counter() + WRITE_SLICE_SECONDS
+
+    async def _next_request(self) -> pb.WriteRequest | None:
+        """The next request; None once the client has ended its side. Raises :class:`Unavailable`
+        once the server drains (a request half read then is dropped, never applied)."""
+        if not self._stopping:
+            with trio.CancelScope() as receiving:
+                self._receiving = receiving
+                try:
+                    request: pb.WriteRequest | None = await run_in_asyncio(self._stream.recv_message)
+                finally:
+                    self._receiving = None
+            if not receiving.cancelled_caught:
+                return request
+        raise Unavailable(SHUTTING_DOWN)
 
 
 #: Methods whose streams a client may hold open for as long as it likes.

@@ -53,7 +53,7 @@ class VariableType(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        return self._name_.lower()  # (not ``name``: enum's property for it is slow, and this is per write)
 
 
 def _import_numpy(purpose: str) -> Any:
@@ -184,6 +184,8 @@ def native_value(vtype: VariableType, value: Any) -> Any:
 def approximate_size(value: Any) -> int:
     """About how many bytes of memory a value of any variable type keeps alive (its payload, with
     Python's per-object overhead), in constant time: for budgets, not for billing."""
+    if type(value) is float:  # (the commonest, first: this is called several times per write)
+        return 32
     if isinstance(value, str):
         return 64 + len(value) * (1 if value.isascii() else 4)
     if isinstance(value, Tensor):

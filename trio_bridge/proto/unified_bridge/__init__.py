@@ -39,10 +39,13 @@ __all__ = (
     "VariableUpdate",
     "VariableWrite",
     "WatchVariablesRequest",
+    "WriteRequest",
+    "WriteResult",
+    "WrittenVersion",
 )
 
 import datetime
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -683,6 +686,87 @@ class WatchVariablesRequest(betterproto2.Message):
 default_message_pool.register_message("unified_bridge", "WatchVariablesRequest", WatchVariablesRequest)
 
 
+@dataclass(eq=False, repr=False)
+class WriteRequest(betterproto2.Message):
+    """
+    One write, or an atomic batch, on a WriteVariables stream: a SetVariablesRequest with an id.
+    """
+
+    request_id: "int" = betterproto2.field(1, betterproto2.TYPE_UINT64)
+    """
+    Echoed in its WriteResult (results come in request order; the id lets a client check).
+    """
+
+    session_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+
+    writes: "list[VariableWrite]" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, repeated=True)
+
+    metadata: "dict[str, str]" = betterproto2.field(
+        4,
+        betterproto2.TYPE_MAP,
+        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+    )
+
+    source: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+
+    versions_only: "bool" = betterproto2.field(6, betterproto2.TYPE_BOOL)
+    """
+    Answer with each written variable's id, version and revision (WriteResult.written) instead of
+    the whole Variable: less to send for a producer that does not read its writes back.
+    """
+
+
+default_message_pool.register_message("unified_bridge", "WriteRequest", WriteRequest)
+
+
+@dataclass(eq=False, repr=False)
+class WriteResult(betterproto2.Message):
+    """
+    What became of one WriteRequest.
+    """
+
+    request_id: "int" = betterproto2.field(1, betterproto2.TYPE_UINT64)
+
+    variables: "list[Variable]" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    status OK: the written variables in the order of the writes (with versions_only, `written`).
+    """
+
+    written: "list[WrittenVersion]" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, repeated=True)
+
+    status: "int" = betterproto2.field(4, betterproto2.TYPE_INT32)
+    """
+    The status SetVariables would have ended with (a google.rpc.Code: 0 is OK), its message, and
+    what its trailing metadata would have held (trio-bridge-current-version, trio-bridge-limit, ...).
+    """
+
+    message: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+
+    details: "dict[str, str]" = betterproto2.field(
+        6,
+        betterproto2.TYPE_MAP,
+        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
+    )
+
+
+default_message_pool.register_message("unified_bridge", "WriteResult", WriteResult)
+
+
+@dataclass(eq=False, repr=False)
+class WrittenVersion(betterproto2.Message):
+    variable_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    version: "int" = betterproto2.field(2, betterproto2.TYPE_INT64)
+
+    revision: "int" = betterproto2.field(3, betterproto2.TYPE_INT64)
+    """
+    The store revision of the write (the same for every write of one batch).
+    """
+
+
+default_message_pool.register_message("unified_bridge", "WrittenVersion", WrittenVersion)
+
+
 class UnifiedBridgeStub(betterproto2_grpclib.ServiceStub):
     async def ping(
         self,
@@ -934,6 +1018,31 @@ class UnifiedBridgeStub(betterproto2_grpclib.ServiceStub):
         ):
             yield response
 
+    async def write_variables(
+        self,
+        messages: "AsyncIterable[WriteRequest] | Iterable[WriteRequest]",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[WriteResult]":
+        """
+        A producer's long-lived stream of writes: each WriteRequest (one write, or an atomic batch as in
+        SetVariables) is answered in order by one WriteResult, which carries that write's status: a
+        refused write does not end the stream. Same checks, atomicity, tokens and limits as SetVariables.
+        """
+
+        async for response in self._stream_stream(
+            "/unified_bridge.UnifiedBridge/WriteVariables",
+            messages,
+            WriteRequest,
+            WriteResult,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
 
 from ..google import protobuf as _google__protobuf__
 
@@ -1003,6 +1112,16 @@ class UnifiedBridgeBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
         yield VariableUpdate()
+
+    async def write_variables(self, messages: "AsyncIterator[WriteRequest]") -> "AsyncIterator[WriteResult]":
+        """
+        A producer's long-lived stream of writes: each WriteRequest (one write, or an atomic batch as in
+        SetVariables) is answered in order by one WriteResult, which carries that write's status: a
+        refused write does not end the stream. Same checks, atomicity, tokens and limits as SetVariables.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield WriteResult()
 
     async def __rpc_ping(self, stream: "grpclib.server.Stream[PingRequest, PingResponse]") -> None:
         request = await stream.recv_message()
@@ -1109,6 +1228,14 @@ class UnifiedBridgeBase(betterproto2_grpclib.ServiceBase):
             request,
         )
 
+    async def __rpc_write_variables(self, stream: "grpclib.server.Stream[WriteRequest, WriteResult]") -> None:
+        request = stream.__aiter__()
+        await self._call_rpc_handler_server_stream(
+            self.write_variables,
+            stream,
+            request,
+        )
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/unified_bridge.UnifiedBridge/Ping": grpclib.const.Handler(
@@ -1188,5 +1315,11 @@ class UnifiedBridgeBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_STREAM,
                 WatchVariablesRequest,
                 VariableUpdate,
+            ),
+            "/unified_bridge.UnifiedBridge/WriteVariables": grpclib.const.Handler(
+                self.__rpc_write_variables,
+                grpclib.const.Cardinality.STREAM_STREAM,
+                WriteRequest,
+                WriteResult,
             ),
         }
