@@ -38,7 +38,7 @@ from grpclib.health.v1 import health_pb2
 from grpclib.server import Stream
 
 from ._errors import Unauthenticated
-from ._security import AUTHORIZATION, Tokens
+from ._security import Tokens
 from ._status import status_of
 
 if TYPE_CHECKING:
@@ -184,9 +184,8 @@ class ServerReflection:
 
     async def _server_reflection_info(self, stream: Stream[Any, Any]) -> None:
         if self._tokens is not None:  # before anything of the request is read
-            header = stream.metadata.get(AUTHORIZATION) if stream.metadata else None
             try:
-                self._tokens.principal_for(header if isinstance(header, str) else None)
+                self._tokens.principal_of(stream.metadata)
             except Unauthenticated as exc:
                 await stream.send_trailing_metadata(status=status_of(exc), status_message=exc.message)
                 return

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,12 @@ class Tokens:
                 raise ValueError(f"{path}:{number}: this token is already given to {entries[token].name!r}")
             entries[token] = Principal(name, fields[2] if len(fields) == 3 else "all")
         return cls(entries)
+
+    def principal_of(self, metadata: Mapping[str, object] | None) -> Principal:
+        """The principal of a call's request metadata (its ``authorization`` header); as
+        :meth:`principal_for`."""
+        header = metadata.get(AUTHORIZATION) if metadata else None
+        return self.principal_for(header if isinstance(header, str) else None)
 
     def principal_for(self, authorization: str | None) -> Principal:
         """The principal of an ``authorization`` header's bearer token; :class:`Unauthenticated` for a

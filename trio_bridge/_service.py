@@ -40,7 +40,7 @@ from ._bridge import (
 from ._errors import BridgeError, InvalidArgument, ResourceExhausted, Unavailable
 from ._limits import DEFAULT_LIMITS, Limits, check_constraint_sizes, check_metadata, check_source
 from ._metrics import Metrics
-from ._security import AUTHORIZATION, Principal, Tokens
+from ._security import Principal, Tokens
 from ._status import STATE_ID_HEADER, grpc_error_for, stream_was_cut
 from ._types import VariableType
 from ._version import __version__
@@ -188,8 +188,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
                 scope_checked: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
                 if self.tokens is not None:
                     # Before anything of the request is read.
-                    header = stream.metadata.get(AUTHORIZATION) if stream.metadata else None
-                    principal = self.tokens.principal_for(header if isinstance(header, str) else None)
+                    principal = self.tokens.principal_of(stream.metadata)
                     _caller.set(principal)
                     if scope_on_read:
                         scope_checked = self._scope_checked_on_read(stream, principal)
