@@ -178,6 +178,12 @@ def _write_nested(message: betterproto2.Message, out: bytearray) -> None:
     start = len(out)
     out.append(0)  # its length, if that takes one byte
     _write(message, out)
+    _set_length(out, start)
+
+
+def _set_length(out: bytearray, start: int) -> None:
+    """Put the length of what was written after ``out[start]`` (a one-byte placeholder) there, as a
+    varint (widening the placeholder if the length needs more than one byte)."""
     size = len(out) - start - 1
     if size < 0x80:
         out[start] = size
@@ -297,13 +303,7 @@ def _write_map(writers: tuple[_Single, _Single], key: bytes, mapping: Any, out: 
         out.append(0)
         _write_single(key_writer, k, out)
         _write_single(value_writer, v, out)
-        size = len(out) - start - 1
-        if size < 0x80:
-            out[start] = size
-        else:
-            length = bytearray()
-            _varint(size, length)
-            out[start : start + 1] = length
+        _set_length(out, start)
 
 
 def _write_packed(writer: _Single, key: bytes, items: Any, out: bytearray) -> None:
