@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from .._errors import AlreadyExists, InvalidArgument, ResourceExhausted, VersionConflict
@@ -174,16 +174,4 @@ def staged_writes(
         ),
     )
     now = cache.wall_clock()
-    return [
-        (
-            current,
-            replace(
-                current,
-                value=value,
-                version=current.version + 1,
-                last_updated_at=now,
-                last_update_source=source,
-            ),
-        )
-        for current, value in staged
-    ]
+    return [(current, current.changed_to(value, at=now, source=source)) for current, value in staged]

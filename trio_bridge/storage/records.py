@@ -47,6 +47,43 @@ class VariableSnapshot:
     #: The store revision that made this version (0 until a store has applied it).
     revision: int = 0
 
+    # Both below are what ``dataclasses.replace`` makes, built positionally: replace finds the fields
+    # anew on every call and took twice as long, a quarter of a batch write's CPU (two per write).
+
+    def changed_to(self, value: Any, *, at: float, source: str) -> VariableSnapshot:
+        """The next version: ``value``, written at ``at`` (wall-clock seconds) by ``source``, with no
+        revision yet."""
+        return VariableSnapshot(
+            self.id,
+            self.session_id,
+            self.name,
+            self.type,
+            value,
+            self.constraints,
+            self.metadata,
+            self.version + 1,
+            self.created_at,
+            at,
+            source,
+        )
+
+    def at_revision(self, revision: int) -> VariableSnapshot:
+        """This version, as made by the store revision ``revision``."""
+        return VariableSnapshot(
+            self.id,
+            self.session_id,
+            self.name,
+            self.type,
+            self.value,
+            self.constraints,
+            self.metadata,
+            self.version,
+            self.created_at,
+            self.last_updated_at,
+            self.last_update_source,
+            revision,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
