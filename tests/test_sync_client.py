@@ -311,8 +311,8 @@ async def test_every_way_of_leaving_a_watch_ends_its_server_stream(server: Runni
 async def test_closing_a_watch_while_updates_stream_in_ends_it_every_time(
     server: RunningServer, nursery: trio.Nursery
 ) -> None:
-    """A cancellation that comes as a message arrives is not lost (on Python 3.11, asyncio.wait_for,
-    which the async watch reads with, drops it): each close returns, and its stream ends."""
+    """A cancellation that comes as a message arrives is not lost (on Python 3.11 asyncio.wait_for
+    dropped it; the async watch no longer reads with it): each close returns, and its stream ends."""
     session = (await server.store.create_session()).session_id
     await server.store.register_variable(session, "t", VariableType.INTEGER, 0)
 

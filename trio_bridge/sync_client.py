@@ -46,7 +46,6 @@ from typing import Any, Final, TypeVar
 
 from grpclib.config import Configuration
 
-from ._encoding import HEARTBEAT
 from ._types import Constraints, VariableType
 from .client import BridgeClient, Reconnect, Variable, WatchEvent
 from .storage.records import SessionInfo
@@ -246,13 +245,11 @@ class _Feed:
         open_stream: Callable[[BridgeClient], AsyncIterator[WatchEvent]],
         *,
         size: int,
-        heartbeats: bool,
     ) -> None:
         self.runtime = runtime
         self.size = max(1, size)
         self.queue: queue.Queue[WatchEvent | _Ended] = queue.Queue(self.size + 1)  # + its _Ended
-        self._open_stream = open_stream  # yields heartbeats, whether or not they are wanted
-        self._heartbeats = heartbeats
+        self._open_stream = open_stream
         self._slots: asyncio.Semaphore | None = None
         self._task: asyncio.Task[None] | None = None
         self._cancelled = False
@@ -298,14 +295,6 @@ class _Feed:
     async def _move(self, events: AsyncIterator[WatchEvent]) -> _Ended:
         assert self._slots is not None
         async for event in events:
-            if self._cancelled:
-                # Cancelled, yet the watch went on: on Python 3.11, asyncio.wait_for (which the watch
-                # reads its stream with) drops a cancellation that comes as a message arrives, and
-                # returns the message. Every message is yielded (heartbeats too, dropped below), so
-                # the cancellation takes effect here at once.
-                return _Ended(cancelled=True)
-            if event.kind == HEARTBEAT and not self._heartbeats:
-                continue
             await self._slots.acquire()
             self.queue.put_nowait(event)
         return _Ended()
@@ -670,13 +659,13 @@ class SyncBridgeClient:
                 session_id,
                 identifiers,
                 include_initial_values=include_initial_values,
-                include_heartbeats=True,  # the feed drops them unless asked for (see _Feed._pump)
+                include_heartbeats=include_heartbeats,
                 include_reconnects=include_reconnects,
                 heartbeat_interval=heartbeat_interval,
                 coalesce=coalesce,
                 resume_versions=resume,
             )
 
-        feed = _Feed(self._runtime, open_stream, size=self.watch_buffer, heartbeats=include_heartbeats)
+        feed = _Feed(self._runtime, open_stream, size=self.watch_buffer)
         self._runtime.call_soon(feed.start)
         return SyncWatch(self, feed)
