@@ -3,8 +3,10 @@ to profile").
 
 Starts ``trio-bridge serve`` in a process of its own, makes a session of float variables, then writes
 to it with the stock grpcio client (``bench/stock_client.py``: its HTTP/2 and protobuf are C, so the
-load generator's share of the two cores stays small): unary ``SetVariable`` calls (``--mode set``) or
-``SetVariables`` calls of ``--batch`` writes each (``--mode batch``), ``--concurrency`` calls in flight.
+load generator's share of the two cores stays small): unary ``SetVariable`` calls (``--mode set``),
+``SetVariables`` calls of ``--batch`` writes each (``--mode batch``), ``--concurrency`` calls in flight,
+or one ``WriteVariables`` stream of single writes with ``versions_only`` (``--mode stream``),
+``--concurrency`` requests unanswered.
 No watcher: what is measured is the write path alone. Prints the server's CPU (from /proc) per
 variable written and per call. With ``--profile PATH``, py-spy samples the server during the writes
 (``--format`` as py-spy takes it; ``raw`` is collapsed stacks, which ``--top`` summarises)::
@@ -12,6 +14,7 @@ variable written and per call. With ``--profile PATH``, py-spy samples the serve
     .nox/tests/bin/python -m bench.write_load --mode set --calls 20000
     .nox/tests/bin/python -m bench.write_load --mode batch --batch 100 --calls 1000 \\
         --profile /tmp/batch.txt --format raw --top 25
+    .nox/tests/bin/python -m bench.write_load --mode stream --calls 20000 --concurrency 256
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ async def _load(port: int, args: argparse.Namespace, pid: int) -> tuple[float, f
                     initial_value=packed(0.0),
                 )
             )
+        if args.mode == "stream":
+            return await _stream_load(stub, session, args, pid)
         remaining = args.calls
 
         async def worker() -> None:
@@ -106,6 +111,30 @@ async def _load(port: int, args: argparse.Namespace, pid: int) -> tuple[float, f
             profiler.send_signal(signal.SIGINT)
             profiler.wait(timeout=60)
         return cpu, wall
+
+
+async def _stream_load(stub: Any, session: str, args: argparse.Namespace, pid: int) -> tuple[float, float]:
+    """One WriteVariables stream of ``args.calls`` single writes to ``v0``, ``args.concurrency`` of them
+    unanswered, after a warm-up stream; return (server CPU seconds, wall seconds) of the writes alone."""
+    from bench import run
+
+    await run._stream_writes(stub, _only_v0(run._writer_requests("WriteVariables", session, 200)), args.concurrency)
+    measured = _only_v0(run._writer_requests("WriteVariables", session, args.calls))
+    profiler = _start_profiler(pid, args) if args.profile else None
+    cpu0, wall0 = _cpu_seconds(pid), time.monotonic()
+    await run._stream_writes(stub, measured, args.concurrency)
+    cpu, wall = _cpu_seconds(pid) - cpu0, time.monotonic() - wall0
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)
+        profiler.wait(timeout=60)
+    return cpu, wall
+
+
+def _only_v0(requests: list[Any]) -> list[Any]:
+    """The session here has one variable: write every request to it."""
+    for request in requests:
+        request.writes[0].variable_identifier = "v0"
+    return requests
 
 
 def _start_profiler(pid: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
@@ -144,7 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--mode", choices=["set", "batch"], default="set")
+    parser.add_argument("--mode", choices=["set", "batch", "stream"], default="set")
     parser.add_argument("--batch", type=int, default=100, help="writes per SetVariables call")
     parser.add_argument("--calls", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=16)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import inspect
+import textwrap
 from typing import Any
 
 import grpclib.const
@@ -23,7 +26,7 @@ from trio_bridge._bridge import (
     send_messages,
     serve_grpc,
 )
-from trio_bridge._connections import _CoalescingTransport
+from trio_bridge._connections import _CoalescingTransport, _UntracedH2Connection
 from trio_bridge.proto import unified_bridge as pb
 
 
@@ -416,3 +419,28 @@ async def test_a_stream_lets_go_of_its_receive_buffer_once_its_request_is_read_t
     assert [len(m.server_version) for m in received] == [1, 2, 70_000]
     assert released == [False, True, True]
     assert type(buffers[0]).__name__ == "_ReadToEnd"
+
+
+def _body_without_docstring_and_trace(function: Any) -> str:
+    """``function``'s body as an AST dump, less its docstring and any trace logging."""
+    (definition,) = ast.parse(textwrap.dedent(inspect.getsource(function))).body
+    assert isinstance(definition, ast.FunctionDef)
+    body = [
+        statement
+        for statement in definition.body
+        if not (isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant))
+        and "logger.trace" not in ast.unparse(statement)
+    ]
+    return "\n".join(ast.dump(statement) for statement in body)
+
+
+def test_the_untraced_h2_connection_receives_frames_as_h2_does() -> None:
+    """Our copy of h2's ``_receive_frame`` less its trace line: when an h2 upgrade changes the
+    original, this fails (the copy must be made again from the new one)."""
+    import h2.connection
+
+    original = h2.connection.H2Connection._receive_frame
+    assert "logger.trace" in inspect.getsource(original)  # what the copy leaves out
+    assert _body_without_docstring_and_trace(_UntracedH2Connection._receive_frame) == (
+        _body_without_docstring_and_trace(original)
+    )

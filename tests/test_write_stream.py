@@ -21,6 +21,7 @@ from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.metadata import decode_metadata
 
+import trio_bridge._service
 from tests.h2raw import RawH2, grpc_message, messages_in, request_headers
 from tests.support import LOOPBACK, Client, DroppingProxy, eventually, start_server, start_watch
 from trio_bridge import (
@@ -36,7 +37,7 @@ from trio_bridge import (
     VersionConflict,
 )
 from trio_bridge._bridge import run_in_asyncio
-from trio_bridge._service import WRITE_PATH, WRITE_STREAM_LABEL, UnifiedBridgeService
+from trio_bridge._service import WRITE_PATH, WRITE_RUN_REQUESTS, WRITE_STREAM_LABEL, UnifiedBridgeService
 from trio_bridge.client import MAX_WRITES_IN_FLIGHT, BridgeClient
 from trio_bridge.proto import unified_bridge as pb
 from trio_bridge.proto.google.protobuf import Any as PbAny
@@ -322,6 +323,52 @@ async def test_a_message_that_cannot_be_read_ends_the_stream_after_the_results_b
         assert fragment in trailers["grpc-message"]
         await raw.aclose()
     assert (await server.store.get_variable(session, "n")).version == 3  # the good ones before
+
+
+async def test_requests_that_arrived_together_are_answered_together_in_order(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests already received whole are applied in a run and their results leave in one DATA
+    frame; a refused one keeps its place; an unreadable message after them ends the stream once the
+    results before it are sent; past WRITE_RUN_REQUESTS, a run ends and the next begins."""
+    monkeypatch.setattr(trio_bridge._service, "WRITE_SLICE_SECONDS", 60.0)  # runs end by count here
+    server = await start_server(nursery)
+    session = await session_with(server, n=(VariableType.INTEGER, 0))
+    count = WRITE_RUN_REQUESTS + 6
+    messages = [
+        grpc_message(
+            request(
+                i, session, write("n", text("no")) if i == 3 else write("n", integer(i)), versions_only=True
+            )
+        )
+        for i in range(1, count + 1)
+    ]
+    raw = await RawH2.open(server.port)
+    stream_id = raw.conn.get_next_available_stream_id()
+    raw.conn.send_headers(stream_id, request_headers(WRITE_PATH, server.port))
+    raw.conn.send_data(stream_id, b"".join(messages) + b"\x00\x00\x00\x00\x02\xff\xff")
+    await raw.flush()  # one DATA frame: every request is there before the first is read
+    with trio.fail_after(10):
+        await raw.read_until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == stream_id)
+    frames = [
+        event.data
+        for event in raw.events
+        if isinstance(event, h2.events.DataReceived) and event.stream_id == stream_id
+    ]
+    results = [pb.WriteResult.parse(m) for m in messages_in(b"".join(frames))]
+    assert [r.request_id for r in results] == list(range(1, count + 1))
+    assert [r.status for r in results[:4]] == [0, 0, Status.INVALID_ARGUMENT.value, 0]
+    assert [r.written[0].version for r in results[3:6]] == [4, 5, 6]
+    # A run of WRITE_RUN_REQUESTS results, then the rest (the first request may have been read, and
+    # answered alone, before the others arrived).
+    assert [len(list(messages_in(frame))) for frame in frames] in (
+        [WRITE_RUN_REQUESTS, count - WRITE_RUN_REQUESTS],
+        [1, WRITE_RUN_REQUESTS, count - WRITE_RUN_REQUESTS - 1],
+    )
+    trailers = raw.trailers_of(stream_id)
+    assert trailers is not None and trailers["grpc-status"] == str(Status.INVALID_ARGUMENT.value)
+    assert "malformed WriteRequest message" in trailers["grpc-message"]
+    await raw.aclose()
 
 
 async def test_a_client_that_stops_reading_results_stops_the_stream_and_its_bytes_are_bounded(

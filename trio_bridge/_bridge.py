@@ -105,6 +105,36 @@ def release_request_buffers(stream: grpclib.server.Stream[Any, Any]) -> bool:
     return True
 
 
+def next_request_size(stream: grpclib.server.Stream[Any, Any]) -> int | None:
+    """The size in bytes of ``stream``'s next request message if it has arrived whole, 0 if reading
+    it would not wait for another reason (the request has ended or was refused), None if reading it
+    would wait for bytes still to come."""
+    buffer = stream._stream.buffer
+    if isinstance(buffer, _RequestBuffer):
+        return buffer.next_message_size()
+    return 0 if isinstance(buffer, _ReadToEnd) else None
+
+
+def request_at_hand(stream: grpclib.server.Stream[Any, Any], max_bytes: int) -> Any:
+    """``stream``'s next request message, read now with no await, if it has arrived whole and can be
+    read as it is (not compressed, at most ``max_bytes`` long); None if reading it would wait, or
+    must go the usual way (``stream.recv_message()``, which refuses it as it deserves). What
+    ``recv_message`` does for such a message, without its two awaited reads: decoded by the stream's
+    codec (GRPCError INVALID_ARGUMENT if malformed), and counted."""
+    buffer = stream._stream.buffer
+    if not isinstance(buffer, _RequestBuffer):
+        return None
+    body = buffer.take_message(max_bytes)
+    if body is None:
+        return None
+    message = stream._codec.decode(body, stream._recv_type)
+    stream._messages_received += 1
+    connection = stream._stream.connection
+    connection.messages_received += 1
+    connection.last_message_received = time.monotonic()
+    return message
+
+
 @contextlib.contextmanager
 def request_framing_checked(
     stream: grpclib.server.Stream[Any, Any], max_bytes: int, limit_name: str

@@ -30,7 +30,9 @@ from h2.errors import ErrorCodes
 from . import _encoding as enc
 from ._bridge import (
     call_soon_in_asyncio,
+    next_request_size,
     release_request_buffers,
+    request_at_hand,
     request_framing_checked,
     reset_stream,
     run_in_asyncio,
@@ -46,7 +48,7 @@ from ._types import VariableType
 from ._version import __version__
 from ._watch import BatchProgress, WatchPlan, WatchStream, plan_watch
 from .proto import unified_bridge as pb
-from .storage import Store, VariableSnapshot, VariableWrite, session_not_found
+from .storage import EncodedValue, Store, VariableSnapshot, VariableWrite, session_not_found
 
 WATCH_PATH = "/unified_bridge.UnifiedBridge/WatchVariables"
 WRITE_PATH = "/unified_bridge.UnifiedBridge/WriteVariables"
@@ -59,6 +61,11 @@ SHUTTING_DOWN = "the server is shutting down"
 #: How long a write stream goes on answering requests that were already waiting (it never had to wait
 #: for one) before it lets the server's other tasks run.
 WRITE_SLICE_SECONDS = 0.002
+#: A write stream applies the requests that have already arrived whole in runs of at most this many
+#: requests and this many request bytes (and ``WRITE_SLICE_SECONDS``), and sends their results together:
+#: one DATA frame, and one hop to grpclib's side, per run instead of per request.
+WRITE_RUN_REQUESTS = 64
+WRITE_RUN_BYTES = 64 * 1024
 #: Watch streams that may be ending with a status at once; more wait their turn (``_run_watch``).
 ENDINGS_AT_ONCE = 8
 
@@ -87,6 +94,30 @@ def _peer_is_gone(stream: Stream[Any, Any]) -> bool:
     connection lost) and is cancelling its handler."""
     wrapper = stream._stream.wrapper
     return wrapper is not None and bool(wrapper.cancelled)
+
+
+def _unpacked(name: str, vtype: VariableType, packed: Any, limit: int) -> Any:
+    """The native value of the Any ``packed`` sent for variable ``name`` of type ``vtype``;
+    InvalidArgument if it is over ``max_value_bytes`` (``limit``) encoded, or not such a value."""
+    if packed is not None and len(packed.value) > limit:
+        raise InvalidArgument(
+            f"the value for {name!r} is {len(packed.value)} bytes encoded, more than its limit "
+            f"max_value_bytes={limit}"
+        )
+    return enc.unpack_value(name, vtype, packed)
+
+
+class _Packed(EncodedValue):
+    """A written value as sent (a ``google.protobuf.Any``), decoded by the store's checks."""
+
+    __slots__ = ("_limit", "_packed")
+
+    def __init__(self, packed: Any, limit: int) -> None:
+        self._packed = packed
+        self._limit = limit
+
+    def decoded(self, name: str, vtype: VariableType) -> Any:
+        return _unpacked(name, vtype, self._packed, self._limit)
 
 
 class UnifiedBridgeService(pb.UnifiedBridgeBase):
@@ -375,27 +406,16 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         call = call or self._in_store
         check_metadata("update", metadata, self.limits)
         check_source(source, self.limits)
-        # Decoding needs each variable's type. A variable's id never changes type; a name whose variable
-        # was replaced meanwhile is checked again by the store, which refuses a value of the wrong type.
-        targets = await call(self.store.get_variables, session_id, [w.variable_identifier for w in writes])
-        decoded = [
-            VariableWrite(
-                identifier=write.variable_identifier,
-                value=self._unpack_value(target.name, target.type, write.value),
-                expected_version=write.expected_version,
-            )
-            for write, target in zip(writes, targets, strict=True)
+        limit = self.limits.max_value_bytes
+        # Each value is decoded by the store's checks, once it has looked the variable up (its type).
+        encoded = [
+            VariableWrite(write.variable_identifier, _Packed(write.value, limit), write.expected_version)
+            for write in writes
         ]
-        return await call(self.store.set_variables, session_id, decoded, source=source, metadata=metadata)
+        return await call(self.store.set_variables, session_id, encoded, source=source, metadata=metadata)
 
     def _unpack_value(self, name: str, vtype: VariableType, packed: Any) -> Any:
-        limit = self.limits.max_value_bytes
-        if packed is not None and len(packed.value) > limit:
-            raise InvalidArgument(
-                f"the value for {name!r} is {len(packed.value)} bytes encoded, more than its limit "
-                f"max_value_bytes={limit}"
-            )
-        return enc.unpack_value(name, vtype, packed)
+        return _unpacked(name, vtype, packed, self.limits.max_value_bytes)
 
     # ---- streaming -------------------------------------------------------------------------------
 
@@ -561,22 +581,29 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
 
 
 class WriteStream:
-    """The Trio side of one WriteVariables stream: each request is read, applied
-    (:meth:`UnifiedBridgeService.write_result`) and answered before the next is read, so results come
-    in request order and a stream's writes are applied in the order they were sent. One Trio task
-    for the whole stream: no task per request, and with the in-memory store no hop between asyncio
-    and Trio either (it reads and sends through ``run_in_asyncio``).
+    """The Trio side of one WriteVariables stream: requests are read and applied
+    (:meth:`UnifiedBridgeService.write_result`) one after the other, in the order they were sent, and
+    answered in that order. One Trio task for the whole stream: no task per request, and with the
+    in-memory store no hop between asyncio and Trio either (it reads and sends through
+    ``run_in_asyncio``).
 
-    Flow control, end to end, one request at a time: the next request is read only once the result of
-    the one before has been handed to the connection, which waits for the client's HTTP/2 window. A
-    client that stops reading results stops the stream after one more request: it holds one result,
-    and reads nothing more. What the client sends meanwhile waits in its connection's request buffer,
-    bounded by ``max_connection_buffer_bytes`` and ``max_request_buffer_bytes``; past either, the
-    stream ends with RESOURCE_EXHAUSTED naming the limit when it next reads.
+    Runs: the requests that have already arrived whole are applied in a run (at most
+    ``WRITE_RUN_REQUESTS`` requests, ``WRITE_RUN_BYTES`` of them and ``WRITE_SLICE_SECONDS``), and the
+    run's results are handed to the connection together, as one DATA frame; a request that has not
+    arrived yet is not waited for while results are held. A client that sends one request at a time
+    gets each result as soon as it is applied.
 
-    Drain (:meth:`shut_down`): the request being applied is finished and answered, then the stream
-    ends with UNAVAILABLE; the requests it had not read were not applied, and they are exactly those
-    without a result.
+    Flow control, end to end: the next run is read only once the results of the run before have been
+    handed to the connection, which waits for the client's HTTP/2 window. A client that stops reading
+    results stops the stream after one more run: it holds that run's results, and reads nothing more.
+    What the client sends meanwhile waits in its connection's request buffer, bounded by
+    ``max_connection_buffer_bytes`` and ``max_request_buffer_bytes``; past either, the stream ends with
+    RESOURCE_EXHAUSTED naming the limit when it next reads. A request that cannot be read (too large,
+    malformed, compressed) ends the stream with its status once the results before it are sent.
+
+    Drain (:meth:`shut_down`): the request being applied is finished, the run's results are sent,
+    then the stream ends with UNAVAILABLE; the requests it had not read were not applied, and they are
+    exactly those without a result.
     """
 
     def __init__(
@@ -600,26 +627,56 @@ class WriteStream:
     async def run(self) -> None:
         """Answer requests until the client ends its side (the stream then ends with OK). Raises
         :class:`Unavailable` once the server drains, and the error of a request it cannot read (over
-        ``max_message_bytes``, malformed, compressed), which ends the stream with that status.
+        ``max_message_bytes``, malformed, compressed), which ends the stream with that status, after
+        the results of the requests before it.
 
         Cancellation (the client went away, or the server stopped waiting for it): the request being
-        applied may or may not have been, as with a cancelled SetVariables; nothing more is read."""
+        applied may or may not have been, as with a cancelled SetVariables; the run's results not yet
+        handed to the connection are not sent; nothing more is read."""
+        max_bytes = self._service.limits.max_message_bytes
         pause_at = time.perf_counter() + WRITE_SLICE_SECONDS
         while (request := await self._next_request()) is not None:
-            result = await self._service.write_result(request, self._principal)
-            await run_in_asyncio(send_messages, self._stream, [result])
+            results = [await self._service.write_result(request, self._principal)]
+            unreadable: Exception | None = None
+            try:
+                run_bytes = 0
+                while len(results) < WRITE_RUN_REQUESTS and not self._stopping:
+                    size = next_request_size(self._stream)
+                    if size is None or run_bytes >= WRITE_RUN_BYTES or time.perf_counter() >= pause_at:
+                        break
+                    run_bytes += size
+                    try:  # it has arrived (or the request has ended): reading does not wait
+                        request = request_at_hand(self._stream, max_bytes)
+                        if request is None:
+                            request = await run_in_asyncio(self._stream.recv_message)
+                    except Exception as exc:  # sent after the results before it
+                        unreadable = exc
+                        break
+                    if request is None:
+                        break
+                    results.append(await self._service.write_result(request, self._principal))
+                await run_in_asyncio(send_messages, self._stream, results)
+                if unreadable is not None:
+                    raise unreadable
+            finally:
+                unreadable = None  # its traceback holds this frame
             if time.perf_counter() >= pause_at:  # requests that were waiting, read with no pause
                 await trio.lowlevel.checkpoint()
                 pause_at = time.perf_counter() + WRITE_SLICE_SECONDS
 
     async def _next_request(self) -> pb.WriteRequest | None:
-        """The next request; None once the client has ended its side. Raises :class:`Unavailable`
-        once the server drains (a request half read then is dropped, never applied)."""
+        """The next request, waiting for it; None once the client has ended its side. Raises
+        :class:`Unavailable` once the server drains (a request half read then is dropped, never
+        applied)."""
         if not self._stopping:
+            max_bytes = self._service.limits.max_message_bytes
+            request: pb.WriteRequest | None = request_at_hand(self._stream, max_bytes)
+            if request is not None:
+                return request
             with trio.CancelScope() as receiving:
                 self._receiving = receiving
                 try:
-                    request: pb.WriteRequest | None = await run_in_asyncio(self._stream.recv_message)
+                    request = await run_in_asyncio(self._stream.recv_message)
                 finally:
                     self._receiving = None
             if not receiving.cancelled_caught:

@@ -8,6 +8,7 @@ from .memory import MemoryStore
 from .records import (
     DEFAULT_SESSION_TTL,
     MAX_SESSION_TTL,
+    EncodedValue,
     EventKind,
     SessionInfo,
     VariableEvent,
@@ -21,6 +22,7 @@ from .records import (
 __all__ = [
     "DEFAULT_SESSION_TTL",
     "MAX_SESSION_TTL",
+    "EncodedValue",
     "EventKind",
     "MemoryStore",
     "SessionCache",

@@ -406,7 +406,11 @@ class SessionCache:
         ``kind``: RESYNCED when the versions between cannot be had); return the new versions as kept
         (at this revision)."""
         each_change = change_size(source, metadata)
-        changes = [(current, updated.at_revision(self.revision)) for current, updated in changes]
+        revision = self.revision
+        changes = [
+            (current, updated if updated.revision == revision else updated.at_revision(revision))
+            for current, updated in changes
+        ]
         for _, updated in changes:
             session.variables[updated.id] = updated
             session.registrations.pop(updated.id, None)  # its first version is gone

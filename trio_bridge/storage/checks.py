@@ -16,6 +16,7 @@ from .records import (
     MAX_SESSION_TTL,
     SESSION_ID,
     VARIABLE_NAME,
+    EncodedValue,
     VariableSnapshot,
     VariableWrite,
     check_identifier,
@@ -143,15 +144,21 @@ def staged_writes(
     *,
     source: str,
     metadata: Mapping[str, str],
+    revision: int = 0,
 ) -> list[tuple[VariableSnapshot, VariableSnapshot]]:
-    """Each write as ``(current, updated)``, all checked (identifiers, duplicates, versions, values,
-    memory) before any is applied."""
+    """Each write as ``(current, updated)``, all checked (identifiers, then every encoded value
+    decoded, then duplicates, versions, values, memory) before any is applied; ``updated`` at store
+    revision ``revision`` when the store knows it beforehand (0 if not)."""
     if not writes:
         raise InvalidArgument("a batch needs at least one write")
     targets = cache.variables(session, [w.identifier for w in writes])
+    values = [
+        value.decoded(current.name, current.type) if isinstance(value := write.value, EncodedValue) else value
+        for write, current in zip(writes, targets, strict=True)
+    ]
     seen: dict[str, str] = {}
     staged: list[tuple[VariableSnapshot, Any]] = []
-    for write, current in zip(writes, targets, strict=True):
+    for write, current, value in zip(writes, targets, values, strict=True):
         if current.id in seen:
             raise InvalidArgument(
                 f"variable {current.name!r} is written twice in one batch "
@@ -160,7 +167,7 @@ def staged_writes(
         seen[current.id] = write.identifier
         if write.expected_version is not None and write.expected_version != current.version:
             raise VersionConflict(current.name, write.expected_version, current.version)
-        staged.append((current, check_value(current.name, current.type, current.constraints, write.value)))
+        staged.append((current, check_value(current.name, current.type, current.constraints, value)))
     # What the writes add: each new value (its version replaces the current one, which the history
     # keeps), and each change in the history.
     each_change = change_size(source, metadata)
@@ -174,4 +181,7 @@ def staged_writes(
         ),
     )
     now = cache.wall_clock()
-    return [(current, current.changed_to(value, at=now, source=source)) for current, value in staged]
+    return [
+        (current, current.changed_to(value, at=now, source=source, revision=revision))
+        for current, value in staged
+    ]

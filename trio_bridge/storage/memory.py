@@ -204,7 +204,10 @@ class MemoryStore(SingleVariableCalls):
     ) -> list[VariableSnapshot]:
         session = self._session(session_id)
         update_metadata = frozen_metadata(metadata)
-        changes = checks.staged_writes(self._cache, session, writes, source=source, metadata=update_metadata)
+        revision = self._cache.revision + 1  # what begin() makes it
+        changes = checks.staged_writes(
+            self._cache, session, writes, source=source, metadata=update_metadata, revision=revision
+        )
         timestamp = changes[0][1].last_updated_at
         self._cache.begin()
         return self._cache.apply_changed(

@@ -50,9 +50,9 @@ class VariableSnapshot:
     # Both below are what ``dataclasses.replace`` makes, built positionally: replace finds the fields
     # anew on every call and took twice as long, a quarter of a batch write's CPU (two per write).
 
-    def changed_to(self, value: Any, *, at: float, source: str) -> VariableSnapshot:
-        """The next version: ``value``, written at ``at`` (wall-clock seconds) by ``source``, with no
-        revision yet."""
+    def changed_to(self, value: Any, *, at: float, source: str, revision: int = 0) -> VariableSnapshot:
+        """The next version: ``value``, written at ``at`` (wall-clock seconds) by ``source``, at store
+        revision ``revision`` (0: not known yet)."""
         return VariableSnapshot(
             self.id,
             self.session_id,
@@ -65,6 +65,7 @@ class VariableSnapshot:
             self.created_at,
             at,
             source,
+            revision,
         )
 
     def at_revision(self, revision: int) -> VariableSnapshot:
@@ -140,9 +141,23 @@ class DeletedVariable:
     name: str
 
 
+class EncodedValue:
+    """A written value as its client sent it, which only the variable's type can decode. A store
+    decodes it (:meth:`decoded`) among the write's checks, once it has looked the variable up: a write
+    then costs one look-up, not one to learn the type and another to apply it. The server subclasses
+    it for its wire format (the stores import none)."""
+
+    __slots__ = ()
+
+    def decoded(self, name: str, vtype: VariableType) -> Any:
+        """The native value for variable ``name`` of type ``vtype``; InvalidArgument if it is none."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True, slots=True)
 class VariableWrite:
-    """One write of a batch: ``identifier`` is a variable id or name."""
+    """One write of a batch: ``identifier`` is a variable id or name; ``value`` a native value, or an
+    :class:`EncodedValue` the store decodes."""
 
     identifier: str
     value: Any
