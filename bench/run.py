@@ -36,7 +36,7 @@ from grpclib.client import Channel
 from grpclib.config import Configuration
 from grpclib.const import Cardinality
 
-from bench import stock_client
+from bench import stock_client, write_load
 from trio_bridge.proto import unified_bridge as pb
 from trio_bridge.proto.google.protobuf import Any as PbAny
 from trio_bridge.proto.google.protobuf import DoubleValue
@@ -582,11 +582,12 @@ def writers(kind: str, writer: str, updates: int) -> dict[str, Any]:
     }
 
 
-def fan_out(kind: str, watchers_count: int, writes: int) -> dict[str, Any]:
+def fan_out(kind: str, watchers_count: int, writes: int, profile: Path | None = None) -> dict[str, Any]:
     """Latency of one write to each of ``watchers_count`` watchers, ``writes`` times: the next write is
     made only once every watcher has the previous one (and 10 ms later), so a figure is the latency of
     a single fan-out, not of a queue built by writes arriving faster than they fan out. Beside the
-    delivery latency: the writer's own SetVariable call latency, and server CPU per delivery."""
+    delivery latency: the writer's own SetVariable call latency, and server CPU per delivery. With
+    ``profile``, py-spy samples the server during the writes (collapsed stacks written there)."""
     with server(kind) as srv:
         (session,) = asyncio.run(_setup(srv.write_port))
         processes = max(1, min(4, math.ceil(watchers_count / 250)))
@@ -599,6 +600,7 @@ def fan_out(kind: str, watchers_count: int, writes: int) -> dict[str, Any]:
             while watchers.received() < watchers_count * (index + 1):  # noqa: ASYNC110 (a count shared by other processes)
                 await asyncio.sleep(0.001)
 
+        profiler = write_load.start_profiler(srv.process.pid, profile, "raw", 250) if profile else None
         cpu0, started = srv.cpu_seconds(), time.monotonic()
         write_latencies = asyncio.run(
             _write(
@@ -613,6 +615,8 @@ def fan_out(kind: str, watchers_count: int, writes: int) -> dict[str, Any]:
         )
         elapsed = time.monotonic() - started
         server_cpu = srv.cpu_seconds() - cpu0  # before the streams are torn down
+        if profiler is not None:
+            write_load.stop_profiler(profiler)
         results = watchers.halt()  # every write was delivered (``delivered``)
     latencies = [x for r in results for x in r["latencies"]]
     return {
@@ -756,6 +760,12 @@ def main() -> None:
     parser.add_argument(
         "--watchers", type=int, nargs="+", help="fan_out: these numbers of watchers (default 1 10 100 1000)"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="fan_out: py-spy samples trio_bridge's server during each row's writes; collapsed stacks "
+        "go to PROFILE-<watchers>.txt, and the functions with the most samples are printed",
+    )
     args = parser.parse_args()
     quick = args.quick
     chosen = set(args.only or SCENARIOS)
@@ -788,7 +798,14 @@ def main() -> None:
     if "fan_out" in chosen:
         sizes = tuple(args.watchers or (1, 10, 100, 1000))
         writes = 10 if quick else 40
-        report["fan_out"] = [fan_out(kind, w, writes) for w in sizes for kind in ("trio_bridge", "baseline")]
+        report["fan_out"] = []
+        for w in sizes:
+            for kind in ("trio_bridge", "baseline"):
+                profile = args.profile.with_name(f"{args.profile.stem}-{w}.txt") if args.profile else None
+                report["fan_out"].append(fan_out(kind, w, writes, profile if kind == "trio_bridge" else None))
+                if profile is not None and kind == "trio_bridge":
+                    print(f"profile of the fan-out to {w} watchers: {profile}")
+                    print(write_load.top(profile, 40))
         _table("2. fan-out latency of one write, write call to receipt (and 6. baseline)", report["fan_out"])
 
     if "etcd" in chosen:

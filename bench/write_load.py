@@ -108,8 +108,7 @@ async def _load(port: int, args: argparse.Namespace, pid: int) -> tuple[float, f
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         cpu, wall = _cpu_seconds(pid) - cpu0, time.monotonic() - wall0
         if profiler is not None:
-            profiler.send_signal(signal.SIGINT)
-            profiler.wait(timeout=60)
+            stop_profiler(profiler)
         return cpu, wall
 
 
@@ -125,8 +124,7 @@ async def _stream_load(stub: Any, session: str, args: argparse.Namespace, pid: i
     await run._stream_writes(stub, measured, args.concurrency)
     cpu, wall = _cpu_seconds(pid) - cpu0, time.monotonic() - wall0
     if profiler is not None:
-        profiler.send_signal(signal.SIGINT)
-        profiler.wait(timeout=60)
+        stop_profiler(profiler)
     return cpu, wall
 
 
@@ -138,12 +136,23 @@ def _only_v0(requests: list[Any]) -> list[Any]:
 
 
 def _start_profiler(pid: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
-    command = [str(PY_SPY), "record", "-p", str(pid), "-o", str(args.profile), "--format", args.format]
-    command += ["--rate", str(args.rate)]
+    return start_profiler(pid, args.profile, args.format, args.rate)
+
+
+def start_profiler(pid: int, output: Path, output_format: str, rate: int) -> subprocess.Popen[bytes]:
+    """py-spy sampling process ``pid`` into ``output`` until :func:`stop_profiler`."""
+    command = [str(PY_SPY), "record", "-p", str(pid), "-o", str(output), "--format", output_format]
+    command += ["--rate", str(rate)]
     print("profiling:", " ".join(command), file=sys.stderr)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # py-spy attaches
     return process
+
+
+def stop_profiler(profiler: subprocess.Popen[bytes]) -> None:
+    """Stop it; it writes its output as it ends."""
+    profiler.send_signal(signal.SIGINT)
+    profiler.wait(timeout=60)
 
 
 def top(collapsed: Path, count: int) -> str:

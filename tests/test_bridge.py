@@ -26,7 +26,7 @@ from trio_bridge._bridge import (
     send_messages,
     serve_grpc,
 )
-from trio_bridge._connections import _CoalescingTransport, _UntracedH2Connection
+from trio_bridge._connections import ServerH2Connection, _CoalescingTransport
 from trio_bridge.proto import unified_bridge as pb
 
 
@@ -441,6 +441,56 @@ def test_the_untraced_h2_connection_receives_frames_as_h2_does() -> None:
 
     original = h2.connection.H2Connection._receive_frame
     assert "logger.trace" in inspect.getsource(original)  # what the copy leaves out
-    assert _body_without_docstring_and_trace(_UntracedH2Connection._receive_frame) == (
+    assert _body_without_docstring_and_trace(ServerH2Connection._receive_frame) == (
         _body_without_docstring_and_trace(original)
     )
+
+
+def _connected_pair() -> tuple[ServerH2Connection, Any]:
+    """A server connection (ours) and h2's client, handshaken, with stream 1 open both ways."""
+    import h2.config
+    import h2.connection
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.__class__ = ServerH2Connection
+    client.initiate_connection()
+    server.initiate_connection()
+    client.send_headers(1, [(":method", "POST"), (":path", "/x"), (":scheme", "http"), (":authority", "a")])
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())  # the client's SETTINGS acknowledgement
+    assert isinstance(server, ServerH2Connection)
+    return server, client
+
+
+def _windows(connection: Any) -> tuple[int, int]:
+    return connection.outbound_flow_control_window, connection.streams[1].outbound_flow_control_window
+
+
+def test_a_data_frame_made_without_h2_is_what_h2_makes() -> None:
+    ours, _ = _connected_pair()
+    theirs, _ = _connected_pair()
+    for data in [b"", b"x", b"\x00" * 1000, bytes(range(256)) * 60]:
+        made = ours.data_frame(1, data)
+        theirs.send_data(1, data)
+        assert made == theirs.data_to_send()
+        assert _windows(ours) == _windows(theirs)
+    # What h2 had waiting to send goes first (here, a PING).
+    for connection in (ours, theirs):
+        connection.ping(b"12345678")
+    made = ours.data_frame(1, b"after")
+    theirs.send_data(1, b"after")
+    assert made == theirs.data_to_send() and ours.data_to_send() == b""
+    # Past the window, the frame size, or once the stream is closed: nothing made, nothing changed.
+    window = min(_windows(ours))
+    assert ours.data_frame(1, b"y" * (window + 1)) is None
+    assert ours.data_frame(1, b"y" * (ours.max_outbound_frame_size + 1)) is None
+    assert ours.data_frame(3, b"y") is None  # no such stream
+    assert _windows(ours) == _windows(theirs)
+    ours.end_stream(1)
+    assert ours.data_frame(1, b"y") is None
+    ours.data_to_send()
+    fresh, _ = _connected_pair()
+    fresh.reset_stream(1)
+    assert fresh.data_frame(1, b"y") is None

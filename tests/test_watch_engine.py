@@ -33,7 +33,7 @@ async def _watch_n(store: Store, session: str, resume_versions: dict[str, int]) 
 
 class _SlowClient:
     """The stream's ``send``: records every batch, and does not take the ``stalls_at``-th (from 1)
-    until ``taken`` is set."""
+    until ``taken`` is set; while it waits, the progress's ``cut`` stops it (as the server's does)."""
 
     def __init__(self, stalls_at: int) -> None:
         self.stalls_at = stalls_at
@@ -43,7 +43,11 @@ class _SlowClient:
     async def send(self, updates: list[VariableUpdate], progress: _watch.BatchProgress) -> None:
         self.batches.append(updates)
         if len(self.batches) == self.stalls_at:
-            await self.taken.wait()
+            with trio.CancelScope() as progress.waiting:
+                if progress.cut_requested:
+                    progress.waiting.cancel()
+                await self.taken.wait()
+            progress.cut_short = not self.taken.is_set()
 
 
 async def test_a_burst_queued_during_a_slow_send_goes_out_as_one_batch(

@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coro
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
+import grpclib.protocol
 import grpclib.server
 import outcome
 import trio
@@ -40,6 +41,7 @@ from ._connections import (
     DEFAULT_CONNECTION_LIMITS,
     ConnectionLimits,
     GuardedServer,
+    ServerH2Connection,
     _RequestBuffer,
     connections_for,
     raise_fd_limit,
@@ -225,17 +227,17 @@ async def send_messages(
             ends.append((ends[-1] if ends else 0) + 5 + len(data))
             run.append(_UNCOMPRESSED_PREFIX + len(data).to_bytes(4, "big"))
             if len(data) >= _SENT_ALONE:  # as it is: every stream shares its bytes
-                await inner.send_data(b"".join(run))
-                await inner.send_data(data)
+                await _send_data(inner, b"".join(run))
+                await _send_data(inner, data)
                 run, run_size = [], 0
                 continue
             run.append(data)
             run_size += 5 + len(data)
             if run_size >= _SENT_ALONE:
-                await inner.send_data(b"".join(run))
+                await _send_data(inner, b"".join(run))
                 run, run_size = [], 0
         if run:
-            await inner.send_data(b"".join(run))
+            await _send_data(inner, b"".join(run))
     except BaseException:
         if progress is not None:
             sent = inner.data_sent - started_at
@@ -247,6 +249,28 @@ async def send_messages(
     connection = inner.connection
     connection.messages_sent += len(messages)
     connection.last_message_sent = time.monotonic()
+
+
+async def _send_data(inner: grpclib.protocol.Stream, data: bytes) -> None:
+    """grpclib's ``Stream.send_data``, without its awaits, copies and h2's frame objects when ``data``
+    can go at once as one DATA frame (the connection takes writes; the stream is open, and the window
+    and the frame size allow it: ``ServerH2Connection.data_frame``); then it never waits. Otherwise,
+    grpclib's, which waits for what it needs."""
+    connection = inner.connection
+    h2_connection = inner._h2_connection
+    frame = (
+        h2_connection.data_frame(cast(int, inner.id), data)
+        if connection.write_ready.is_set() and isinstance(h2_connection, ServerH2Connection)
+        else None
+    )
+    if frame is None:
+        await inner.send_data(data)
+        return
+    inner._transport.write(frame)
+    size = len(data)
+    inner.data_sent += size
+    connection.data_sent += size
+    connection.data_send_process()
 
 
 def reset_stream(stream: grpclib.server.Stream[Any, Any], error_code: ErrorCodes) -> None:
@@ -298,7 +322,23 @@ def call_soon_in_asyncio(callback: Callable[[], object]) -> None:
     trio_asyncio.current_loop.get().call_soon(callback)
 
 
-async def run_in_asyncio(fn: Callable[..., Coroutine[Any, Any, T]], *args: object) -> T:
+class CutShort(Exception):
+    """Raised by :func:`run_in_asyncio` when its ``cut`` stopped the coroutine where it waited."""
+
+
+class Cuttable(Protocol):
+    """What lets another task stop a :func:`run_in_asyncio` where it waits, with no cost to one that
+    never waits: it sets ``cut_requested`` and cancels ``waiting`` (the scope around the wait, if any).
+    ``cut_short`` is set once it did stop one."""
+
+    cut_requested: bool
+    cut_short: bool
+    waiting: trio.CancelScope | None
+
+
+async def run_in_asyncio(
+    fn: Callable[..., Coroutine[Any, Any, T]], *args: object, cut: Cuttable | None = None
+) -> T:
     """From Trio: run the asyncio coroutine function ``fn`` (grpclib's sending) and return its result.
 
     The coroutine runs in the calling Trio task, driven step by step as an asyncio task would drive
@@ -314,13 +354,28 @@ async def run_in_asyncio(fn: Callable[..., Coroutine[Any, Any, T]], *args: objec
     the coroutine waits cancels the future it waits for and throws ``asyncio.CancelledError`` into it
     at once, where it waits, as asyncio's ``Task.cancel`` would; then ``trio.Cancelled`` is raised
     (or whatever else the coroutine raised while it was cancelled).
+
+    With ``cut``: each wait is made in a cancel scope ``cut.waiting`` (a coroutine that never waits
+    makes none), and a cut (``cut_requested``) stops the coroutine where it waits, as a cancellation
+    does, then raises :class:`CutShort`, with ``cut.cut_short`` set.
     """
     coroutine = fn(*args)
     try:
         waiting_on = coroutine.send(None)
         while True:
             try:
-                await _until_done(waiting_on)
+                if cut is None:
+                    await _until_done(waiting_on)
+                else:
+                    with trio.CancelScope() as cut.waiting:
+                        if cut.cut_requested:
+                            cut.waiting.cancel()
+                        await _until_done(waiting_on)
+                    cut.waiting = None
+                    if cut.cut_requested and not waiting_on_done(waiting_on):
+                        _cancel_where_it_waits(coroutine, waiting_on)
+                        cut.cut_short = True
+                        raise CutShort
             except trio.Cancelled:
                 _cancel_where_it_waits(coroutine, waiting_on)
                 raise
@@ -329,6 +384,11 @@ async def run_in_asyncio(fn: Callable[..., Coroutine[Any, Any, T]], *args: objec
         return cast(T, finished.value)
     finally:
         coroutine.close()  # a no-op once it has finished
+
+
+def waiting_on_done(waiting_on: object) -> bool:
+    """Whether what an asyncio coroutine yielded to its driver is done (a bare yield always is)."""
+    return waiting_on is None or cast(asyncio.Future[Any], waiting_on).done()
 
 
 async def _until_done(waiting_on: object) -> None:

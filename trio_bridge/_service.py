@@ -29,6 +29,7 @@ from h2.errors import ErrorCodes
 
 from . import _encoding as enc
 from ._bridge import (
+    CutShort,
     call_soon_in_asyncio,
     next_request_size,
     release_request_buffers,
@@ -483,7 +484,8 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         client); cancelled when the client goes away."""
 
         async def send(updates: list[pb.VariableUpdate], progress: BatchProgress) -> None:
-            await run_in_asyncio(send_messages, stream, updates, progress)  # one hop for the whole batch
+            with contextlib.suppress(CutShort):  # the progress says how far it got
+                await run_in_asyncio(send_messages, stream, updates, progress, cut=progress)
 
         watch = WatchStream(
             self.store,

@@ -189,13 +189,28 @@ _RECENT_UPDATES = _RecentUpdates()
 
 @dataclass
 class BatchProgress:
-    """How far a batch got when its send was cut short (filled in by the ``send`` callable)."""
+    """A batch's send: how far it got when it was cut short (filled in by the ``send`` callable),
+    and the means to cut it short while it waits for the client (:meth:`cut`)."""
 
     messages: int = 0  # whole updates handed to the connection
     mid_message: bool = False  # stopped inside one: the stream can carry no status any more
+    #: Set by the ``send`` callable when :meth:`cut` stopped it: the batch went out only in part.
+    cut_short: bool = False
+    #: :meth:`cut` was called (a send that has not waited yet stops at its first wait).
+    cut_requested: bool = False
+    #: While the send waits, the cancel scope around that wait (made only by a send that must wait:
+    #: one whose client's window is open makes none, which was 13% of a fan-out's CPU).
+    waiting: trio.CancelScope | None = None
+
+    def cut(self) -> None:
+        """Stop the send where it waits (and at once if it waits later)."""
+        self.cut_requested = True
+        if self.waiting is not None:
+            self.waiting.cancel()
 
 
-#: Sends a batch of updates to the client, in order; when cancelled, fills in the progress.
+#: Sends a batch of updates to the client, in order; when cancelled, or cut short by the progress's
+#: ``cut``, fills in the progress (then returns, if cut short).
 SendBatch = Callable[[list[VariableUpdate], BatchProgress], Awaitable[None]]
 #: An update not encoded yet.
 _Encode = Callable[[], VariableUpdate]
@@ -234,7 +249,7 @@ class WatchStream:
         self._shutting_down = False
         self._progress: trio.Event | None = None  # set after the sender's next round, if anyone waits
         self._initial: list[_Encode] = []
-        self._sending: trio.CancelScope | None = None  # the send in flight, cut short by an overflow
+        self._sending: BatchProgress | None = None  # the send in flight, cut short by an overflow
         # Every change up to this revision has been delivered (past "synced"; before, what the client
         # said it held): where a resume by revision starts.
         self._delivered_revision = plan.resume_revision
@@ -509,9 +524,9 @@ class WatchStream:
     async def _send(self, updates: list[VariableUpdate]) -> None:
         """Send a batch; an overflow meanwhile cuts it short (:meth:`_cut_send_short`) and ends the
         stream at once, with what did go out counted as delivered."""
-        progress = BatchProgress()
-        with trio.CancelScope() as self._sending:
-            await self._send_batch(updates, progress)
+        progress = self._sending = BatchProgress()
+        await self._send_batch(updates, progress)
+        if not progress.cut_short:
             progress.messages = len(updates)
         self._sending = None
         self._last_sent = trio.current_time()
@@ -533,7 +548,7 @@ class WatchStream:
         """The subscription overflowed: a send waiting for a client that does not read would hold the
         stream and its memory until it reads again, so stop it now."""
         if self._sending is not None:
-            self._sending.cancel()
+            self._sending.cut()
 
     def _idle_for_interval(self) -> bool:
         return trio.current_time() >= self._last_sent + self._plan.heartbeat_interval
