@@ -535,11 +535,12 @@ def single_stream(kind: str, updates: int) -> dict[str, Any]:
     }
 
 
-def writers(kind: str, writer: str, updates: int) -> dict[str, Any]:
+def writers(kind: str, writer: str, updates: int, profile: Path | None = None) -> dict[str, Any]:
     """Single-stream throughput of one of ``WRITERS``: ``updates`` writes to a session of ``BATCH``
     variables (write ``i`` to ``v{i % BATCH}``), one watch stream on all of them counting deliveries;
     from the first write to the last delivery. A server that answers the writer's RPC UNIMPLEMENTED
-    gives a row "not served"; another RPC error, a row "failed"."""
+    gives a row "not served"; another RPC error, a row "failed". With ``profile``, py-spy samples the
+    server during the writes (collapsed stacks written there)."""
     row: dict[str, Any] = {"server": kind, "writer": writer, "in_flight": WRITERS[writer], "updates": updates}
     queue = ("--watch-queue-size", str(updates * 2), "--watch-queue-bytes", str(updates * 4096))
     with server(kind, *queue) as srv:
@@ -548,9 +549,14 @@ def writers(kind: str, writer: str, updates: int) -> dict[str, Any]:
         names = [f"v{i}" for i in range(BATCH)]
         watchers = Watchers(srv.port, session, names, 1, expect=updates, mode="count", processes=1)
         watchers.wait_ready()
+        profiler = write_load.start_profiler(srv.process.pid, profile, "raw", 250) if profile else None
         cpu0, started, client_cpu0 = srv.cpu_seconds(), time.monotonic(), time.process_time()
         try:
-            asyncio.run(_run_writer(srv.write_port, writer, requests))
+            try:
+                asyncio.run(_run_writer(srv.write_port, writer, requests))
+            finally:
+                if profiler is not None:
+                    write_load.stop_profiler(profiler)
         except grpc.aio.AioRpcError as error:
             (result,) = watchers.halt()
             code, details = error.code(), error.details()
@@ -763,8 +769,9 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         type=Path,
-        help="fan_out: py-spy samples trio_bridge's server during each row's writes; collapsed stacks "
-        "go to PROFILE-<watchers>.txt, and the functions with the most samples are printed",
+        help="writers and fan_out: py-spy samples trio_bridge's server during each row's writes; "
+        "collapsed stacks go to PROFILE-<writer>.txt and PROFILE-<watchers>.txt, and the functions "
+        "with the most samples are printed",
     )
     args = parser.parse_args()
     quick = args.quick
@@ -786,9 +793,16 @@ def main() -> None:
 
     if "writers" in chosen:
         batched = max(BATCH, updates // BATCH * BATCH)
-        report["writers"] = [
-            writers(kind, w, batched) for w in WRITERS for kind in ("trio_bridge", "baseline")
-        ]
+        report["writers"] = []
+        for w in WRITERS:
+            for kind in ("trio_bridge", "baseline"):
+                profile = None
+                if args.profile and kind == "trio_bridge":
+                    profile = args.profile.with_name(f"{args.profile.stem}-{w.replace('/', '-')}.txt")
+                report["writers"].append(writers(kind, w, batched, profile))
+                if profile is not None:
+                    print(f"profile of {w}: {profile}")
+                    print(write_load.top(profile, 40))
         _table(
             "1. single stream throughput by writer: SetVariable, SetVariables of 100, WriteVariables stream "
             "(and 6. baseline)",

@@ -117,7 +117,9 @@ async def _stream_load(stub: Any, session: str, args: argparse.Namespace, pid: i
     unanswered, after a warm-up stream; return (server CPU seconds, wall seconds) of the writes alone."""
     from bench import run
 
-    await run._stream_writes(stub, _only_v0(run._writer_requests("WriteVariables", session, 200)), args.concurrency)
+    await run._stream_writes(
+        stub, _only_v0(run._writer_requests("WriteVariables", session, 200)), args.concurrency
+    )
     measured = _only_v0(run._writer_requests("WriteVariables", session, args.calls))
     profiler = _start_profiler(pid, args) if args.profile else None
     cpu0, wall0 = _cpu_seconds(pid), time.monotonic()

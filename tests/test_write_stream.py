@@ -262,6 +262,30 @@ async def test_a_batch_is_applied_whole_or_not_at_all(server: RunningServer) -> 
     assert (a.value, a.version, b.value, b.version) == (3, 2, "ok", 2)  # the refused batch left nothing
 
 
+async def test_a_batch_is_checked_in_the_order_a_client_fixes_it(server: RunningServer) -> None:
+    """Names first, then every value decoded, then versions: the store decodes each value as it looks
+    the variable up (one look-up per write), and the order is SetVariables' own."""
+    session = await session_with(server, a=(VariableType.INTEGER, 0), b=(VariableType.STRING, ""))
+    stale, bad_value, unknown = (
+        write("a", integer(1), expected_version=7),
+        write("b", integer(2)),
+        write("c", text("x")),
+    )
+    cases = [
+        ((stale, bad_value), Status.INVALID_ARGUMENT, "variable 'b' (string): expects an Any of"),
+        ((stale, bad_value, unknown), Status.NOT_FOUND, "'c'"),
+        ((stale, write("b", text("ok"))), Status.ABORTED, "version"),
+    ]
+    results, _ = await exchange(
+        server, [request(i, session, *writes) for i, (writes, _, _) in enumerate(cases)]
+    )
+    for result, (writes, status, fragment) in zip(results, cases, strict=True):
+        assert (Status(result.status), fragment in result.message) == (status, True), result.message
+        assert await unary_set(server, session, *writes) == answer_of(result)  # as SetVariables answers
+    a, b = await server.store.get_variables(session, ["a", "b"])
+    assert (a.version, b.version) == (1, 1)
+
+
 async def test_tokens_are_checked_once_for_the_stream_and_the_scope_for_each_request(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
