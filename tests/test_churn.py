@@ -164,10 +164,10 @@ async def test_faults_lose_duplicate_or_reorder_nothing(
 
     real_send = trio_bridge._service.run_in_asyncio
 
-    async def delayed_send(fn: Any, *args: Any) -> Any:
+    async def delayed_send(fn: Any, *args: Any, **kwargs: Any) -> Any:
         if rng.random() < 0.02:  # a server-side delay before this send
             await trio.sleep(rng.random() * 0.003)
-        return await real_send(fn, *args)
+        return await real_send(fn, *args, **kwargs)
 
     monkeypatch.setattr(trio_bridge._service, "run_in_asyncio", delayed_send)
     last = {name: writes + 1 for name in variables}  # version 1 is the registration

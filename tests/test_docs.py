@@ -34,6 +34,31 @@ async def test_the_profile_commands_run_as_written(tmp_path: Path) -> None:
         assert "server CPU" in output and "self%  total%  function" in output, output
 
 
+async def test_the_fan_out_profile_commands_run_as_written(tmp_path: Path) -> None:
+    """performance.md's "profile-fan-out" commands, smaller (10 watchers, a quick run; the profiles
+    written to tmp_path): each prints its figures and py-spy's top functions."""
+    for command in commands(DOCS / "performance.md", "profile-fan-out"):
+        arguments = shlex.split(command)
+        assert arguments[:2] == [".nox/tests/bin/python", "-m"]
+        assert arguments[2] in ("bench.run", "bench.fan_out_engine")
+        arguments[arguments.index("--watchers") + 1] = "10"
+        if arguments[2] == "bench.run":
+            arguments.append("--quick")
+        else:
+            arguments[arguments.index("--writes") + 1] = "20"
+        profile = arguments.index("--profile") + 1
+        arguments[profile] = str(tmp_path / Path(arguments[profile]).name)
+        result = await trio.run_process(
+            [sys.executable, *arguments[1:]], cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False
+        )
+        output = result.stdout.decode()
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        assert "self%  total%  function" in output, output
+        assert (
+            "server_cpu_ms_per_write" if arguments[2] == "bench.run" else "µs of CPU per delivery"
+        ) in output
+
+
 #: Which test runs each example, per file (the test's source names the example).
 RUN_BY: dict[str, dict[str, Callable[..., object]]] = {
     "README.md": {
@@ -52,7 +77,10 @@ RUN_BY: dict[str, dict[str, Callable[..., object]]] = {
     },
     "several-servers.md": {"several-servers": test_readme.test_several_servers_run_as_written},
     "security.md": {"token-file": test_readme.test_the_token_file_example_is_a_token_file},
-    "performance.md": {"profile": test_the_profile_commands_run_as_written},
+    "performance.md": {
+        "profile": test_the_profile_commands_run_as_written,
+        "profile-fan-out": test_the_fan_out_profile_commands_run_as_written,
+    },
 }
 FILES = [README, *sorted(path for path in DOCS.glob("*.md") if path.name != "protocol.md")]
 
