@@ -275,6 +275,10 @@ async def test_a_batch_is_checked_in_the_order_a_client_fixes_it(server: Running
         ((stale, bad_value), Status.INVALID_ARGUMENT, "variable 'b' (string): expects an Any of"),
         ((stale, bad_value, unknown), Status.NOT_FOUND, "'c'"),
         ((stale, write("b", text("ok"))), Status.ABORTED, "version"),
+        # More writes than one etcd transaction takes (the etcd store's own limit): the client's
+        # errors come first there too.
+        ((unknown, *[stale] * 64), Status.NOT_FOUND, "'c'"),
+        ((bad_value, *[stale] * 64), Status.INVALID_ARGUMENT, "variable 'b' (string): expects an Any of"),
     ]
     results, _ = await exchange(
         server, [request(i, session, *writes) for i, (writes, _, _) in enumerate(cases)]

@@ -122,7 +122,8 @@ def request_at_hand(stream: grpclib.server.Stream[Any, Any], max_bytes: int) -> 
     read as it is (not compressed, at most ``max_bytes`` long); None if reading it would wait, or
     must go the usual way (``stream.recv_message()``, which refuses it as it deserves). What
     ``recv_message`` does for such a message, without its two awaited reads: decoded by the stream's
-    codec (GRPCError INVALID_ARGUMENT if malformed), and counted."""
+    codec (GRPCError INVALID_ARGUMENT if malformed), and counted; but grpclib's ``RecvMessage`` event
+    is not dispatched (the server listens to none: a listener added would miss these messages)."""
     buffer = stream._stream.buffer
     if not isinstance(buffer, _RequestBuffer):
         return None

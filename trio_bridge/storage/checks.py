@@ -137,6 +137,22 @@ def new_variable(
     return snapshot
 
 
+def looked_up(
+    cache: SessionCache, session: CachedSession, writes: Sequence[VariableWrite]
+) -> tuple[list[VariableSnapshot], list[Any]]:
+    """A write's first checks, in the order a client fixes them: a batch is not empty, every name is
+    known, then every encoded value decodes for its variable's type. Each write's variable as it is
+    now, and its value, native."""
+    if not writes:
+        raise InvalidArgument("a batch needs at least one write")
+    targets = cache.variables(session, [w.identifier for w in writes])
+    values = [
+        value.decoded(current.name, current.type) if isinstance(value := write.value, EncodedValue) else value
+        for write, current in zip(writes, targets, strict=True)
+    ]
+    return targets, values
+
+
 def staged_writes(
     cache: SessionCache,
     session: CachedSession,
@@ -145,17 +161,17 @@ def staged_writes(
     source: str,
     metadata: Mapping[str, str],
     revision: int = 0,
+    values: Sequence[Any] | None = None,
 ) -> list[tuple[VariableSnapshot, VariableSnapshot]]:
-    """Each write as ``(current, updated)``, all checked (identifiers, then every encoded value
-    decoded, then duplicates, versions, values, memory) before any is applied; ``updated`` at store
-    revision ``revision`` when the store knows it beforehand (0 if not)."""
-    if not writes:
-        raise InvalidArgument("a batch needs at least one write")
-    targets = cache.variables(session, [w.identifier for w in writes])
-    values = [
-        value.decoded(current.name, current.type) if isinstance(value := write.value, EncodedValue) else value
-        for write, current in zip(writes, targets, strict=True)
-    ]
+    """Each write as ``(current, updated)``, all checked (:func:`looked_up`'s checks, then duplicates,
+    versions, values, memory) before any is applied; ``updated`` at store revision ``revision`` when
+    the store knows it beforehand (0 if not). ``values``: what :func:`looked_up` gave, for a store that
+    made those checks first (before checks of its own that may wait): the variables are looked up
+    again now, and one replaced meanwhile by a variable of another type refuses the value."""
+    if values is None:
+        targets, values = looked_up(cache, session, writes)
+    else:
+        targets = cache.variables(session, [w.identifier for w in writes])
     seen: dict[str, str] = {}
     staged: list[tuple[VariableSnapshot, Any]] = []
     for write, current, value in zip(writes, targets, values, strict=True):

@@ -157,7 +157,9 @@ class Store(Protocol):
         source: str = "",
         metadata: Mapping[str, str] | None = None,
     ) -> list[VariableSnapshot]:
-        """Apply every write, or none."""
+        """Apply every write, or none. A write's value may be a ``records.EncodedValue``, which the
+        store decodes once it knows the variable's type (``checks.looked_up`` does, with the checks
+        every store makes first, in the order a client fixes them)."""
         ...
 
     async def delete_variable(self, session_id: str, identifier: str, *, source: str = "") -> None: ...

@@ -348,6 +348,9 @@ class EtcdStore(SingleVariableCalls):
         source: str = "",
         metadata: Mapping[str, str] | None = None,
     ) -> list[VariableSnapshot]:
+        # The client's errors first (names, values), as the in-memory store gives them; then this
+        # store's own (etcd unreachable, a batch over one transaction).
+        _, values = checks.looked_up(self._cache, self._cache.session(session_id), writes)
         self._check_writable()
         session = await self._session(session_id)
         update_metadata = frozen_metadata(metadata)
@@ -357,7 +360,9 @@ class EtcdStore(SingleVariableCalls):
                 f"(a put and a read of each), more than its limit --etcd-max-txn-ops="
                 f"{self.settings.max_txn_ops} (etcd's --max-txn-ops); split the batch"
             )
-        changes = checks.staged_writes(self._cache, session, writes, source=source, metadata=update_metadata)
+        changes = checks.staged_writes(
+            self._cache, session, writes, source=source, metadata=update_metadata, values=values
+        )
         keys = [self.keys.variable(session_id, current.id) for current, _ in changes]
         compares = [
             compare_version(key, ">", 0)
