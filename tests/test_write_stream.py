@@ -37,8 +37,9 @@ from trio_bridge import (
     VersionConflict,
 )
 from trio_bridge._bridge import run_in_asyncio
+from trio_bridge._client_writes import MAX_WRITES_IN_FLIGHT
 from trio_bridge._service import WRITE_PATH, WRITE_RUN_REQUESTS, WRITE_STREAM_LABEL, UnifiedBridgeService
-from trio_bridge.client import MAX_WRITES_IN_FLIGHT, BridgeClient
+from trio_bridge.client import BridgeClient
 from trio_bridge.proto import unified_bridge as pb
 from trio_bridge.proto.google.protobuf import Any as PbAny
 from trio_bridge.proto.google.protobuf import Int64Value, StringValue
