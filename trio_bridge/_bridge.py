@@ -373,7 +373,7 @@ async def run_in_asyncio(
                             cut.waiting.cancel()
                         await _until_done(waiting_on)
                     cut.waiting = None
-                    if cut.cut_requested and not waiting_on_done(waiting_on):
+                    if cut.cut_requested and not _waiting_on_done(waiting_on):
                         _cancel_where_it_waits(coroutine, waiting_on)
                         cut.cut_short = True
                         raise CutShort
@@ -387,7 +387,7 @@ async def run_in_asyncio(
         coroutine.close()  # a no-op once it has finished
 
 
-def waiting_on_done(waiting_on: object) -> bool:
+def _waiting_on_done(waiting_on: object) -> bool:
     """Whether what an asyncio coroutine yielded to its driver is done (a bare yield always is)."""
     return waiting_on is None or cast(asyncio.Future[Any], waiting_on).done()
 
