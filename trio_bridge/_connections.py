@@ -387,11 +387,9 @@ class _RequestBuffer:
     def next_message_size(self) -> int | None:
         """The size of the next gRPC message if it is here whole, 0 if reading it would not wait for
         another reason (the request ended, or was refused); None if reading it would wait."""
-        data = self._data
-        if len(data) >= 5:
-            size = 5 + int.from_bytes(data[1:5], "big")
-            if len(data) >= size:
-                return size
+        end = self._next_message_end()
+        if end is not None:
+            return end
         return 0 if self._eof or self._refused is not None else None
 
     def take_message(self, max_bytes: int) -> bytes | None:
@@ -399,15 +397,22 @@ class _RequestBuffer:
         compressed and is at most ``max_bytes`` long; else None, and nothing taken (reading it the
         usual way then waits for it, or refuses it as it deserves)."""
         data = self._data
-        if len(data) < 5 or data[0] != 0:
-            return None
-        end = 5 + int.from_bytes(data[1:5], "big")
-        if end - 5 > max_bytes or len(data) < end:
+        end = self._next_message_end()
+        if end is None or data[0] != 0 or end - 5 > max_bytes:
             return None
         body = bytes(data[5:end])
         del data[:end]
         self._owner._buffer_release(end)
         return body
+
+    def _next_message_end(self) -> int | None:
+        """Where the next gRPC message (its 5-byte prefix and its body) ends, if it is here whole."""
+        data = self._data
+        if len(data) >= 5:
+            end = 5 + int.from_bytes(data[1:5], "big")
+            if len(data) >= end:
+                return end
+        return None
 
     def read_to_end(self) -> bool:
         """Whether the request has ended and every byte of it was read."""

@@ -342,7 +342,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         check_constraint_sizes(message.name, constraints, self.limits)
         check_metadata(f"variable {message.name!r}", message.metadata, self.limits)
         check_source(message.source, self.limits)
-        value = self._unpack_value(message.name, vtype, message.initial_value)
+        value = _unpacked(message.name, vtype, message.initial_value, self.limits.max_value_bytes)
         snapshot = await self._in_store(
             self.store.register_variable,
             message.session_id,
@@ -414,9 +414,6 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             for write in writes
         ]
         return await call(self.store.set_variables, session_id, encoded, source=source, metadata=metadata)
-
-    def _unpack_value(self, name: str, vtype: VariableType, packed: Any) -> Any:
-        return _unpacked(name, vtype, packed, self.limits.max_value_bytes)
 
     # ---- streaming -------------------------------------------------------------------------------
 
@@ -636,7 +633,6 @@ class WriteStream:
         Cancellation (the client went away, or the server stopped waiting for it): the request being
         applied may or may not have been, as with a cancelled SetVariables; the run's results not yet
         handed to the connection are not sent; nothing more is read."""
-        max_bytes = self._service.limits.max_message_bytes
         pause_at = time.perf_counter() + WRITE_SLICE_SECONDS
         while (request := await self._next_request()) is not None:
             results = [await self._service.write_result(request, self._principal)]
@@ -649,9 +645,7 @@ class WriteStream:
                         break
                     run_bytes += size
                     try:  # it has arrived (or the request has ended): reading does not wait
-                        request = request_at_hand(self._stream, max_bytes)
-                        if request is None:
-                            request = await run_in_asyncio(self._stream.recv_message)
+                        request = await self._next_request()
                     except Exception as exc:  # sent after the results before it
                         unreadable = exc
                         break
