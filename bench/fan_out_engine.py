@@ -36,6 +36,11 @@ async def measure(watchers: int, writes: int, profile: Path | None) -> float:
         nonlocal delivered
         delivered += len(updates)
 
+    def send_now(update: Any) -> bool:
+        nonlocal delivered
+        delivered += 1
+        return True
+
     plan = await plan_watch(
         store,
         session_id=session,
@@ -47,7 +52,7 @@ async def measure(watchers: int, writes: int, profile: Path | None) -> float:
     )
     async with trio.open_nursery() as nursery:
         for _ in range(watchers):
-            nursery.start_soon(WatchStream(store, plan, send=send).run)
+            nursery.start_soon(WatchStream(store, plan, send=send, send_now=send_now).run)
         await trio.testing.wait_all_tasks_blocked()
         profiler = write_load.start_profiler(os.getpid(), profile, "raw", 250) if profile else None
         delivered = 0

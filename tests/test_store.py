@@ -266,6 +266,57 @@ async def test_interrupt_wakes_a_waiting_reader_with_an_empty_batch_and_queues_n
         assert not subscription.overflowed
 
 
+async def test_events_offered_later_wait_in_order_and_count_against_the_subscriptions_bounds() -> None:
+    observers: ObserverManager[int] = ObserverManager(default_buffer_size=2)
+    scheduled: list[Callable[[], None]] = []
+    observers.dispatch_later(scheduled.append)
+    offered: list[int] = []
+
+    def deliver_now(event: int) -> bool:
+        offered.append(event)
+        return event % 2 == 0  # takes even events, declines odd ones
+
+    with observers.subscribe(["k"], deliver_now=deliver_now, buffer_size=8) as subscription:
+        batches: list[list[int]] = []
+        async with trio.open_nursery() as nursery:
+
+            async def read() -> None:
+                batches.append(await subscription.receive_batch(10))
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            observers.publish(["k"], 0)
+            observers.publish(["k"], 2)
+            assert offered == [] and subscription.pending == 2 and len(scheduled) == 1
+            scheduled.pop()()  # the dispatch: both taken at once, the reader waits on
+            assert offered == [0, 2] and subscription.pending == 0
+            observers.publish(["k"], 4)
+            observers.publish(["k"], 5)
+            observers.publish(["k"], 6)
+            scheduled.pop()()  # 4 taken; 5 declined, so queued (handed to the reader); 6 queued behind
+            assert offered == [0, 2, 4, 5]
+        assert batches == [[5, 6]]
+        # While the reader does not wait, events are queued as they come, never offered.
+        observers.publish(["k"], 8)
+        assert offered == [0, 2, 4, 5] and not scheduled and subscription.pending == 1
+        assert await subscription.receive_batch(10) == [8]
+
+    with observers.subscribe(["k"], deliver_now=lambda event: False) as subscription:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(subscription.receive_batch, 10)
+            await trio.testing.wait_all_tasks_blocked()
+            # No more than a channel's worth waits for the dispatch: the third is queued with them
+            # (the first handed to the waiting reader, two fill the channel), the fourth overflows,
+            # as without the dispatch.
+            for event in range(3):
+                observers.publish(["k"], event)
+            assert not subscription.overflowed and subscription.pending == 2
+            observers.publish(["k"], 3)
+            assert subscription.overflowed
+        scheduled.pop()()  # nothing left to offer
+    observers.dispatch_later(None)
+
+
 async def test_interrupt_without_a_waiting_reader_does_nothing() -> None:
     observers: ObserverManager[int] = ObserverManager(default_buffer_size=1)
     with observers.subscribe(["k"]) as subscription:

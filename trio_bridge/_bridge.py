@@ -252,6 +252,42 @@ async def send_messages(
     connection.last_message_sent = time.monotonic()
 
 
+def send_message_now(stream: grpclib.server.Stream[Any, Any], message: Any) -> bool:
+    """Send ``message`` on a server-streaming ``stream`` at once, synchronously, as one DATA frame (the
+    same bytes as ``stream.send_message``), and return True; or return False, with nothing sent, when
+    that would wait: the stream's headers not sent yet, the connection not taking writes, or the
+    window or the frame size too small (and when the stream is closed). The caller then sends it the
+    usual way (:func:`send_messages`), which waits or fails as it must.
+
+    Never a schedule point, never cancelled: it is meant for a publisher handing a change to many idle
+    streams, none of which has anything in flight (it must not be called while another send is under
+    way on ``stream``: its bytes could go out in the middle of that send's)."""
+    inner = stream._stream
+    connection = inner.connection
+    h2_connection = inner._h2_connection
+    if not (
+        stream._send_initial_metadata_done
+        and connection.write_ready.is_set()
+        and isinstance(h2_connection, ServerH2Connection)
+    ):
+        return False
+    data = stream._codec.encode(message, stream._send_type)
+    framed = _UNCOMPRESSED_PREFIX + len(data).to_bytes(4, "big") + data
+    frame = h2_connection.data_frame(cast(int, inner.id), framed)
+    if frame is None:
+        return False
+    inner._transport.write(frame)
+    size = len(framed)
+    inner.data_sent += size
+    connection.data_sent += size
+    connection.data_send_process()
+    stream._send_message_done = True
+    stream._messages_sent += 1
+    connection.messages_sent += 1
+    connection.last_message_sent = time.monotonic()
+    return True
+
+
 async def _send_data(inner: grpclib.protocol.Stream, data: bytes) -> None:
     """grpclib's ``Stream.send_data``, without its awaits, copies and h2's frame objects when ``data``
     can go at once as one DATA frame (the connection takes writes; the stream is open, and the window
@@ -321,6 +357,15 @@ def call_soon_in_asyncio(callback: Callable[[], object]) -> None:
     """From Trio: run ``callback`` on asyncio's loop after the callbacks queued there now (those that
     the calling Trio task queues before its next checkpoint included)."""
     trio_asyncio.current_loop.get().call_soon(callback)
+
+
+def after_asyncio_queue(callback: Callable[[], object]) -> None:
+    """From Trio: run ``callback`` on asyncio's loop after the callbacks queued there now, and after
+    those queued before these have run (the steps of handlers that a Trio task wakes by returning to
+    them, before its next checkpoint: a writer's reply to its call). For what may wait until the
+    calls that caused it have answered (the offers of a fan-out: ``ObserverManager.dispatch_later``)."""
+    loop = trio_asyncio.current_loop.get()
+    loop.call_soon(loop.call_soon, callback)
 
 
 class CutShort(Exception):

@@ -13,6 +13,18 @@ When a subscription's buffer is full, one of two policies applies:
   coalescing key, each merged with the one it replaces, until the reader has emptied the channel.
 
 Either way the memory a subscription holds stays bounded.
+
+A subscription may also take events *directly* (``deliver_now``): while its reader waits on an empty
+channel, each event is offered to it, and one it takes (by handling it at once, synchronously) is not
+queued and wakes no one. A fan-out to a thousand idle watch streams then costs the thousand hand-offs,
+not a thousand Trio tasks woken. An event it declines is queued as usual, and so is every event while
+the reader is not waiting: events still reach a subscription in the order published.
+
+The offers are made by the publisher, synchronously, or, once :meth:`ObserverManager.dispatch_later`
+has been given a way to schedule them, a little later, all in one go: a writer whose change fans out
+to a thousand streams then returns (and answers its own client) first. Until then the events wait in
+order on their subscription, and its reader takes them first when it reads (they count in
+``pending``), so a reader woken meanwhile misses none.
 """
 
 from __future__ import annotations
@@ -58,14 +70,23 @@ class Subscription(Generic[EventT]):
         coalescer: Coalescer[EventT] | None,
         on_overflow: Callable[[], object] | None = None,
         max_bytes: int | None = None,
+        deliver_now: Callable[[EventT], bool] | None = None,
     ) -> None:
         self._manager = manager
+        self._buffer_size = buffer_size
+        self._deliver_now = deliver_now
+        # Events waiting for the manager's dispatch, oldest first (None: none). Invariant, outside a
+        # call: there are some only while the channel is empty and nothing is held.
+        self._deferred: list[EventT] | None = None
         self._on_overflow = on_overflow
         self._max_bytes = max_bytes
         self._size_of = manager.size_of
         self.queued_bytes = 0  # of the events in the channel, by ``size_of``
         self.keys = keys
         self._send, self._receive = trio.open_memory_channel[EventT | _Interrupted](buffer_size)
+        # The channel's own state (trio is pinned): the tasks waiting in ``receive``. A reader is waiting
+        # exactly while it is listed there, and then the channel is empty.
+        self._readers_waiting = self._send._state.receive_tasks
         self._coalescer = coalescer
         # Coalesced events waiting for room, in arrival order. Invariant, outside a call: events are held
         # only while the channel is not empty, so a reader waiting on an empty channel misses nothing.
@@ -81,10 +102,53 @@ class Subscription(Generic[EventT]):
 
     @property
     def pending(self) -> int:
-        """Events queued and not yet taken by the reader."""
-        return self._send.statistics().current_buffer_used + len(self._held)
+        """Events queued (or waiting for the dispatch) and not yet taken by the reader."""
+        deferred = self._deferred
+        return (
+            self._send.statistics().current_buffer_used
+            + len(self._held)
+            + (0 if deferred is None else len(deferred))
+        )
 
     def _deliver(self, event: EventT) -> None:
+        if self.closed:
+            return
+        deferred = self._deferred
+        if deferred is not None:  # behind those that wait for the dispatch
+            if len(deferred) < self._buffer_size:
+                deferred.append(event)
+                return
+            self._take_deferred()  # no more than a channel's worth waits: queue them now
+        elif self._deliver_now is not None and self._readers_waiting:
+            if self._manager._schedule is not None:
+                self._deferred = [event]
+                self._manager._defer(self)
+                return
+            if self._deliver_now(event):
+                return  # handled at once: the reader waits on, for the next event
+        self._queue(event)
+
+    def _dispatch_deferred(self) -> None:
+        """Offer the events waiting for the dispatch to ``deliver_now``, in order, while the reader
+        waits; queue the rest."""
+        events, self._deferred = self._deferred, None
+        for event in events or ():
+            if self.closed:
+                return
+            deliver_now = self._deliver_now
+            if not (deliver_now is not None and self._readers_waiting and deliver_now(event)):
+                self._queue(event)
+
+    def _take_deferred(self) -> None:
+        """Queue the events waiting for the dispatch now, in order (a reader about to read, or too
+        many waiting)."""
+        events, self._deferred = self._deferred, None
+        for event in events or ():
+            self._queue(event)
+
+    def _queue(self, event: EventT) -> None:
+        """Put ``event`` in the channel (handing it to a waiting reader), or apply the policy of a
+        full subscription."""
         if self.closed:
             return
         if self._held:  # already coalescing: keep per-key order behind what is held
@@ -125,6 +189,8 @@ class Subscription(Generic[EventT]):
     def take_nowait(self, limit: int, max_bytes: int | None = None) -> list[EventT]:
         """Up to ``limit`` queued events (and, past the first, up to ``max_bytes`` of them by
         ``size_of``), oldest first, without waiting (maybe none)."""
+        if self._deferred is not None:
+            self._take_deferred()
         taken: list[EventT] = []
         size = 0
         while len(taken) < limit and (max_bytes is None or not taken or size < max_bytes):
@@ -187,7 +253,9 @@ class Subscription(Generic[EventT]):
         self.close()
         self._receive.close()
         self._held.clear()
-        self._on_overflow = None  # it may refer back to the subscription's owner
+        self._deferred = None
+        # They may refer back to the subscription's owner.
+        self._on_overflow = self._deliver_now = None
 
 
 class ObserverManager(Generic[EventT]):
@@ -206,6 +274,31 @@ class ObserverManager(Generic[EventT]):
         self.size_of = size_of
         self._by_key: dict[Hashable, set[Subscription[EventT]]] = {}
         self._count = 0
+        self._schedule: Callable[[Callable[[], None]], object] | None = None
+        self._deferring: list[Subscription[EventT]] = []  # with events waiting for the dispatch
+
+    def dispatch_later(self, schedule: Callable[[Callable[[], None]], object] | None) -> None:
+        """From now on, offer events to the subscriptions that take them directly (``deliver_now``)
+        not as they are published but in one go, in a callback given to ``schedule`` (called once,
+        synchronously, by the first publish with offers to make; it must run the callback soon, once,
+        in this Trio run's thread; if it raises, the offers are made at once). ``None``: at once again.
+        Offers waiting are made now."""
+        self._dispatch()
+        self._schedule = schedule
+
+    def _defer(self, subscription: Subscription[EventT]) -> None:
+        self._deferring.append(subscription)
+        if len(self._deferring) == 1:
+            assert self._schedule is not None
+            try:
+                self._schedule(self._dispatch)
+            except Exception:
+                self._dispatch()
+
+    def _dispatch(self) -> None:
+        subscriptions, self._deferring = self._deferring, []
+        for subscription in subscriptions:
+            subscription._dispatch_deferred()
 
     @property
     def observer_count(self) -> int:
@@ -224,15 +317,22 @@ class ObserverManager(Generic[EventT]):
         coalescer: Coalescer[EventT] | None = None,
         on_overflow: Callable[[], object] | None = None,
         max_bytes: int | None = None,
+        deliver_now: Callable[[EventT], bool] | None = None,
     ) -> Subscription[EventT]:
         """Register a new observer under ``keys``; it hears of every event published from now on.
         It is full at ``buffer_size`` events or at ``max_bytes`` of them by ``size_of`` (whichever
         comes first; an event alone always fits). ``on_overflow`` is called (by the publisher,
-        synchronously) when it overflows."""
+        synchronously) when it overflows.
+
+        ``deliver_now(event)``, called by the publisher, synchronously, only while the reader waits on
+        an empty channel, handles the event at once and returns True, or returns False (having done
+        nothing) to have it queued. It must not raise, await, or publish."""
         size = self.default_buffer_size if buffer_size is None else buffer_size
         if size < 1:
             raise ValueError("buffer_size must be at least 1")
-        subscription = Subscription(self, frozenset(keys), size, coalescer, on_overflow, max_bytes)
+        subscription = Subscription(
+            self, frozenset(keys), size, coalescer, on_overflow, max_bytes, deliver_now
+        )
         for key in subscription.keys:
             self._by_key.setdefault(key, set()).add(subscription)
         self._count += 1

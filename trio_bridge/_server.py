@@ -3,9 +3,11 @@ trio-asyncio loop. Shutdown stops the gRPC side first (in steps, see ``_bridge``
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +16,7 @@ from grpclib._typing import IServable
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 
-from ._bridge import open_asyncio_loop, serve_grpc
+from ._bridge import after_asyncio_queue, open_asyncio_loop, serve_grpc
 from ._config import ServerConfig
 from ._connections import ConnectionLimits
 from ._errors import CannotServe
@@ -22,7 +24,7 @@ from ._metrics import Metrics
 from ._reflection import with_reflection
 from ._security import Tokens, server_tls
 from ._service import CountedStreams, UnifiedBridgeService
-from .storage import MemoryStore, Store
+from .storage import MemoryStore, SessionCache, Store
 from .storage.location import parse_store
 
 log = logging.getLogger("trio_bridge")
@@ -111,46 +113,59 @@ async def serve(
             await store_nursery.start(run_store)
             store_nursery.start_soon(_report_availability, store, store_serving)
             try:
-                async with trio.open_nursery() as nursery:
-                    bound = await nursery.start(
-                        lambda task_status: serve_grpc(
-                            services,
-                            host=config.host,
-                            port=config.port,
-                            tls=tls,
-                            drain=drain,
-                            grace=config.shutdown_grace,
-                            connection_limits=ConnectionLimits(
-                                # room for unary calls beside a full quota of watch streams
-                                max_streams=limits.max_watch_streams_per_connection + 100,
-                                max_stream_resets_per_second=limits.max_stream_resets_per_second,
-                                max_control_frames_per_second=limits.max_control_frames_per_second,
-                                max_buffer_bytes=limits.max_connection_buffer_bytes,
-                                max_total_buffer_bytes=limits.max_request_buffer_bytes,
-                                handshake_timeout=limits.handshake_timeout_seconds,
-                                idle_timeout=limits.idle_connection_timeout_seconds,
-                            ),
-                            max_connections=limits.max_connections,
-                            task_status=task_status,
+                with _fan_out_after_replies(cache):
+                    async with trio.open_nursery() as nursery:
+                        bound = await nursery.start(
+                            lambda task_status: serve_grpc(
+                                services,
+                                host=config.host,
+                                port=config.port,
+                                tls=tls,
+                                drain=drain,
+                                grace=config.shutdown_grace,
+                                connection_limits=ConnectionLimits(
+                                    # room for unary calls beside a full quota of watch streams
+                                    max_streams=limits.max_watch_streams_per_connection + 100,
+                                    max_stream_resets_per_second=limits.max_stream_resets_per_second,
+                                    max_control_frames_per_second=limits.max_control_frames_per_second,
+                                    max_buffer_bytes=limits.max_connection_buffer_bytes,
+                                    max_total_buffer_bytes=limits.max_request_buffer_bytes,
+                                    handshake_timeout=limits.handshake_timeout_seconds,
+                                    idle_timeout=limits.idle_connection_timeout_seconds,
+                                ),
+                                max_connections=limits.max_connections,
+                                task_status=task_status,
+                            )
                         )
-                    )
-                    metrics.open_connections.set_function(bound.open_connections)
-                    _warn_if_exposed(bound.host, tls is not None, tokens is not None)
-                    task_status.started(
-                        RunningServer(
-                            host=bound.host,
-                            port=bound.port,
-                            metrics_port=metrics_port,
-                            store=store,
-                            service=service,
-                            metrics=metrics,
+                        metrics.open_connections.set_function(bound.open_connections)
+                        _warn_if_exposed(bound.host, tls is not None, tokens is not None)
+                        task_status.started(
+                            RunningServer(
+                                host=bound.host,
+                                port=bound.port,
+                                metrics_port=metrics_port,
+                                store=store,
+                                service=service,
+                                metrics=metrics,
+                            )
                         )
-                    )
             finally:
                 store_scope.cancel()
                 store_nursery.cancel_scope.cancel()
     finally:
         metrics.stop_http()
+
+
+@contextlib.contextmanager
+def _fan_out_after_replies(cache: SessionCache) -> Iterator[None]:
+    """In the block (while asyncio's loop runs), a change fanned out to idle watch streams reaches
+    them once the calls that made it have answered (:func:`after_asyncio_queue`): a writer's reply
+    does not wait behind a thousand deliveries. Afterwards, at once again."""
+    cache.observers.dispatch_later(after_asyncio_queue)
+    try:
+        yield
+    finally:
+        cache.observers.dispatch_later(None)
 
 
 async def _report_availability(store: Store, status: ServiceStatus) -> None:

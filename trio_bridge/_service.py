@@ -38,6 +38,7 @@ from ._bridge import (
     reset_stream,
     run_in_asyncio,
     run_in_trio,
+    send_message_now,
     send_messages,
 )
 from ._errors import BridgeError, InvalidArgument, ResourceExhausted, Unavailable
@@ -492,6 +493,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             queue_size=self.limits.watch_queue_size,
             queue_bytes=self.limits.watch_queue_bytes,
             on_sent=self.metrics.updates_sent.inc,
+            send_now=functools.partial(send_message_now, stream),
         )
         self._watches.add(watch)
         if self._draining:  # began while the server started to drain

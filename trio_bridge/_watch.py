@@ -5,9 +5,13 @@ request fails with its status and no message. :class:`WatchStream` then runs the
 
 1. it subscribes to the store's events, and only then reads the current values, so a change accepted
    after the subscription is either in what it read or in its queue, never in neither;
-2. it opens one nursery with a sender (the only code that sends; it runs as the nursery's body, which
-   spares a Trio task per stream) and a heartbeat task. The sender drains what is queued and sends it
-   as one batch;
+2. it opens one nursery with a sender (it runs as the nursery's body, which spares a Trio task per
+   stream) and a heartbeat task. The sender drains what is queued and sends it as one batch. While it
+   waits with nothing queued, a change is handed to the stream directly (``_deliver_now``, called by
+   the publisher or its dispatch) and sent at once if it can go without waiting, with the sender's
+   bookkeeping, and without waking the sender: a write to a thousand idle streams wakes no task per
+   stream. Anything else (a send that would wait, the end of the session, a heartbeat due) is queued
+   for the sender, in order;
 3. per variable it sends strictly increasing versions: a queued change whose version it already sent
    (made between subscribing and reading) is dropped.
 
@@ -212,6 +216,9 @@ class BatchProgress:
 #: Sends a batch of updates to the client, in order; when cancelled, or cut short by the progress's
 #: ``cut``, fills in the progress (then returns, if cut short).
 SendBatch = Callable[[list[VariableUpdate], BatchProgress], Awaitable[None]]
+#: Sends one update at once, synchronously, and returns True; or returns False, having sent nothing,
+#: when it cannot without waiting (or not at all).
+SendNow = Callable[[VariableUpdate], bool]
 #: An update not encoded yet.
 _Encode = Callable[[], VariableUpdate]
 
@@ -229,8 +236,10 @@ class WatchStream:
         queue_size: int = DEFAULT_LIMITS.watch_queue_size,
         queue_bytes: int = DEFAULT_LIMITS.watch_queue_bytes,
         on_sent: Callable[[int], object] = lambda count: None,
+        send_now: SendNow | None = None,
     ) -> None:
         self._store = store
+        self._send_now = send_now
         self._cache = store.cache
         self._plan = plan
         self._send_batch = send
@@ -270,6 +279,7 @@ class WatchStream:
                 max_bytes=self._queue_bytes,
                 coalescer=COALESCER if plan.coalesce else None,
                 on_overflow=self._cut_send_short,
+                deliver_now=self._deliver_now,
             ) as subscription,
             self._cache.keep_alive(plan.session_id),
         ):
@@ -503,23 +513,68 @@ class WatchStream:
     def _updates_for(self, events: list[VariableEvent]) -> list[VariableUpdate]:
         updates = []
         for event in events:
-            snapshot = event.variable
-            if event.kind is EventKind.SESSION_ENDED or snapshot is None:
+            if event.kind is EventKind.SESSION_ENDED or event.variable is None:
                 how = "expired" if event.reason == "expired" else "was cleaned up"
                 self._end(NotFound(f"session {event.session_id!r} {how}; the watch has ended"))
                 break
-            if event.kind is EventKind.DELETED:
-                if snapshot.id in self._known:
-                    self._known.discard(snapshot.id)
-                    self._sent.pop(snapshot.id, None)
-                    updates.append(_RECENT_UPDATES.update_for(event))
+            if self._told(event):
                 continue
-            if snapshot.version <= self._sent.get(snapshot.id, 0):
-                continue  # already sent: it was made between subscribing and reading
-            self._sent[snapshot.id] = snapshot.version
-            self._known.add(snapshot.id)
+            self._take(event)
             updates.append(_RECENT_UPDATES.update_for(event))
         return updates
+
+    def _told(self, event: VariableEvent) -> bool:
+        """Whether the client needs nothing sent for ``event`` (of a variable): a deletion of a
+        variable it was never told of, or a version already sent (made between subscribing and
+        reading)."""
+        snapshot = event.variable
+        assert snapshot is not None
+        if event.kind is EventKind.DELETED:
+            return snapshot.id not in self._known
+        return snapshot.version <= self._sent.get(snapshot.id, 0)
+
+    def _take(self, event: VariableEvent) -> None:
+        """Note that ``event``'s update is put into a batch (``_told`` was False)."""
+        snapshot = event.variable
+        assert snapshot is not None
+        if event.kind is EventKind.DELETED:
+            self._known.discard(snapshot.id)
+            self._sent.pop(snapshot.id, None)
+        else:
+            self._sent[snapshot.id] = snapshot.version
+            self._known.add(snapshot.id)
+
+    def _deliver_now(self, event: VariableEvent) -> bool:
+        """The subscription's ``deliver_now``: called by a writer, synchronously, while the sender
+        waits for events with nothing queued. Sends ``event``'s update at once if ``send_now`` can
+        (the client's window is open, nothing else is being sent), with the bookkeeping the sender
+        would do, and returns True; the sender is not woken. Returns False, having changed nothing,
+        for everything else (the end of the session, a heartbeat or an ending due, a send that would
+        wait, a fault while encoding or sending): the event is then queued, and the sender does it
+        all as before (and ends the stream with INTERNAL at a fault)."""
+        if (
+            self._send_now is None
+            or self._ending is not None
+            or self._shutting_down
+            or self._heartbeat_due
+            or self._progress is not None
+            or event.kind is EventKind.SESSION_ENDED
+            or event.variable is None
+        ):
+            return False
+        try:
+            if self._told(event):
+                return True  # nothing to send, as the sender would have found
+            update = _RECENT_UPDATES.update_for(event)
+            if not self._send_now(update):
+                return False
+        except Exception:  # a fault: never the writer's; the sender meets it again and ends the stream
+            return False
+        self._take(event)
+        self._last_sent = trio.current_time()
+        self._on_sent(1)
+        self._delivered((update,))
+        return True
 
     async def _send(self, updates: list[VariableUpdate]) -> None:
         """Send a batch; an overflow meanwhile cuts it short (:meth:`_cut_send_short`) and ends the
@@ -531,7 +586,13 @@ class WatchStream:
         self._sending = None
         self._last_sent = trio.current_time()
         self._on_sent(progress.messages)
-        for update in updates[: progress.messages]:
+        self._delivered(updates[: progress.messages])
+        if progress.messages < len(updates):
+            self._end_overflowed(stream_cut=progress.mid_message)
+
+    def _delivered(self, updates: Sequence[VariableUpdate]) -> None:
+        """Note that ``updates`` went out whole: where a resume of the stream starts moves past them."""
+        for update in updates:
             if update.update_type == enc.SYNCED:
                 self._synced = True
             if self._synced:
@@ -541,8 +602,6 @@ class WatchStream:
                     self._resume_point.pop(update.variable_id, None)
                 else:
                     self._resume_point[update.variable_id] = update.variable.version
-        if progress.messages < len(updates):
-            self._end_overflowed(stream_cut=progress.mid_message)
 
     def _cut_send_short(self) -> None:
         """The subscription overflowed: a send waiting for a client that does not read would hold the
