@@ -1,9 +1,11 @@
 """The watch engine's own cost per delivery: ``--watchers`` WatchStreams in this process on one
-variable of a MemoryStore, each with a ``send`` that does nothing, and ``--writes`` writes, each
-delivered to every stream before the next. No HTTP/2, no grpclib, no asyncio: what is measured is
-Trio (a task woken per stream), the observers' memory channels and the watch's own bookkeeping, the
-floor under the fan-out figures of ``bench.run``. With ``--profile PATH``, py-spy samples this process
-during the writes (``--top N`` prints the functions with the most samples)::
+variable of a MemoryStore, each with a ``send`` (and a ``send_now``) that does nothing, and ``--writes``
+writes, each delivered to every stream before the next. No HTTP/2, no grpclib, no asyncio: what is
+measured is the observers' fan-out and the watch's own bookkeeping, the floor under the fan-out
+figures of ``bench.run``: each idle stream handed its update directly, or with ``--queued`` (no
+``send_now``) each one's Trio task woken through its memory channel, as every delivery went before.
+With ``--profile PATH``, py-spy samples this process during the writes (``--top N`` prints the
+functions with the most samples)::
 
     .nox/tests/bin/python -m bench.fan_out_engine --watchers 1000 --writes 200
 """
@@ -25,7 +27,7 @@ from trio_bridge._limits import Limits
 from trio_bridge._watch import WatchStream, plan_watch
 
 
-async def measure(watchers: int, writes: int, profile: Path | None) -> float:
+async def measure(watchers: int, writes: int, profile: Path | None, queued: bool = False) -> float:
     """Server-side CPU seconds per delivery, the engine alone."""
     store = MemoryStore()
     session = (await store.create_session()).session_id
@@ -52,7 +54,8 @@ async def measure(watchers: int, writes: int, profile: Path | None) -> float:
     )
     async with trio.open_nursery() as nursery:
         for _ in range(watchers):
-            nursery.start_soon(WatchStream(store, plan, send=send, send_now=send_now).run)
+            stream = WatchStream(store, plan, send=send, send_now=None if queued else send_now)
+            nursery.start_soon(stream.run)
         await trio.testing.wait_all_tasks_blocked()
         profiler = write_load.start_profiler(os.getpid(), profile, "raw", 250) if profile else None
         delivered = 0
@@ -75,10 +78,11 @@ def main() -> None:
     )
     parser.add_argument("--watchers", type=int, default=1000)
     parser.add_argument("--writes", type=int, default=200)
+    parser.add_argument("--queued", action="store_true", help="no direct hand-over: wake each stream's task")
     parser.add_argument("--profile", type=Path, help="py-spy output file (collapsed stacks)")
     parser.add_argument("--top", type=int, default=40, help="with --profile: print the top N functions")
     args = parser.parse_args()
-    per_delivery = trio.run(measure, args.watchers, args.writes, args.profile)
+    per_delivery = trio.run(measure, args.watchers, args.writes, args.profile, args.queued)
     print(
         f"{args.watchers} watchers, {args.writes} writes: {per_delivery * 1e6:.1f} µs of CPU per delivery "
         f"(the watch engine alone: no HTTP/2), {per_delivery * args.watchers * 1e3:.1f} ms per write"
