@@ -245,10 +245,15 @@ async def send_messages(
             progress.messages = bisect.bisect_right(ends, sent)
             progress.mid_message = sent != (ends[progress.messages - 1] if progress.messages else 0)
         raise
+    _count_sent(stream, len(messages))
+
+
+def _count_sent(stream: grpclib.server.Stream[Any, Any], messages: int) -> None:
+    """What grpclib's ``send_message`` counts, for ``messages`` messages sent on ``stream``."""
     stream._send_message_done = True
-    stream._messages_sent += len(messages)
-    connection = inner.connection
-    connection.messages_sent += len(messages)
+    stream._messages_sent += messages
+    connection = stream._stream.connection
+    connection.messages_sent += messages
     connection.last_message_sent = time.monotonic()
 
 
@@ -262,52 +267,40 @@ def send_message_now(stream: grpclib.server.Stream[Any, Any], message: Any) -> b
     Never a schedule point, never cancelled: it is meant for a publisher handing a change to many idle
     streams, none of which has anything in flight (it must not be called while another send is under
     way on ``stream``: its bytes could go out in the middle of that send's)."""
-    inner = stream._stream
-    connection = inner.connection
-    h2_connection = inner._h2_connection
-    if not (
-        stream._send_initial_metadata_done
-        and connection.write_ready.is_set()
-        and isinstance(h2_connection, ServerH2Connection)
-    ):
+    if not stream._send_initial_metadata_done:
         return False
     data = stream._codec.encode(message, stream._send_type)
-    framed = _UNCOMPRESSED_PREFIX + len(data).to_bytes(4, "big") + data
-    frame = h2_connection.data_frame(cast(int, inner.id), framed)
-    if frame is None:
+    if not _send_data_now(stream._stream, _UNCOMPRESSED_PREFIX + len(data).to_bytes(4, "big") + data):
         return False
-    inner._transport.write(frame)
-    size = len(framed)
-    inner.data_sent += size
-    connection.data_sent += size
-    connection.data_send_process()
-    stream._send_message_done = True
-    stream._messages_sent += 1
-    connection.messages_sent += 1
-    connection.last_message_sent = time.monotonic()
+    _count_sent(stream, 1)
     return True
 
 
 async def _send_data(inner: grpclib.protocol.Stream, data: bytes) -> None:
-    """grpclib's ``Stream.send_data``, without its awaits, copies and h2's frame objects when ``data``
-    can go at once as one DATA frame (the connection takes writes; the stream is open, and the window
-    and the frame size allow it: ``ServerH2Connection.data_frame``); then it never waits. Otherwise,
-    grpclib's, which waits for what it needs."""
+    """grpclib's ``Stream.send_data``: without its awaits when ``data`` can go at once
+    (:func:`_send_data_now`), then it never waits; otherwise grpclib's, which waits for what it needs."""
+    if not _send_data_now(inner, data):
+        await inner.send_data(data)
+
+
+def _send_data_now(inner: grpclib.protocol.Stream, data: bytes) -> bool:
+    """Write ``data`` as one DATA frame now, without grpclib's awaits and copies or h2's frame objects,
+    counted as grpclib's ``send_data`` counts it, and return True; or return False, with nothing done,
+    unless the connection takes writes and ``ServerH2Connection.data_frame`` can make the frame (the
+    stream open, the window and the frame size allowing it)."""
     connection = inner.connection
     h2_connection = inner._h2_connection
-    frame = (
-        h2_connection.data_frame(cast(int, inner.id), data)
-        if connection.write_ready.is_set() and isinstance(h2_connection, ServerH2Connection)
-        else None
-    )
+    if not (connection.write_ready.is_set() and isinstance(h2_connection, ServerH2Connection)):
+        return False
+    frame = h2_connection.data_frame(cast(int, inner.id), data)
     if frame is None:
-        await inner.send_data(data)
-        return
+        return False
     inner._transport.write(frame)
     size = len(data)
     inner.data_sent += size
     connection.data_sent += size
     connection.data_send_process()
+    return True
 
 
 def reset_stream(stream: grpclib.server.Stream[Any, Any], error_code: ErrorCodes) -> None:

@@ -279,9 +279,10 @@ class ObserverManager(Generic[EventT]):
 
     def dispatch_later(self, schedule: Callable[[Callable[[], None]], object] | None) -> None:
         """From now on, offer events to the subscriptions that take them directly (``deliver_now``)
-        not as they are published but in one go, in a callback given to ``schedule`` (called once,
-        synchronously, by the first publish with offers to make; it must run the callback soon, once,
-        in this Trio run's thread; if it raises, the offers are made at once). ``None``: at once again.
+        not as they are published but in one go, in a callback given to ``schedule`` (called,
+        synchronously, by the first publish with offers to make since the last such callback ran; it
+        must run the callback soon, once, in this Trio run's thread; if it raises, the offers are made
+        at once). ``None``: at once again.
         Offers waiting are made now."""
         self._dispatch()
         self._schedule = schedule
