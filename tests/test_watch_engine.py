@@ -14,7 +14,7 @@ import trio.testing
 from tests.conftest import ETCD_AUTOJUMP_THRESHOLD
 from tests.support import eventually
 from trio_bridge import MemoryStore, Store, VariableType, _watch
-from trio_bridge._errors import ResourceExhausted, Unavailable
+from trio_bridge._errors import BridgeError, ResourceExhausted, Unavailable
 from trio_bridge._limits import Limits
 from trio_bridge._watch import BATCH_LIMIT, WatchPlan, WatchStream, plan_watch
 from trio_bridge.proto.unified_bridge import VariableUpdate
@@ -31,6 +31,14 @@ async def _watch_n(store: Store, session: str, resume_versions: dict[str, int]) 
         resume_versions=resume_versions,
         limits=Limits(),
     )
+
+
+async def _run_to_its_end(watch: WatchStream, ended: list[BridgeError]) -> None:
+    """Run ``watch``; the BridgeError that ends it (the status its client would get) goes in ``ended``."""
+    try:
+        await watch.run()
+    except BridgeError as exc:
+        ended.append(exc)
 
 
 class _SlowClient:
@@ -124,16 +132,10 @@ async def test_an_overflow_while_a_send_waits_ends_the_stream_at_once(
     plan = await _watch_n(store, session, resume_versions={})
     client = _SlowClient(stalls_at=2)  # takes the initial value and synced, then never reads again
     watch = WatchStream(store, plan, send=client.send, queue_size=8)
-    ended: list[BaseException] = []
-
-    async def run() -> None:
-        try:
-            await watch.run()
-        except ResourceExhausted as exc:
-            ended.append(exc)
+    ended: list[BridgeError] = []
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run)
+        nursery.start_soon(_run_to_its_end, watch, ended)
         await trio.testing.wait_all_tasks_blocked()
         await store.set_variable(session, "n", 1)  # v2: its send waits for the client
         await trio.testing.wait_all_tasks_blocked()
@@ -287,16 +289,10 @@ async def test_offers_keep_every_change_in_order_through_refusals_stalls_and_hea
         store.cache.observers.dispatch_later(later)
     client = _Client(refuse=lambda: rng.random() < 0.3)
     watch = WatchStream(store, plan, send=client.send, send_now=client.send_now)
-    ended: list[BaseException] = []
-
-    async def run() -> None:
-        try:
-            await watch.run()
-        except Exception as exc:
-            ended.append(exc)
+    ended: list[BridgeError] = []
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run)
+        nursery.start_soon(_run_to_its_end, watch, ended)
         await trio.testing.wait_all_tasks_blocked()
         for value in range(1, writes + 1):
             await store.set_variable(session, "n", value)
@@ -341,17 +337,11 @@ async def test_a_stream_ending_sends_the_changes_still_waiting_to_be_offered(
     store.cache.observers.dispatch_later(later)
     client = _Client()
     watch = WatchStream(store, plan, send=client.send, send_now=client.send_now)
-    ended: list[BaseException] = []
-
-    async def run() -> None:
-        try:
-            await watch.run()
-        except Exception as exc:
-            ended.append(exc)
+    ended: list[BridgeError] = []
 
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run)
+            nursery.start_soon(_run_to_its_end, watch, ended)
             await trio.testing.wait_all_tasks_blocked()
             await store.set_variable(session, "n", 1)
             await store.set_variable(session, "n", 2)

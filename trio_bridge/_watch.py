@@ -545,13 +545,13 @@ class WatchStream:
             self._known.add(snapshot.id)
 
     def _deliver_now(self, event: VariableEvent) -> bool:
-        """The subscription's ``deliver_now``: called by a writer, synchronously, while the sender
-        waits for events with nothing queued. Sends ``event``'s update at once if ``send_now`` can
-        (the client's window is open, nothing else is being sent), with the bookkeeping the sender
-        would do, and returns True; the sender is not woken. Returns False, having changed nothing,
-        for everything else (the end of the session, a heartbeat or an ending due, a send that would
-        wait, a fault while encoding or sending): the event is then queued, and the sender does it
-        all as before (and ends the stream with INTERNAL at a fault)."""
+        """The subscription's ``deliver_now``: called by the publisher (or its dispatch),
+        synchronously, while the sender waits for events with nothing queued. Sends ``event``'s
+        update at once if ``send_now`` can (the client's window is open, nothing else is being sent),
+        with the bookkeeping the sender would do, and returns True; the sender is not woken. Returns
+        False, having changed nothing, for everything else (the end of the session, a heartbeat or an
+        ending due, a send that would wait, a fault while encoding or sending): the event is then
+        queued, and the sender does it all as before (and ends the stream with INTERNAL at a fault)."""
         if (
             self._send_now is None
             or self._ending is not None
@@ -571,8 +571,6 @@ class WatchStream:
         except Exception:  # a fault: never the writer's; the sender meets it again and ends the stream
             return False
         self._take(event)
-        self._last_sent = trio.current_time()
-        self._on_sent(1)
         self._delivered((update,))
         return True
 
@@ -584,14 +582,15 @@ class WatchStream:
         if not progress.cut_short:
             progress.messages = len(updates)
         self._sending = None
-        self._last_sent = trio.current_time()
-        self._on_sent(progress.messages)
         self._delivered(updates[: progress.messages])
         if progress.messages < len(updates):
             self._end_overflowed(stream_cut=progress.mid_message)
 
     def _delivered(self, updates: Sequence[VariableUpdate]) -> None:
-        """Note that ``updates`` went out whole: where a resume of the stream starts moves past them."""
+        """Note that ``updates`` (maybe none) went out whole, now: the next heartbeat is due an interval
+        from now, they are counted, and where a resume of the stream starts moves past them."""
+        self._last_sent = trio.current_time()
+        self._on_sent(len(updates))
         for update in updates:
             if update.update_type == enc.SYNCED:
                 self._synced = True
