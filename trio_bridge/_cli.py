@@ -205,6 +205,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="accept only the bearer tokens in this file",
     )
+    web = serve_cmd.add_argument_group("web view (see the README's Web view)")
+    web.add_argument(
+        "--web-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help="serve the web view on this port, on --host (default: off)",
+    )
+    web.add_argument(
+        "--web-writable", action="store_true", help="let the web view set values (default: it only shows)"
+    )
+    web.add_argument(
+        "--web-allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the web view answers to, besides IP addresses and localhost (repeatable)",
+    )
+    web.add_argument(
+        "--web-history-points",
+        type=_whole_number(0),
+        default=ServerConfig.web_history_points,
+        metavar="N",
+        help="recent changes a number's sparkline starts with (default %(default)s)",
+    )
     storage = serve_cmd.add_argument_group("state (see the README's Running several servers)")
     storage.add_argument("--store", default="memory", metavar="URL", help=f"where state lives: {STORE_HELP}")
     storage.add_argument("--etcd-ca", type=Path, metavar="PEM", help="etcds://: trust this CA for etcd")
@@ -272,6 +297,9 @@ async def run_until_signalled(config: ServerConfig) -> None:
             settle_heap()
             # The exact line tests and scripts wait for: it means the port accepts connections.
             print(f"trio-bridge serving on {running.host}:{running.port}", flush=True)
+            if running.web_port is not None:
+                scheme = "https" if config.tls_cert is not None else "http"
+                print(f"trio-bridge web view on {scheme}://{running.host}:{running.web_port}/", flush=True)
             async for signum in signals:
                 log.info("%s received; shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -337,6 +365,10 @@ def _serve(args: argparse.Namespace) -> int:
             etcd_password_file=args.etcd_password_file,
             etcd_max_request_bytes=args.etcd_max_request_bytes,
             etcd_max_txn_ops=args.etcd_max_txn_ops,
+            web_port=args.web_port,
+            web_writable=args.web_writable,
+            web_allowed_hosts=tuple(name.lower() for name in args.web_allowed_host),
+            web_history_points=args.web_history_points,
         )
         # Read now, so a bad file is one line and exit code 2, before anything is bound.
         if config.token_file is not None:

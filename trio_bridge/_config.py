@@ -11,6 +11,8 @@ from .storage.records import DEFAULT_SESSION_TTL, MAX_SESSION_TTL
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
+#: The most recent changes a sparkline may start with (what one page may replay per variable).
+MAX_WEB_HISTORY_POINTS = 1_000
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,14 @@ class ServerConfig:
     #: What the etcd cluster accepts (its --max-request-bytes and --max-txn-ops): checked before sending.
     etcd_max_request_bytes: int = ETCD_MAX_REQUEST_BYTES
     etcd_max_txn_ops: int = ETCD_MAX_TXN_OPS
+    #: The web view's port (on ``host``); None turns it off.
+    web_port: int | None = None
+    #: Whether the web view may set values (compare-and-set forms).
+    web_writable: bool = False
+    #: Host names the web view answers to, besides IP addresses and localhost.
+    web_allowed_hosts: tuple[str, ...] = ()
+    #: Recent changes each numeric variable's sparkline starts with.
+    web_history_points: int = 120
 
     def __post_init__(self) -> None:
         if not 0 < self.session_ttl <= min(MAX_SESSION_TTL, self.limits.max_session_ttl_seconds):
@@ -58,6 +68,15 @@ class ServerConfig:
             raise ValueError("give both --tls-cert and --tls-key, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.web_writable and self.web_port is None:
+            raise ValueError("--web-writable needs --web-port (the web view is off)")
+        if self.web_port is not None and self.web_port == self.port and self.port != 0:
+            raise ValueError(f"--web-port {self.web_port} is the gRPC port (--port): give it another")
+        if not 0 <= self.web_history_points <= MAX_WEB_HISTORY_POINTS:
+            raise ValueError(
+                f"--web-history-points must be from 0 to {MAX_WEB_HISTORY_POINTS}, got "
+                f"{self.web_history_points}"
+            )
         location = parse_store(self.store)
         etcd_options = (self.etcd_ca, self.etcd_cert, self.etcd_user, self.etcd_password_file)
         if location.kind != "etcd" and any(option is not None for option in etcd_options):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ class RunningServer:
     store: Store
     service: UnifiedBridgeService
     metrics: Metrics
+    #: The web view's port (None: off).
+    web_port: int | None = None
 
 
 async def serve(
@@ -79,8 +82,11 @@ async def serve(
     # And NOT_SERVING while the store cannot serve writes (etcd unreachable).
     store_serving = ServiceStatus()
 
+    web_stop = trio.Event()
+
     async def drain() -> None:
         serving.set(False)
+        web_stop.set()  # the web view's listener closes; its feeds end with the drain below
         await service.drain()
 
     metrics_port = None
@@ -100,6 +106,11 @@ async def serve(
         service,
         *(CountedStreams(other, service) for other in service_and_others[1:]),
     ]
+    web_socket = None
+    if config.web_port is not None:
+        from ._web import bind_web  # brings in hypercorn: only when the view is on
+
+        web_socket = bind_web(config.host, config.web_port)
     try:
         async with open_asyncio_loop(), trio.open_nursery() as store_nursery:
             # The store outlives the gRPC side: calls still running while the server shuts down may
@@ -112,48 +123,108 @@ async def serve(
 
             await store_nursery.start(run_store)
             store_nursery.start_soon(_report_availability, store, store_serving)
+            # The web view, in its own nursery: it stops in steps once the gRPC side drains (see
+            # _web.server), within the grace, however the gRPC side ends.
+            web_scope = trio.CancelScope(shield=True)
             try:
                 with _fan_out_after_replies(cache):
-                    async with trio.open_nursery() as nursery:
-                        bound = await nursery.start(
-                            lambda task_status: serve_grpc(
-                                services,
-                                host=config.host,
-                                port=config.port,
-                                tls=tls,
-                                drain=drain,
-                                grace=config.shutdown_grace,
-                                connection_limits=ConnectionLimits(
-                                    # room for unary calls beside a full quota of watch streams
-                                    max_streams=limits.max_watch_streams_per_connection + 100,
-                                    max_stream_resets_per_second=limits.max_stream_resets_per_second,
-                                    max_control_frames_per_second=limits.max_control_frames_per_second,
-                                    max_buffer_bytes=limits.max_connection_buffer_bytes,
-                                    max_total_buffer_bytes=limits.max_request_buffer_bytes,
-                                    handshake_timeout=limits.handshake_timeout_seconds,
-                                    idle_timeout=limits.idle_connection_timeout_seconds,
-                                ),
-                                max_connections=limits.max_connections,
-                                task_status=task_status,
-                            )
-                        )
-                        metrics.open_connections.set_function(bound.open_connections)
-                        _warn_if_exposed(bound.host, tls is not None, tokens is not None)
-                        task_status.started(
-                            RunningServer(
-                                host=bound.host,
-                                port=bound.port,
-                                metrics_port=metrics_port,
-                                store=store,
-                                service=service,
-                                metrics=metrics,
-                            )
-                        )
+                    async with trio.open_nursery() as web_nursery:
+                        try:
+                            async with trio.open_nursery() as nursery:
+                                bound = await nursery.start(
+                                    lambda task_status: serve_grpc(
+                                        services,
+                                        host=config.host,
+                                        port=config.port,
+                                        tls=tls,
+                                        drain=drain,
+                                        grace=config.shutdown_grace,
+                                        connection_limits=ConnectionLimits(
+                                            # room for unary calls beside a full quota of watch streams
+                                            max_streams=limits.max_watch_streams_per_connection + 100,
+                                            max_stream_resets_per_second=limits.max_stream_resets_per_second,
+                                            max_control_frames_per_second=limits.max_control_frames_per_second,
+                                            max_buffer_bytes=limits.max_connection_buffer_bytes,
+                                            max_total_buffer_bytes=limits.max_request_buffer_bytes,
+                                            handshake_timeout=limits.handshake_timeout_seconds,
+                                            idle_timeout=limits.idle_connection_timeout_seconds,
+                                        ),
+                                        max_connections=limits.max_connections,
+                                        task_status=task_status,
+                                    )
+                                )
+                                metrics.open_connections.set_function(bound.open_connections)
+                                web_port = None
+                                if web_socket is not None:
+                                    web_port = web_socket.getsockname()[1]
+                                    await web_nursery.start(
+                                        _run_web, config, service, web_socket, web_stop, web_scope
+                                    )
+                                    log.info(
+                                        "web view on %s://%s:%d/",
+                                        "https" if tls else "http",
+                                        bound.host,
+                                        web_port,
+                                    )
+                                _warn_if_exposed(bound.host, tls is not None, tokens is not None)
+                                task_status.started(
+                                    RunningServer(
+                                        host=bound.host,
+                                        port=bound.port,
+                                        metrics_port=metrics_port,
+                                        store=store,
+                                        service=service,
+                                        metrics=metrics,
+                                        web_port=web_port,
+                                    )
+                                )
+                        finally:
+                            # However the gRPC side ended (drained, or failed), the view stops too.
+                            web_stop.set()
+                            web_scope.deadline = trio.current_time() + config.shutdown_grace + 1
             finally:
                 store_scope.cancel()
                 store_nursery.cancel_scope.cancel()
     finally:
         metrics.stop_http()
+        if web_socket is not None:
+            web_socket.close()
+
+
+async def _run_web(
+    config: ServerConfig,
+    service: UnifiedBridgeService,
+    sock: socket.socket,
+    stop: trio.Event,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """The web view on ``sock``, in ``scope`` (shielded: it stops when ``stop`` is set, in steps)."""
+    from ._web import WebSettings, WebView, serve_web
+
+    view = WebView(
+        service,
+        WebSettings(
+            writable=config.web_writable,
+            allowed_hosts=config.web_allowed_hosts,
+            history_points=config.web_history_points,
+            tls=config.tls_cert is not None,
+        ),
+    )
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = (config.tls_cert, config.tls_key, config.tls_client_ca)
+
+    async def started(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        await serve_web(
+            view, sock, stop=stop.wait, grace=config.shutdown_grace, tls=tls, task_status=task_status
+        )
+
+    with scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(started)
+            task_status.started()
 
 
 @contextlib.contextmanager

@@ -81,12 +81,12 @@ _caller: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("trio
 
 class _StoreCall(Protocol):
     """How a handler calls a store method (Trio code): from asyncio (``_in_store``), or from Trio
-    (:func:`_direct`)."""
+    (:func:`call_directly`)."""
 
     def __call__(self, method: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> Awaitable[T]: ...
 
 
-async def _direct(method: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
+async def call_directly(method: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T:
     """From Trio: call a store method in the calling task (cancelled with it)."""
     return await method(*args, **kwargs)
 
@@ -271,7 +271,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
 
         async def recv_message() -> Any:
             message = await read()
-            await self._check_scope(principal, getattr(message, "session_id", ""), self._in_store)
+            await self.check_scope(principal, getattr(message, "session_id", ""), self._in_store)
             return message
 
         stream.recv_message = recv_message  # type: ignore[method-assign]
@@ -280,7 +280,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         finally:
             del stream.recv_message
 
-    async def _check_scope(self, principal: Principal | None, session_id: str, call: _StoreCall) -> None:
+    async def check_scope(self, principal: Principal | None, session_id: str, call: _StoreCall) -> None:
         """Refuse ``session_id`` if it is outside ``principal``'s scope, exactly as if it did not exist
         (NOT_FOUND, the same message). No principal (no tokens), no session id: nothing to check."""
         if principal is None or not session_id:
@@ -378,13 +378,13 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             value=message.value,
             expected_version=message.expected_version,
         )
-        (snapshot,) = await self._apply_writes(
+        (snapshot,) = await self.apply_writes(
             message.session_id, [write], source=message.source, metadata=message.metadata
         )
         return pb.SetVariableResponse(variable=enc.variable_to_proto(snapshot))
 
     async def set_variables(self, message: pb.SetVariablesRequest) -> pb.SetVariablesResponse:
-        snapshots = await self._apply_writes(
+        snapshots = await self.apply_writes(
             message.session_id, message.writes, source=message.source, metadata=message.metadata
         )
         return pb.SetVariablesResponse(variables=[enc.variable_to_proto(s) for s in snapshots])
@@ -393,7 +393,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         await self._in_store(self.store.delete_variable, message.session_id, message.variable_identifier)
         return pb.DeleteVariableResponse()
 
-    async def _apply_writes(
+    async def apply_writes(
         self,
         session_id: str,
         writes: list[pb.VariableWrite],
@@ -404,7 +404,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
     ) -> list[VariableSnapshot]:
         """The one path of every write (SetVariable, SetVariables, each WriteVariables request): checks
         in the order a client would fix them, then one atomic store call. ``call``: how to reach the
-        store (from asyncio by default; ``_direct`` from Trio)."""
+        store (from asyncio by default; ``call_directly`` from Trio)."""
         call = call or self._in_store
         check_metadata("update", metadata, self.limits)
         check_source(source, self.limits)
@@ -441,11 +441,20 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         with self.admit_watch(stream):
             await run_in_trio(self._run_watch, stream, plan)
 
-    @contextlib.contextmanager
-    def admit_watch(self, stream: Stream[Any, Any]) -> Iterator[None]:
+    @property
+    def draining(self) -> bool:
+        """Whether the server has begun to shut down (it refuses new calls and streams)."""
+        return self._draining
+
+    def admit_watch(self, stream: Stream[Any, Any]) -> contextlib.AbstractContextManager[None]:
         """Count a watch stream (any stream a client holds open: WatchVariables, health Watch) for the
         block, in all and on its connection; ResourceExhausted naming the limit if there is no room."""
-        peer = stream.peer.addr()
+        return self.admit_stream(stream.peer.addr())
+
+    @contextlib.contextmanager
+    def admit_stream(self, peer: object) -> Iterator[None]:
+        """As :meth:`admit_watch`, for a stream held open on the connection ``peer`` (its address), of
+        any front end (the web view's live pages too)."""
         self.check_watch_room(peer)
         self._admitted_watches += 1
         self._watches_by_peer[peer] = self._watches_by_peer.get(peer, 0) + 1
@@ -476,6 +485,18 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
                 limits.max_watch_streams_per_connection,
             )
 
+    @contextlib.contextmanager
+    def tracked(self, watch: WatchStream) -> Iterator[None]:
+        """Hold ``watch`` among the streams a drain shuts down, for the block (shut down at once if the
+        server drains already)."""
+        self._watches.add(watch)
+        if self._draining:  # began while the server started to drain
+            watch.shut_down()
+        try:
+            yield
+        finally:
+            self._watches.discard(watch)
+
     async def _run_watch(
         self, stream: Stream[pb.WatchVariablesRequest, pb.VariableUpdate], plan: WatchPlan
     ) -> None:
@@ -495,11 +516,9 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             on_sent=self.metrics.updates_sent.inc,
             send_now=functools.partial(send_message_now, stream),
         )
-        self._watches.add(watch)
-        if self._draining:  # began while the server started to drain
-            watch.shut_down()
         try:
-            await watch.run()
+            with self.tracked(watch):
+                await watch.run()
         except BridgeError:
             # One write can overflow hundreds of streams at once. Each ending wakes its asyncio side
             # (which sends the status) through asyncio's loop, first come first served: all at once,
@@ -510,8 +529,6 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             await self._endings.acquire()
             call_soon_in_asyncio(self._endings.release)
             raise
-        finally:
-            self._watches.discard(watch)
 
     async def _write_variables(self, stream: Stream[pb.WriteRequest, pb.WriteResult]) -> None:
         """A WriteVariables stream: admitted, then run by a :class:`WriteStream` in one Trio task.
@@ -549,19 +566,19 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
 
     async def write_result(self, request: pb.WriteRequest, principal: Principal | None) -> pb.WriteResult:
         """From Trio: apply one request of a WriteVariables stream as SetVariables would apply it (the
-        scope check, then ``_apply_writes``: the same checks in the same order, one atomic store call)
+        scope check, then ``apply_writes``: the same checks in the same order, one atomic store call)
         and say what became of it. A refusal is a result carrying the status, message and trailers
         SetVariables would have ended with. Counted as a "WriteVariables" call with its status.
 
         Cancellation: as a cancelled SetVariables, the write may or may not have been applied."""
         try:
-            await self._check_scope(principal, request.session_id, _direct)
-            snapshots = await self._apply_writes(
+            await self.check_scope(principal, request.session_id, call_directly)
+            snapshots = await self.apply_writes(
                 request.session_id,
                 request.writes,
                 source=request.source,
                 metadata=request.metadata,
-                call=_direct,
+                call=call_directly,
             )
         except Exception as exc:
             error, trailers = grpc_error_for(exc, method=WRITE_METHOD)

@@ -65,6 +65,9 @@ class WatchPlan:
     heartbeat_interval: float  # seconds
     coalesce: bool
     resume_revision: int = 0  # the revision the client holds every change up to (0: none)
+    #: Looking, not using (the web view): the watch neither restarts the session's TTL nor holds it
+    #: alive, and it is not among the session's open watches.
+    passive: bool = False
 
 
 def _option_heartbeat(options: Mapping[str, str], limits: Limits) -> float:
@@ -94,8 +97,10 @@ async def plan_watch(
     resume_versions: Mapping[str, int],
     resume_revision: int = 0,
     limits: Limits = DEFAULT_LIMITS,
+    passive: bool = False,
 ) -> WatchPlan:
-    """Check a watch request; raise InvalidArgument or NotFound naming every problem found."""
+    """Check a watch request; raise InvalidArgument or NotFound naming every problem found. A
+    ``passive`` watch (see :class:`WatchPlan`) is no access to the session."""
     unknown_options = sorted(set(options) - {"heartbeat_interval_ms", "slow_consumer"})
     if unknown_options:
         raise InvalidArgument(
@@ -115,7 +120,10 @@ async def plan_watch(
         raise InvalidArgument(f"resume_versions must not be negative (for {negative})")
     if resume_revision < 0:
         raise InvalidArgument(f"resume_revision must not be negative, got {resume_revision}")
-    await store.touch_session(session_id)  # NOT_FOUND first, as for every other RPC
+    if passive:
+        store.cache.session(session_id)  # NOT_FOUND first, with no access
+    else:
+        await store.touch_session(session_id)  # NOT_FOUND first, as for every other RPC
     watched: tuple[str, ...] | None = None
     if identifiers:
         snapshots = store.cache.get_variables(session_id, identifiers)
@@ -144,6 +152,7 @@ async def plan_watch(
         heartbeat_interval=heartbeat_interval,
         coalesce=policy == "coalesce",
         resume_revision=resume_revision,
+        passive=passive,
     )
 
 
@@ -281,7 +290,7 @@ class WatchStream:
                 on_overflow=self._cut_send_short,
                 deliver_now=self._deliver_now,
             ) as subscription,
-            self._cache.keep_alive(plan.session_id),
+            contextlib.nullcontext() if plan.passive else self._cache.keep_alive(plan.session_id),
         ):
             self._subscription = subscription
             try:

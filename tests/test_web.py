@@ -1,0 +1,506 @@
+"""The web view over HTTP (no browser): its JSON, its live feed, its writes, its security and limits.
+The pages themselves, in a real browser: test_web_browser.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+
+from tests.support import Client, connect, start_server, start_watch
+from tests.web_client import Feed, WebClient
+from trio_bridge import RunningServer
+from trio_bridge import _encoding as enc
+from trio_bridge._types import VariableType
+from trio_bridge._web.app import CONTENT_SECURITY_POLICY
+from trio_bridge._web.views import MAX_BARS, MAX_CELLS, TEXT_CHARS, value_view
+from trio_bridge.proto import unified_bridge as pb
+
+
+async def web_server(nursery: trio.Nursery, **config: Any) -> tuple[RunningServer, WebClient]:
+    server = await start_server(nursery, web_port=0, **config)
+    assert server.web_port is not None
+    return server, WebClient(server.web_port)
+
+
+async def make_session(client: Client, session_id: str = "lab", **variables: tuple[str, object]) -> None:
+    await client(client.stub.create_session(pb.CreateSessionRequest(session_id=session_id)))
+    for name, (vtype, value) in variables.items():
+        kind = VariableType[vtype.upper()]
+        await client(
+            client.stub.register_variable(
+                pb.RegisterVariableRequest(
+                    session_id=session_id,
+                    name=name,
+                    type=pb.VariableType(int(kind)),
+                    initial_value=enc.pack_value(kind, value),
+                )
+            )
+        )
+
+
+async def set_value(client: Client, name: str, value: float, session_id: str = "lab", **kwargs: Any) -> int:
+    reply = await client(
+        client.stub.set_variable(
+            pb.SetVariableRequest(
+                session_id=session_id,
+                variable_identifier=name,
+                value=enc.pack_value(VariableType.FLOAT, value),
+                **kwargs,
+            )
+        )
+    )
+    return reply.variable.version
+
+
+def values_of(events: list[Any], name: str) -> list[tuple[int, str]]:
+    return [
+        (e.data["variable"]["version"], e.data["variable"]["value"]["text"])
+        for e in events
+        if e.event == "update" and e.data.get("variable", {}).get("name") == name
+    ]
+
+
+async def next_update(feed: Feed) -> dict[str, Any]:
+    event = await feed.until(lambda e: e.event in ("update", "end") and e.data.get("type") != "heartbeat")
+    assert event.event == "update", event
+    data: dict[str, Any] = event.data
+    return data
+
+
+# ---- pages and JSON ---------------------------------------------------------------------------------
+
+
+async def test_sessions_are_listed_with_their_variables_watches_and_ttl(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server, web = await web_server(nursery, session_ttl=60)
+    with connect(server) as client:
+        await make_session(client, "lab", t=("float", 1.5), mode=("string", "idle"))
+        watcher = await start_watch(nursery, client, pb.WatchVariablesRequest(session_id="lab"))
+        await watcher.wait_synced()
+        await make_session(client, "idle-one")
+        listing = (await web.get("/api/sessions")).json()
+        by_id = {s["id"]: s for s in listing["sessions"]}
+        assert by_id["lab"]["variables"] == 2
+        assert by_id["lab"]["watches"] == 1
+        assert by_id["lab"]["expires_in"] is None  # held open by its watch
+        assert by_id["idle-one"]["watches"] == 0
+        assert 0 < by_id["idle-one"]["expires_in"] <= 60
+        assert by_id["lab"]["created_at"] > 0
+
+
+async def test_pages_and_static_files_are_served_with_a_strict_policy(nursery: trio.Nursery) -> None:
+    _, web = await web_server(nursery)
+    for path, kind in [
+        ("/", "text/html"),
+        ("/sessions/lab", "text/html"),
+        ("/login", "text/html"),
+        ("/static/app.js", "text/javascript"),
+        ("/static/style.css", "text/css"),
+        ("/api/sessions", "application/json"),
+    ]:
+        response = await web.get(path)
+        assert response.status == 200, path
+        assert response.headers["content-type"].startswith(kind), path
+        policy = response.headers["content-security-policy"]
+        assert policy == CONTENT_SECURITY_POLICY
+        assert "script-src 'self'" in policy and "unsafe-inline" not in policy
+        assert response.headers["x-content-type-options"] == "nosniff"
+    html = (await web.get("/")).body.decode()
+    assert "<script>" not in html and "style=" not in html  # nothing inline
+    missing = await web.get("/static/secrets.txt")
+    assert missing.status == 404
+    assert missing.json() == {"status": "NOT_FOUND", "message": "no page GET /static/secrets.txt"}
+
+
+async def test_a_request_naming_another_host_is_refused_unless_allowed(nursery: trio.Nursery) -> None:
+    server, web = await web_server(nursery, web_allowed_hosts=("bridge.lab.example",))
+    assert server.web_port is not None
+    rebinding = await web.get("/api/sessions", headers=[("Host", f"evil.example:{server.web_port}")])
+    assert rebinding.status == 403
+    assert rebinding.json()["message"] == (
+        "the web view does not answer to host 'evil.example': allow it with --web-allowed-host "
+        "evil.example (this guards against DNS rebinding)"
+    )
+    for host in ("localhost", "bridge.lab.example", "[::1]", "10.0.0.7"):
+        allowed = await web.get("/api/sessions", headers=[("Host", f"{host}:{server.web_port}")])
+        assert allowed.status == 200, host
+
+
+# ---- the live feed ------------------------------------------------------------------------------
+
+
+async def test_the_feed_sends_current_values_then_every_change_in_order(nursery: trio.Nursery) -> None:
+    server, web = await web_server(nursery)
+    with connect(server) as client:
+        await make_session(client, t=("float", 1.0), note=("string", "<script>alert(1)</script>"))
+        async with web.feed("lab") as feed:
+            assert feed.status == 200
+            assert feed.headers["content-type"].startswith("text/event-stream")
+            initial = await feed.updates_until_synced()
+            assert feed.retry == 1000
+            assert values_of(initial, "t") == [(1, "1.0")]
+            assert values_of(initial, "note") == [(1, "<script>alert(1)</script>")]  # text, as JSON
+            synced = feed.events[-1]
+            assert synced.id is not None and synced.data["complete_listing"] is True
+            for value in (2.0, 3.0, 4.0):
+                await set_value(client, "t", value, source="probe")
+            changes = [await next_update(feed) for _ in range(3)]
+            assert [(c["variable"]["version"], c["variable"]["value"]["text"]) for c in changes] == [
+                (2, "2.0"),
+                (3, "3.0"),
+                (4, "4.0"),
+            ]
+            assert all(c["type"] == "value_change" and c["source"] == "probe" for c in changes)
+            assert [c["old_number"] for c in changes] == [1.0, 2.0, 3.0]
+            ids = [int(e.id) for e in feed.events[-3:] if e.id is not None]
+            assert ids == sorted(ids) and len(ids) == 3
+
+
+async def test_numbers_start_with_their_recent_history(nursery: trio.Nursery) -> None:
+    server, web = await web_server(nursery, web_history_points=5)
+    with connect(server) as client:
+        await make_session(client, t=("float", 0.0), word=("string", "a"))
+        for value in range(1, 10):
+            await set_value(client, "t", float(value))
+        async with web.feed("lab") as feed:
+            initial = await feed.updates_until_synced()
+        # The last five changes (versions 6 to 10), each with the value before it: a sparkline's points.
+        assert values_of(initial, "t") == [(v, f"{v - 1}.0") for v in range(6, 11)]
+        assert initial[0].data["old_number"] == 4.0
+        assert values_of(initial, "word") == [(1, "a")]
+
+
+async def test_a_deleted_variable_and_an_ended_session_are_told(nursery: trio.Nursery) -> None:
+    server, web = await web_server(nursery)
+    with connect(server) as client:
+        await make_session(client, t=("float", 1.0), u=("float", 2.0))
+        async with web.feed("lab") as feed:
+            await feed.updates_until_synced()
+            await client(
+                client.stub.delete_variable(
+                    pb.DeleteVariableRequest(session_id="lab", variable_identifier="u")
+                )
+            )
+            deleted = await next_update(feed)
+            assert deleted["type"] == "variable_deleted" and deleted["variable"]["name"] == "u"
+            await client(client.stub.cleanup_session(pb.CleanupSessionRequest(session_id="lab")))
+            end = await feed.until(lambda e: e.event == "end")
+            assert end.data == {
+                "status": "NOT_FOUND",
+                "message": "session 'lab' was cleaned up; the watch has ended",
+                "resumable": False,
+            }
+            assert await feed.next() is None  # and the response is over
+        assert server.store.cache.observers.observer_count == 0
+
+
+async def test_a_reconnecting_page_resumes_without_a_gap(nursery: trio.Nursery) -> None:
+    server, web = await web_server(nursery)
+    with connect(server) as client:
+        await make_session(client, t=("float", 1.0), u=("float", 5.0))
+        async with web.feed("lab") as feed:
+            await feed.updates_until_synced()
+            await set_value(client, "t", 2.0)
+            await next_update(feed)
+            held = feed.events[-1].id
+        assert held is not None
+        # Away: two changes, a deletion and a new variable.
+        await set_value(client, "t", 3.0)
+        await set_value(client, "t", 4.0)
+        await client(
+            client.stub.delete_variable(pb.DeleteVariableRequest(session_id="lab", variable_identifier="u"))
+        )
+        await make_session_variable(client, "v", 7.0)
+        async with web.feed("lab", last_event_id=held) as feed:
+            replayed = await feed.updates_until_synced()
+            kinds = [
+                (
+                    e.data["type"],
+                    e.data.get("variable", {}).get("name"),
+                    e.data.get("variable", {}).get("version"),
+                )
+                for e in replayed
+            ]
+            assert ("value_change", "t", 3) in kinds and ("value_change", "t", 4) in kinds
+            assert kinds.index(("value_change", "t", 3)) < kinds.index(("value_change", "t", 4))
+            assert ("variable_registered", "v", 1) in kinds
+            assert any(e.data["type"] == "variable_deleted" for e in replayed)  # u, by id
+            assert ("value_change", "t", 2) not in kinds  # the page had it
+            assert feed.events[-1].data["complete_listing"] is False
+
+
+async def make_session_variable(client: Client, name: str, value: float) -> None:
+    await client(
+        client.stub.register_variable(
+            pb.RegisterVariableRequest(
+                session_id="lab",
+                name=name,
+                type=pb.VariableType.FLOAT,
+                initial_value=enc.pack_value(VariableType.FLOAT, value),
+            )
+        )
+    )
+
+
+async def test_a_resume_the_history_cannot_serve_resyncs_and_says_so(nursery: trio.Nursery) -> None:
+    server, web = await web_server(nursery, history_size=2)
+    with connect(server) as client:
+        await make_session(client, t=("float", 1.0))
+        async with web.feed("lab") as feed:
+            await feed.updates_until_synced()
+            held = feed.events[-1].id
+        for value in range(2, 8):
+            await set_value(client, "t", float(value))
+        assert held is not None
+        async with web.feed("lab", last_event_id=held) as feed:
+            replayed = await feed.updates_until_synced()
+        assert [(e.data["type"], e.data["variable"]["version"]) for e in replayed] == [("resync", 7)]
+
+
+async def test_a_bad_last_event_id_is_refused(nursery: trio.Nursery) -> None:
+    server, web = await web_server(nursery)
+    with connect(server) as client:
+        await make_session(client)
+    async with web.feed("lab", last_event_id="12; DROP") as feed:
+        assert feed.status == 400
+
+
+async def test_an_open_page_neither_restarts_nor_holds_a_session_s_ttl(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server, web = await web_server(nursery, session_ttl=30)
+    with connect(server) as client:
+        await make_session(client, t=("float", 1.0))
+        async with web.feed("lab") as feed:
+            await feed.updates_until_synced()
+            assert server.store.cache.session("lab").watchers == 0  # not among its open watches
+            end = await feed.until(lambda e: e.event == "end")  # 30 s later, on the mock clock
+            assert end.data["status"] == "NOT_FOUND"
+            assert "expired" in end.data["message"]
+
+
+async def test_a_feed_of_a_missing_session_ends_with_not_found(nursery: trio.Nursery) -> None:
+    _, web = await web_server(nursery)
+    async with web.feed("nope") as feed:
+        end = await feed.until(lambda e: e.event == "end")
+    assert end.data == {
+        "status": "NOT_FOUND",
+        "message": "session 'nope' not found (it may have expired)",
+        "resumable": False,
+    }
+
+
+async def test_feeds_count_toward_the_stream_limits(nursery: trio.Nursery) -> None:
+    server, web = await web_server(nursery, max_watch_streams=2)
+    with connect(server) as client:
+        await make_session(client, t=("float", 1.0))
+        watcher = await start_watch(nursery, client, pb.WatchVariablesRequest(session_id="lab"))
+        await watcher.wait_synced()
+        async with web.feed("lab") as first:
+            await first.updates_until_synced()
+            assert server.service.open_watches == 2
+            async with web.feed("lab") as second:
+                end = await second.until(lambda e: e.event == "end")
+                assert end.data["status"] == "RESOURCE_EXHAUSTED"
+                assert "max_watch_streams=2" in end.data["message"]
+            # and a gRPC watch is refused while the page holds its place
+            refused = await start_watch(nursery, client, pb.WatchVariablesRequest(session_id="lab"))
+            await refused.wait_ended()
+            assert "max_watch_streams=2" in str(refused.error)
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.service.open_watches == 1
+
+
+async def test_a_page_that_stops_reading_meets_the_slow_consumer_policy(nursery: trio.Nursery) -> None:
+    server, web = await web_server(nursery, watch_queue_size=8)
+    with connect(server) as client:
+        await make_session(client, t=("float", 0.0), big=("string", "x"))
+        async with web.feed("lab", receive_buffer=4096) as feed:
+            await feed.updates_until_synced()
+            observers = server.store.cache.observers
+            assert observers.observer_count == 1
+            big = "y" * 200_000  # a few of these fill every buffer between the feed and the page
+            version = 1
+            while observers.observer_count:  # the feed is cut, and its watch gone, once it falls behind
+                version += 1
+                await client(
+                    client.stub.set_variable(
+                        pb.SetVariableRequest(
+                            session_id="lab",
+                            variable_identifier="big",
+                            value=enc.pack_value(VariableType.STRING, big + str(version)),
+                        )
+                    )
+                )
+                await trio.testing.wait_all_tasks_blocked()
+                assert version < 200, "the feed never fell behind"
+            # The page reads again: what it has ends whole events (or the end), then the stream stops.
+            while (event := await feed.next()) is not None:
+                if event.event == "end":
+                    assert event.data["status"] == "RESOURCE_EXHAUSTED"
+                    assert event.data["resumable"] is True
+        assert server.service.open_watches == 0
+
+
+async def test_shutdown_ends_feeds_saying_so(nursery: trio.Nursery) -> None:
+    async with trio.open_nursery() as own:
+        server, web = await web_server(own, shutdown_grace=5)
+        with connect(server) as client:
+            await make_session(client, t=("float", 1.0))
+            async with web.feed("lab") as feed:
+                await feed.updates_until_synced()
+                own.cancel_scope.cancel()
+                end = await feed.until(lambda e: e.event == "end")
+                assert end.data["status"] == "UNAVAILABLE" and end.data["resumable"] is True
+                assert await feed.next() is None
+
+
+# ---- writes -------------------------------------------------------------------------------------
+
+
+async def test_writes_are_refused_unless_writable(nursery: trio.Nursery) -> None:
+    server, web = await web_server(nursery)
+    with connect(server) as client:
+        await make_session(client, t=("float", 1.0))
+    refused = await web.post("/api/sessions/lab/variables/t", {"value": "2", "expected_version": 1})
+    assert refused.status == 403
+    assert refused.json() == {
+        "status": "PERMISSION_DENIED",
+        "message": "the web view is read-only: start the server with --web-writable to allow writes",
+    }
+
+
+async def test_a_compare_and_set_write_from_the_page(nursery: trio.Nursery) -> None:
+    server, web = await web_server(nursery, web_writable=True)
+    with connect(server) as client:
+        await make_session(client, t=("float", 1.0))
+        done = await web.post("/api/sessions/lab/variables/t", {"value": "2.5", "expected_version": 1})
+        assert done.status == 200
+        assert done.json()["variable"]["version"] == 2
+        assert done.json()["variable"]["source"] == "web"
+        stale = await web.post("/api/sessions/lab/variables/t", {"value": "3", "expected_version": 1})
+        assert stale.status == 409
+        assert stale.json() == {
+            "status": "ABORTED",
+            "message": "variable 't': expected version 1, but the current version is 2; nothing was changed",
+        }
+        bad = await web.post("/api/sessions/lab/variables/t", {"value": "2,5", "expected_version": 2})
+        assert bad.status == 400
+        assert bad.json()["message"] == (
+            "value '2,5' for float variable 't' is not a number (for example: 21.5)"
+        )
+        missing = await web.post("/api/sessions/lab/variables/nope", {"value": "1", "expected_version": 1})
+        assert missing.status == 404
+        no_version = await web.post("/api/sessions/lab/variables/t", {"value": "1"})
+        assert no_version.status == 400 and "expected_version" in no_version.json()["message"]
+        form = await web.request(
+            "POST",
+            "/api/sessions/lab/variables/t",
+            body=b"value=1&expected_version=2",
+            headers=[("Content-Type", "application/x-www-form-urlencoded")],
+        )
+        assert form.status == 415  # a plain form (another site's) cannot write
+        cross = await web.post(
+            "/api/sessions/lab/variables/t",
+            {"value": "1", "expected_version": 2},
+            headers=[("Origin", "http://evil.example"), ("Sec-Fetch-Site", "cross-site")],
+        )
+        assert cross.status == 403
+        reply = await client(
+            client.stub.get_variable(pb.GetVariableRequest(session_id="lab", variable_identifier="t"))
+        )
+        assert reply.variable.version == 2  # none of the refused ones changed anything
+
+
+async def test_a_write_takes_the_server_s_limits(nursery: trio.Nursery) -> None:
+    server, web = await web_server(nursery, web_writable=True, max_value_bytes=64)
+    with connect(server) as client:
+        await make_session(client, s=("string", "x"))
+        refused = await web.post("/api/sessions/lab/variables/s", {"value": "y" * 100, "expected_version": 1})
+        assert refused.status == 400
+        assert "max_value_bytes" in refused.json()["message"]
+
+
+# ---- tokens -------------------------------------------------------------------------------------
+
+TOKENS = "alice alice-token-0123456789 own\nbob bob-token-0123456789abc own\nroot root-token-0123456789 all\n"
+
+
+async def test_with_tokens_no_token_no_data_and_only_sessions_in_scope(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKENS)
+    server, web = await web_server(nursery, token_file=tokens, web_writable=True)
+    for name, token in (("alice", "alice-token-0123456789"), ("bob", "bob-token-0123456789abc")):
+        with connect(server) as client:
+            metadata = {"authorization": f"Bearer {token}"}
+            await client(
+                client.stub.create_session(
+                    pb.CreateSessionRequest(session_id=f"{name}-lab"), metadata=metadata
+                )
+            )
+    # No token: nothing.
+    for path in ("/api/sessions", "/api/sessions/alice-lab"):
+        response = await web.get(path)
+        assert response.status == 401
+        assert response.json()["status"] == "UNAUTHENTICATED"
+    async with web.feed("alice-lab") as feed:
+        assert feed.status == 401
+    assert (
+        await web.post("/api/sessions/alice-lab/variables/t", {"value": "1", "expected_version": 1})
+    ).status == 401
+    me = (await web.get("/api/me")).json()
+    assert me == {"token_required": True, "signed_in_as": None, "writable": True}
+    # A wrong token is refused, without saying more.
+    wrong = await web.post("/api/login", {"token": "not-a-token-at-all"})
+    assert wrong.status == 401 and wrong.json()["message"] == "the token is not valid"
+    # Signing in sets an HttpOnly, SameSite=Strict cookie; with it, alice sees her session only.
+    login = await web.post("/api/login", {"token": "alice-token-0123456789"})
+    assert login.status == 200
+    cookie = login.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    alice = WebClient(web.port, [("Cookie", cookie.split(";")[0])])
+    assert [s["id"] for s in (await alice.get("/api/sessions")).json()["sessions"]] == ["alice-lab"]
+    assert (await alice.get("/api/me")).json()["signed_in_as"] == "alice"
+    others = await alice.get("/api/sessions/bob-lab")
+    assert others.status == 404  # exactly as a session that does not exist
+    assert others.json()["message"] == "session 'bob-lab' not found (it may have expired)"
+    async with alice.feed("bob-lab") as feed:
+        end = await feed.until(lambda e: e.event == "end")
+        assert end.data["status"] == "NOT_FOUND"
+    # A bearer header works as well as the cookie; "all" sees every session.
+    root = WebClient(web.port, [("Authorization", "Bearer root-token-0123456789")])
+    assert sorted(s["id"] for s in (await root.get("/api/sessions")).json()["sessions"]) == [
+        "alice-lab",
+        "bob-lab",
+    ]
+
+
+# ---- pictures -----------------------------------------------------------------------------------
+
+
+def test_value_views_are_bounded_whatever_the_value() -> None:
+    from trio_bridge import Tensor
+
+    embedding = tuple(float(i) for i in range(10_000))
+    view = value_view(VariableType.EMBEDDING, embedding)
+    assert view["plot"]["kind"] == "bars" and len(view["plot"]["bars"]) == MAX_BARS
+    assert view["plot"]["length"] == 10_000
+    assert len(view["text"]) <= TEXT_CHARS and view["text"].endswith("…")
+    import struct
+
+    grid = Tensor((200, 300), "float32", struct.pack("<60000f", *range(60_000)))
+    heat = value_view(VariableType.TENSOR, grid)["plot"]
+    assert heat["kind"] == "heatmap" and heat["shape"] == [200, 300]
+    assert len(heat["cells"]) == MAX_CELLS and len(heat["cells"][0]) == MAX_CELLS
+    assert heat["min"] < heat["max"]
+    cube = value_view(VariableType.TENSOR, Tensor((2, 2, 2), "int32", struct.pack("<8i", *range(8))))
+    assert cube["plot"] == {"kind": "shape", "shape": [2, 2, 2], "dtype": "int32", "min": 0.0, "max": 7.0}
+    nan = value_view(VariableType.FLOAT, float("nan"))
+    assert nan == {"text": "NaN", "plot": {"kind": "number", "value": None}}
+    assert value_view(VariableType.CHOICE, "run")["plot"] == {"kind": "state", "value": "run"}

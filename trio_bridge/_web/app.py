@@ -1,0 +1,482 @@
+"""The web view's ASGI application: pages, their JSON, the live feed, and (if allowed) writes.
+
+Routes (everything under ``/api/`` is JSON, or the event stream; refusals are JSON
+``{"status", "message"}`` with the gRPC status name and the server's message):
+
+=======================================  ==========================================================
+``GET /``, ``/sessions/ID``, ``/login``  the page (one HTML shell; ``static/app.js`` draws it)
+``GET /static/NAME``                     the page's script, style sheet and icon (no data in them)
+``GET /api/me``                          whether a token is needed, and whose is in use
+``POST /api/login``, ``/api/logout``     ``{"token": ...}``: keep the token in a cookie, or forget it
+``GET /api/sessions``                    the sessions the caller may use
+``GET /api/sessions/ID``                 one session
+``GET /api/sessions/ID/events``          its live feed (``feed``), resumed from ``Last-Event-ID``
+``POST /api/sessions/ID/variables/NAME`` ``{"value": TEXT, "expected_version": N}``: set a value
+=======================================  ==========================================================
+
+Security: with tokens (``--token-file``) every ``/api/`` route but ``me``, ``login`` and ``logout``
+needs one, from the cookie ``login`` sets (HttpOnly, SameSite=Strict; Secure over TLS) or an
+``Authorization: Bearer`` header, and a caller sees only the sessions its token may use, exactly as
+through gRPC: another's session is "not found". Every response carries a strict Content-Security-Policy
+(scripts, styles and connections from this origin only; no inline script, no frames). Writes need
+``--web-writable``, JSON (so a form on another site cannot send one) and, if the browser says where it
+comes from, this origin. Requests naming a host other than an IP address, ``localhost`` or one allowed
+(``--web-allowed-host``) are refused, so a DNS-rebinding page cannot read the view.
+
+Cancellation: a request's handler is cancelled when its browser goes away (the feed's watch with it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from importlib import resources
+from typing import Any
+from urllib.parse import unquote
+
+import trio
+from grpclib.const import Status
+
+from .. import _encoding as enc
+from .._errors import BridgeError, InvalidArgument, NotFound, Unauthenticated
+from .._security import Principal
+from .._service import UnifiedBridgeService, call_directly
+from .._status import status_of
+from .._textvalues import parse_value
+from ..proto import unified_bridge as pb
+from ..storage import SessionInfo
+from .feed import end_view, run_feed, sse_event, to_json
+from .views import problem_view, session_view, variable_view
+
+log = logging.getLogger("trio_bridge.web")
+
+Scope = Mapping[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+TOKEN_COOKIE = "trio_bridge_token"
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+_SECURITY_HEADERS = [
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+]
+_STATIC_TYPES = {
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+_HTTP_STATUS = {
+    Status.INVALID_ARGUMENT: HTTPStatus.BAD_REQUEST,
+    Status.NOT_FOUND: HTTPStatus.NOT_FOUND,
+    Status.ALREADY_EXISTS: HTTPStatus.CONFLICT,
+    Status.ABORTED: HTTPStatus.CONFLICT,
+    Status.UNAUTHENTICATED: HTTPStatus.UNAUTHORIZED,
+    Status.PERMISSION_DENIED: HTTPStatus.FORBIDDEN,
+    Status.RESOURCE_EXHAUSTED: HTTPStatus.TOO_MANY_REQUESTS,
+    Status.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
+}
+_SESSION = r"(?P<session>[^/]+)"
+_PAGES = re.compile(rf"/|/login|/sessions/{_SESSION}")
+_SESSION_API = re.compile(rf"/api/sessions/{_SESSION}")
+_EVENTS_API = re.compile(rf"/api/sessions/{_SESSION}/events")
+_WRITE_API = re.compile(rf"/api/sessions/{_SESSION}/variables/(?P<name>[^/]+)")
+#: The most bytes of a request body the view reads (a write's value, a token).
+MAX_BODY_BYTES = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """How the web view behaves (``trio-bridge serve --web-*``)."""
+
+    #: Writes from the page (``--web-writable``); off: the view only shows.
+    writable: bool = False
+    #: Host names (besides IP addresses and ``localhost``) the view answers to (``--web-allowed-host``).
+    allowed_hosts: tuple[str, ...] = ()
+    #: Recent changes each numeric variable's sparkline starts with (``--web-history-points``).
+    history_points: int = 120
+    #: Whether the view is served over TLS (its cookie is then Secure).
+    tls: bool = False
+
+
+class Refused(Exception):
+    """An HTTP refusal that is not a store error (bad route, bad host, too large a body)."""
+
+    def __init__(self, http: HTTPStatus, status: Status, message: str) -> None:
+        super().__init__(message)
+        self.http, self.status, self.message = http, status, message
+
+
+class WebView:
+    """The ASGI application (one per server), over the gRPC service's store, limits and tokens."""
+
+    def __init__(self, service: UnifiedBridgeService, settings: WebSettings = WebSettings()) -> None:
+        self._service = service
+        self._settings = settings
+        self._files = {
+            name: (resources.files(__package__) / "static" / name).read_bytes()
+            for name in ("index.html", *_STATIC_TYPES)
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return  # no websockets here: hypercorn closes them
+        try:
+            self._check_host(scope)
+            await self._route(scope, receive, send)
+        except Refused as refused:
+            await _send_json(send, refused.http, problem_view(refused.status.name, refused.message))
+        except BridgeError as error:
+            status = status_of(error)
+            http = _HTTP_STATUS.get(status, HTTPStatus.INTERNAL_SERVER_ERROR)
+            await _send_json(send, http, problem_view(status.name, error.message))
+
+    # ---- routing --------------------------------------------------------------------------------
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method = scope["path"], scope["method"]
+        if path.startswith("/static/"):
+            name = path.removeprefix("/static/")
+            if method == "GET" and name in _STATIC_TYPES:
+                await _respond(send, HTTPStatus.OK, self._files[name], _STATIC_TYPES[name], cache=True)
+                return
+        elif _PAGES.fullmatch(path) and method == "GET":
+            await _respond(send, HTTPStatus.OK, self._files["index.html"], "text/html; charset=utf-8")
+            return
+        elif path == "/api/me" and method == "GET":
+            await _send_json(send, HTTPStatus.OK, self._me(scope))
+            return
+        elif path == "/api/login" and method == "POST":
+            await self._login(scope, receive, send)
+            return
+        elif path == "/api/logout" and method == "POST":
+            self._check_same_origin(scope)
+            await _send_json(send, HTTPStatus.OK, {}, cookie=self._cookie("", max_age=0))
+            return
+        elif path == "/api/sessions" and method == "GET":
+            await _send_json(send, HTTPStatus.OK, await self._sessions(self._principal(scope)))
+            return
+        elif (match := _EVENTS_API.fullmatch(path)) and method == "GET":
+            await self._feed(scope, receive, send, unquote(match["session"]))
+            return
+        elif (match := _SESSION_API.fullmatch(path)) and method == "GET":
+            await _send_json(send, HTTPStatus.OK, await self._session(scope, unquote(match["session"])))
+            return
+        elif (match := _WRITE_API.fullmatch(path)) and method == "POST":
+            body = await self._write(scope, receive, unquote(match["session"]), unquote(match["name"]))
+            await _send_json(send, HTTPStatus.OK, body)
+            return
+        raise Refused(HTTPStatus.NOT_FOUND, Status.NOT_FOUND, f"no page {method} {path}")
+
+    # ---- who is asking ----------------------------------------------------------------------------
+
+    def _check_host(self, scope: Scope) -> None:
+        host = _header(scope, b"host")
+        if host is None:
+            return  # HTTP/1.0: no DNS name involved
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name = name.strip("[]").lower()
+        if _is_ip_address(name) or name == "localhost" or name in self._settings.allowed_hosts:
+            return
+        raise Refused(
+            HTTPStatus.FORBIDDEN,
+            Status.PERMISSION_DENIED,
+            f"the web view does not answer to host {name!r}: allow it with --web-allowed-host {name} "
+            "(this guards against DNS rebinding)",
+        )
+
+    def _check_same_origin(self, scope: Scope) -> None:
+        """Refuse a state-changing request another site's page made (a browser says so)."""
+        site = _header(scope, b"sec-fetch-site")
+        origin = _header(scope, b"origin")
+        host = _header(scope, b"host")
+        cross = site not in (None, "same-origin", "none") or (
+            origin is not None and host is not None and origin.split("://", 1)[-1] != host
+        )
+        if cross:
+            raise Refused(HTTPStatus.FORBIDDEN, Status.PERMISSION_DENIED, "cross-site requests are refused")
+
+    def _principal(self, scope: Scope) -> Principal | None:
+        """The caller's principal (None when the server checks no tokens); Unauthenticated if a token
+        is needed and none valid was sent."""
+        tokens = self._service.tokens
+        if tokens is None:
+            return None
+        authorization = _header(scope, b"authorization")
+        if authorization is None:
+            token = _cookies(scope).get(TOKEN_COOKIE)
+            if not token:
+                raise Unauthenticated("this server requires a token: sign in with one")
+            authorization = f"Bearer {token}"
+        return tokens.principal_for(authorization)
+
+    def _me(self, scope: Scope) -> dict[str, Any]:
+        required = self._service.tokens is not None
+        name = None
+        if required:
+            try:
+                principal = self._principal(scope)
+            except Unauthenticated:
+                principal = None
+            name = principal.name if principal is not None else None
+        return {"token_required": required, "signed_in_as": name, "writable": self._settings.writable}
+
+    async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._check_same_origin(scope)
+        tokens = self._service.tokens
+        if tokens is None:
+            await _send_json(send, HTTPStatus.OK, {"signed_in_as": None})
+            return
+        token = str((await _json_body(scope, receive)).get("token", "")).strip()
+        principal = tokens.principal_for(f"Bearer {token}" if token else None)
+        await _send_json(send, HTTPStatus.OK, {"signed_in_as": principal.name}, cookie=self._cookie(token))
+
+    def _cookie(self, token: str, *, max_age: int | None = None) -> bytes:
+        parts = [f"{TOKEN_COOKIE}={token}", "Path=/", "HttpOnly", "SameSite=Strict"]
+        if self._settings.tls:
+            parts.append("Secure")
+        if max_age is not None:
+            parts.append(f"Max-Age={max_age}")
+        return "; ".join(parts).encode()
+
+    async def _visible(self, principal: Principal | None, session_id: str) -> None:
+        """NOT_FOUND, as gRPC answers, for a session the principal may not use."""
+        await self._service.check_scope(principal, session_id, call_directly)
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    async def _sessions(self, principal: Principal | None) -> dict[str, Any]:
+        shown = []
+        for info in await self._service.store.list_sessions():
+            if principal is None or principal.may_use(info.owner):
+                shown.append(self._session_view(info))
+        return {"sessions": shown, "now": time.time()}
+
+    def _session_view(self, info: SessionInfo) -> dict[str, Any]:
+        cache = self._service.store.cache
+        try:
+            session = cache.session(info.session_id)
+        except NotFound:  # ended since it was listed
+            return session_view(info, watchers=0, expires_in=0.0)
+        # An open watch holds a session alive: it has a whole TTL left once the last one ends.
+        expires_in = None if session.watchers else max(0.0, session.deadline - cache.clock())
+        return session_view(info, watchers=session.watchers, expires_in=expires_in)
+
+    async def _session(self, scope: Scope, session_id: str) -> dict[str, Any]:
+        principal = self._principal(scope)
+        await self._visible(principal, session_id)
+        cache = self._service.store.cache
+        info = cache.info(cache.session(session_id))  # not an access: looking is not using
+        return {"session": self._session_view(info), "writable": self._settings.writable}
+
+    async def _feed(self, scope: Scope, receive: Receive, send: Send, session_id: str) -> None:
+        principal = self._principal(scope)
+        resume_revision = 0
+        last_event = _header(scope, b"last-event-id")
+        if last_event:
+            if not last_event.isdigit():
+                raise InvalidArgument(
+                    f"Last-Event-ID must be a revision (a whole number), got {last_event!r}"
+                )
+            resume_revision = int(last_event)
+        query = _query(scope)
+        slow_consumer = query.get("slow_consumer", "close")
+        await send(
+            {
+                "type": "http.response.start",
+                "status": HTTPStatus.OK,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-store"),
+                    *_SECURITY_HEADERS,
+                ],
+            }
+        )
+
+        async def send_bytes(data: bytes) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        async with trio.open_nursery() as nursery:
+            # The browser going away ends the feed (and its watch) at once.
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            try:
+                # Out of scope: the same end as a session that is not there.
+                await self._visible(principal, session_id)
+            except BridgeError as refused:
+                ending = refused
+            else:
+                ending = await run_feed(
+                    self._service,
+                    session_id,
+                    peer=tuple(scope.get("client") or ()),
+                    send=send_bytes,
+                    resume_revision=resume_revision,
+                    history_points=self._settings.history_points,
+                    slow_consumer=slow_consumer,
+                )
+            if not ending.stream_cut:
+                await send_bytes(sse_event("end", end_view(ending)))
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            nursery.cancel_scope.cancel()
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    async def _write(self, scope: Scope, receive: Receive, session_id: str, name: str) -> dict[str, Any]:
+        self._check_same_origin(scope)
+        principal = self._principal(scope)
+        if not self._settings.writable:
+            raise Refused(
+                HTTPStatus.FORBIDDEN,
+                Status.PERMISSION_DENIED,
+                "the web view is read-only: start the server with --web-writable to allow writes",
+            )
+        body = await _json_body(scope, receive)
+        await self._visible(principal, session_id)
+        text, expected = body.get("value"), body.get("expected_version")
+        if not isinstance(text, str):
+            raise InvalidArgument("a write needs 'value': the new value as text")
+        if not isinstance(expected, int) or isinstance(expected, bool) or expected < 1:
+            raise InvalidArgument("a write needs 'expected_version': the version it replaces (1 or more)")
+        (snapshot,) = self._service.store.cache.get_variables(session_id, [name])
+        try:
+            value = parse_value(snapshot.type, text, snapshot.name)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        write = pb.VariableWrite(
+            variable_identifier=snapshot.id,
+            value=enc.pack_value(snapshot.type, value),
+            expected_version=expected,
+        )
+        source = "web" if principal is None else f"web:{principal.name}"
+        (written,) = await self._service.apply_writes(
+            session_id, [write], source=source, metadata={}, call=call_directly
+        )
+        return {"variable": variable_view(written)}
+
+
+# ---- ASGI plumbing ------------------------------------------------------------------------------
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+def _is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _cookies(scope: Scope) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for key, value in scope["headers"]:
+        if key == b"cookie":
+            for part in value.decode("latin-1").split(";"):
+                name, _, text = part.strip().partition("=")
+                found.setdefault(name, text)
+    return found
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for part in scope.get("query_string", b"").decode("latin-1").split("&"):
+        name, _, text = part.partition("=")
+        if name:
+            found[unquote(name)] = unquote(text)
+    return found
+
+
+async def _json_body(scope: Scope, receive: Receive) -> dict[str, Any]:
+    content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise Refused(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            Status.INVALID_ARGUMENT,
+            "send JSON (Content-Type: application/json)",
+        )
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Refused(HTTPStatus.BAD_REQUEST, Status.CANCELLED, "the request ended before its body")
+        body = message.get("body", b"")
+        size += len(body)
+        if size > MAX_BODY_BYTES:
+            raise Refused(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                Status.INVALID_ARGUMENT,
+                f"the request is larger than the web view's {MAX_BODY_BYTES} bytes",
+            )
+        chunks.append(body)
+        if not message.get("more_body", False):
+            break
+    try:
+        parsed = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        raise InvalidArgument("the request is not valid JSON") from None
+    if not isinstance(parsed, dict):
+        raise InvalidArgument("the request must be a JSON object")
+    return parsed
+
+
+async def _respond(
+    send: Send, status: HTTPStatus, body: bytes, content_type: str, *, cache: bool = False
+) -> None:
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"max-age=300" if cache else b"no-store"),
+        *_SECURITY_HEADERS,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_json(send: Send, status: HTTPStatus, data: object, *, cookie: bytes | None = None) -> None:
+    body = to_json(data).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        *_SECURITY_HEADERS,
+    ]
+    if cookie is not None:
+        headers.append((b"set-cookie", cookie))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
