@@ -1,5 +1,5 @@
 """Developer entry points: ``nox -s tests``, ``nox -s serve``, ``nox -s protos``, ``nox -s bench``,
-``nox -s stress``."""
+``nox -s stress``, ``nox -s screenshot``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,14 @@ def install_once(session: nox.Session, *args: str) -> None:
     session.install(*args)
     if stamp is not None:
         stamp.write_text(wanted)
+
+
+@nox.session
+def screenshot(session: nox.Session) -> None:
+    """The README's picture of the web view (docs/web-view.png), taken from the real page in the
+    system's headless Chromium (Debian: `apt-get install chromium chromium-driver`)."""
+    session.install("-e", ".[browser,numpy]")
+    session.run("python", "-m", "tests.screenshot", "docs/web-view.png", *session.posargs)
 
 
 @nox.session

@@ -417,12 +417,18 @@ async def test_a_compare_and_set_write_from_the_page(nursery: trio.Nursery) -> N
 
 
 async def test_a_write_takes_the_server_s_limits(nursery: trio.Nursery) -> None:
-    server, web = await web_server(nursery, web_writable=True, max_value_bytes=64)
+    server, web = await web_server(nursery, web_writable=True, max_value_bytes=64, max_message_bytes=1024)
     with connect(server) as client:
         await make_session(client, s=("string", "x"))
         refused = await web.post("/api/sessions/lab/variables/s", {"value": "y" * 100, "expected_version": 1})
         assert refused.status == 400
         assert "max_value_bytes" in refused.json()["message"]
+        huge = await web.post("/api/sessions/lab/variables/s", {"value": "y" * 2000, "expected_version": 1})
+        assert huge.status == 413
+        assert huge.json() == {
+            "status": "RESOURCE_EXHAUSTED",
+            "message": "the request is larger than the limit max_message_bytes=1024",
+        }
 
 
 # ---- tokens -------------------------------------------------------------------------------------
@@ -455,7 +461,7 @@ async def test_with_tokens_no_token_no_data_and_only_sessions_in_scope(
         await web.post("/api/sessions/alice-lab/variables/t", {"value": "1", "expected_version": 1})
     ).status == 401
     me = (await web.get("/api/me")).json()
-    assert me == {"token_required": True, "signed_in_as": None, "writable": True}
+    assert me == {"token_required": True, "signed_in_as": None, "writable": True, "history_points": 120}
     # A wrong token is refused, without saying more.
     wrong = await web.post("/api/login", {"token": "not-a-token-at-all"})
     assert wrong.status == 401 and wrong.json()["message"] == "the token is not valid"

@@ -223,13 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="a host name the web view answers to, besides IP addresses and localhost (repeatable)",
     )
-    web.add_argument(
-        "--web-history-points",
-        type=_whole_number(0),
-        default=ServerConfig.web_history_points,
-        metavar="N",
-        help="recent changes a number's sparkline starts with (default %(default)s)",
-    )
     storage = serve_cmd.add_argument_group("state (see the README's Running several servers)")
     storage.add_argument("--store", default="memory", metavar="URL", help=f"where state lives: {STORE_HELP}")
     storage.add_argument("--etcd-ca", type=Path, metavar="PEM", help="etcds://: trust this CA for etcd")
@@ -368,7 +361,6 @@ def _serve(args: argparse.Namespace) -> int:
             web_port=args.web_port,
             web_writable=args.web_writable,
             web_allowed_hosts=tuple(name.lower() for name in args.web_allowed_host),
-            web_history_points=args.web_history_points,
         )
         # Read now, so a bad file is one line and exit code 2, before anything is bound.
         if config.token_file is not None:

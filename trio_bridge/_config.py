@@ -11,8 +11,6 @@ from .storage.records import DEFAULT_SESSION_TTL, MAX_SESSION_TTL
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
-#: The most recent changes a sparkline may start with (what one page may replay per variable).
-MAX_WEB_HISTORY_POINTS = 1_000
 
 
 @dataclass(frozen=True)
@@ -54,8 +52,6 @@ class ServerConfig:
     web_writable: bool = False
     #: Host names the web view answers to, besides IP addresses and localhost.
     web_allowed_hosts: tuple[str, ...] = ()
-    #: Recent changes each numeric variable's sparkline starts with.
-    web_history_points: int = 120
 
     def __post_init__(self) -> None:
         if not 0 < self.session_ttl <= min(MAX_SESSION_TTL, self.limits.max_session_ttl_seconds):
@@ -72,11 +68,6 @@ class ServerConfig:
             raise ValueError("--web-writable needs --web-port (the web view is off)")
         if self.web_port is not None and self.web_port == self.port and self.port != 0:
             raise ValueError(f"--web-port {self.web_port} is the gRPC port (--port): give it another")
-        if not 0 <= self.web_history_points <= MAX_WEB_HISTORY_POINTS:
-            raise ValueError(
-                f"--web-history-points must be from 0 to {MAX_WEB_HISTORY_POINTS}, got "
-                f"{self.web_history_points}"
-            )
         location = parse_store(self.store)
         etcd_options = (self.etcd_ca, self.etcd_cert, self.etcd_user, self.etcd_password_file)
         if location.kind != "etcd" and any(option is not None for option in etcd_options):

@@ -106,6 +106,9 @@ class Limits:
     idle_connection_timeout_seconds: int = _limit(
         300, "seconds a connection may stay open with no call on it"
     )
+    web_history_points: int = _limit(
+        120, "recent changes a number's sparkline starts with on a web view page (replayed per page)"
+    )
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):

@@ -208,7 +208,7 @@ async def _run_web(
         WebSettings(
             writable=config.web_writable,
             allowed_hosts=config.web_allowed_hosts,
-            history_points=config.web_history_points,
+            history_points=config.limits.web_history_points,
             tls=config.tls_cert is not None,
         ),
     )

@@ -45,6 +45,7 @@ from grpclib.const import Status
 
 from .. import _encoding as enc
 from .._errors import BridgeError, InvalidArgument, NotFound, Unauthenticated
+from .._limits import DEFAULT_LIMITS
 from .._security import Principal
 from .._service import UnifiedBridgeService, call_directly
 from .._status import status_of
@@ -93,8 +94,6 @@ _PAGES = re.compile(rf"/|/login|/sessions/{_SESSION}")
 _SESSION_API = re.compile(rf"/api/sessions/{_SESSION}")
 _EVENTS_API = re.compile(rf"/api/sessions/{_SESSION}/events")
 _WRITE_API = re.compile(rf"/api/sessions/{_SESSION}/variables/(?P<name>[^/]+)")
-#: The most bytes of a request body the view reads (a write's value, a token).
-MAX_BODY_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,7 @@ class WebSettings:
     #: Host names (besides IP addresses and ``localhost``) the view answers to (``--web-allowed-host``).
     allowed_hosts: tuple[str, ...] = ()
     #: Recent changes each numeric variable's sparkline starts with (``--web-history-points``).
-    history_points: int = 120
+    history_points: int = DEFAULT_LIMITS.web_history_points
     #: Whether the view is served over TLS (its cookie is then Secure).
     tls: bool = False
 
@@ -234,7 +233,12 @@ class WebView:
             except Unauthenticated:
                 principal = None
             name = principal.name if principal is not None else None
-        return {"token_required": required, "signed_in_as": name, "writable": self._settings.writable}
+        return {
+            "token_required": required,
+            "signed_in_as": name,
+            "writable": self._settings.writable,
+            "history_points": self._settings.history_points,
+        }
 
     async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._check_same_origin(scope)
@@ -242,7 +246,8 @@ class WebView:
         if tokens is None:
             await _send_json(send, HTTPStatus.OK, {"signed_in_as": None})
             return
-        token = str((await _json_body(scope, receive)).get("token", "")).strip()
+        body = await _json_body(scope, receive, self._service.limits.max_message_bytes)
+        token = str(body.get("token", "")).strip()
         principal = tokens.principal_for(f"Bearer {token}" if token else None)
         await _send_json(send, HTTPStatus.OK, {"signed_in_as": principal.name}, cookie=self._cookie(token))
 
@@ -345,7 +350,7 @@ class WebView:
                 Status.PERMISSION_DENIED,
                 "the web view is read-only: start the server with --web-writable to allow writes",
             )
-        body = await _json_body(scope, receive)
+        body = await _json_body(scope, receive, self._service.limits.max_message_bytes)
         await self._visible(principal, session_id)
         text, expected = body.get("value"), body.get("expected_version")
         if not isinstance(text, str):
@@ -422,7 +427,8 @@ def _query(scope: Scope) -> dict[str, str]:
     return found
 
 
-async def _json_body(scope: Scope, receive: Receive) -> dict[str, Any]:
+async def _json_body(scope: Scope, receive: Receive, limit: int) -> dict[str, Any]:
+    """The request's JSON object, of at most ``limit`` bytes (the limit ``max_message_bytes``)."""
     content_type = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise Refused(
@@ -437,11 +443,11 @@ async def _json_body(scope: Scope, receive: Receive) -> dict[str, Any]:
             raise Refused(HTTPStatus.BAD_REQUEST, Status.CANCELLED, "the request ended before its body")
         body = message.get("body", b"")
         size += len(body)
-        if size > MAX_BODY_BYTES:
+        if size > limit:
             raise Refused(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                Status.INVALID_ARGUMENT,
-                f"the request is larger than the web view's {MAX_BODY_BYTES} bytes",
+                Status.RESOURCE_EXHAUSTED,
+                f"the request is larger than the limit max_message_bytes={limit}",
             )
         chunks.append(body)
         if not message.get("more_body", False):

@@ -3,7 +3,7 @@
 // "<script>" shows as text. No inline script or style (the Content-Security-Policy forbids both).
 
 const SVG = "http://www.w3.org/2000/svg";
-const SPARK_POINTS = 120; // the most points a sparkline keeps (the page's memory stays bounded)
+let sparkPoints = 120; // the most points a sparkline keeps (--web-history-points; bounded memory)
 const SESSIONS_EVERY_MS = 2000;
 const SESSION_INFO_EVERY_MS = 5000;
 
@@ -30,6 +30,11 @@ function when(seconds) {
   if (!seconds) return el("span", { className: "muted", text: "—" });
   const date = new Date(seconds * 1000);
   return el("time", { datetime: date.toISOString(), title: date.toISOString(), text: date.toLocaleString() });
+}
+
+// A number for a summary: four significant digits.
+function brief(number) {
+  return Number.isInteger(number) ? String(number) : String(Number(number.toPrecision(4)));
 }
 
 function duration(seconds) {
@@ -125,6 +130,7 @@ function loginPage() {
 function sessionsPage() {
   document.title = "Sessions · trio_bridge";
   const body = el("tbody");
+  const rows = new Map(); // session id → its row
   const table = el(
     "table",
     { id: "sessions" },
@@ -151,19 +157,35 @@ function sessionsPage() {
     try {
       const listing = await api("/api/sessions");
       problem.textContent = "";
-      body.replaceChildren(
-        ...listing.sessions.map((s) =>
-          el(
+      // Rows are kept and updated in place (a row being clicked is not swapped under the pointer).
+      const listed = new Set();
+      for (const s of listing.sessions) {
+        listed.add(s.id);
+        let row = rows.get(s.id);
+        if (!row) {
+          row = el(
             "tr",
             { "data-session": s.id },
             el("td", {}, el("a", { href: `/sessions/${encodeURIComponent(s.id)}`, text: s.id })),
-            el("td", { className: "num", text: String(s.variables) }),
-            el("td", { text: s.watches ? "held open by its watches" : duration(s.expires_in) }),
-            el("td", { className: "num", text: String(s.watches) }),
+            el("td", { className: "num" }),
+            el("td", {}),
+            el("td", { className: "num" }),
             el("td", {}, when(s.created_at)),
-          ),
-        ),
-      );
+          );
+          rows.set(s.id, row);
+        }
+        const cells = row.children;
+        cells[1].textContent = String(s.variables);
+        cells[2].textContent = s.watches ? "held open by its watches" : duration(s.expires_in);
+        cells[3].textContent = String(s.watches);
+        body.append(row); // in the server's order (oldest first)
+      }
+      for (const [id, row] of rows) {
+        if (!listed.has(id)) {
+          row.remove();
+          rows.delete(id);
+        }
+      }
       empty.hidden = listing.sessions.length > 0;
     } catch (error) {
       problem.textContent = `Cannot list the sessions: ${error.message}`;
@@ -184,6 +206,7 @@ function sparkline(points) {
     height,
     viewBox: `0 0 ${width} ${height}`,
     "data-points": points.length,
+    "data-versions": JSON.stringify(points.map((p) => p.version)),
     role: "img",
   });
   const values = points.map((p) => p.value).filter((v) => v !== null);
@@ -334,14 +357,14 @@ function sessionPage(sessionId, me) {
         el("span", { id: "open-watches", text: `${s.watches} open watch(es)` }),
         el("span", { text: `TTL ${duration(s.ttl_seconds)}` }),
       );
-    } catch (error) {
-      if (error.status === "NOT_FOUND") end(error.message.replace(/^NOT_FOUND: /, ""));
+    } catch {
+      // A session that is gone: the feed's end says so (and how).
     }
   }
 
   function render(row) {
     const v = row.variable;
-    const value = el("div", { className: "value", text: v.value.text });
+    const value = valueText(v);
     const details = el(
       "div",
       { className: "details" },
@@ -363,6 +386,23 @@ function sessionPage(sessionId, me) {
     else list.append(node);
     row.node = node;
     empty.hidden = rows.size > 0;
+  }
+
+  // Arrays (embeddings, tensors) as a one-line summary, their elements folded away beneath it.
+  function valueText(v) {
+    const plot = v.value.plot;
+    if (!plot || !["bars", "heatmap", "shape"].includes(plot.kind)) {
+      return el("div", { className: "value", text: v.value.text });
+    }
+    const shape = plot.shape ? `${plot.dtype} ${JSON.stringify(plot.shape)}` : `${plot.length} values`;
+    const range =
+      plot.min !== undefined && plot.min !== null ? `, from ${brief(plot.min)} to ${brief(plot.max)}` : "";
+    return el(
+      "details",
+      { className: "value" },
+      el("summary", { text: `${shape}${range}` }),
+      el("div", { className: "elements", text: v.value.text }),
+    );
   }
 
   function writeForm(row) {
@@ -435,7 +475,7 @@ function sessionPage(sessionId, me) {
       const last = row.history[row.history.length - 1];
       if (!last || v.version > last.version) row.history.push({ version: v.version, value: v.value.plot.value });
       else if (update.type === "resync") row.history = [{ version: v.version, value: v.value.plot.value }];
-      if (row.history.length > SPARK_POINTS) row.history.splice(0, row.history.length - SPARK_POINTS);
+      if (row.history.length > sparkPoints) row.history.splice(0, row.history.length - sparkPoints);
     }
     const focused = row.node && row.form && row.form.contains(document.activeElement);
     if (!focused) render(row);
@@ -498,6 +538,7 @@ function sessionPage(sessionId, me) {
 
 async function main() {
   const me = await api("/api/me");
+  sparkPoints = Math.max(1, me.history_points);
   await header(me);
   const path = location.pathname;
   if (path === "/login") return loginPage();
