@@ -3,15 +3,20 @@ The pages themselves, in a real browser: test_web_browser.py."""
 
 from __future__ import annotations
 
+import ssl
+import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import h11
+import pytest
 import trio
 import trio.testing
 
-from tests.support import Client, connect, start_server, start_watch
+from tests.support import LOOPBACK, Client, connect, start_server, start_watch
 from tests.web_client import Feed, WebClient
-from trio_bridge import RunningServer
+from trio_bridge import RunningServer, Store
 from trio_bridge import _encoding as enc
 from trio_bridge._types import VariableType
 from trio_bridge._web.app import CONTENT_SECURITY_POLICY
@@ -510,3 +515,67 @@ def test_value_views_are_bounded_whatever_the_value() -> None:
     nan = value_view(VariableType.FLOAT, float("nan"))
     assert nan == {"text": "NaN", "plot": {"kind": "number", "value": None}}
     assert value_view(VariableType.CHOICE, "run")["plot"] == {"kind": "state", "value": "run"}
+
+
+# ---- TLS, both stores, the command line ---------------------------------------------------------
+
+
+async def test_over_tls_the_view_uses_the_server_s_certificate_and_a_secure_cookie(
+    nursery: trio.Nursery, pki: dict[str, Path], tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKENS)
+    server, _ = await web_server(nursery, tls_cert=pki["cert"], tls_key=pki["key"], token_file=tokens)
+    assert server.web_port is not None
+    context = ssl.create_default_context(cafile=str(pki["ca"]))
+    context.set_alpn_protocols(["http/1.1"])  # (a browser offers h2 too; this client speaks HTTP/1.1)
+    web = WebClient(server.web_port, tls=context)
+    login = await web.post("/api/login", {"token": "alice-token-0123456789"})
+    assert login.status == 200
+    assert "Secure" in login.headers["set-cookie"]
+    plain = WebClient(server.web_port)
+    with pytest.raises((trio.BrokenResourceError, h11.RemoteProtocolError)):
+        await plain.get("/api/me")  # plain text at a TLS port: no answer
+
+
+async def test_the_view_serves_every_store(
+    nursery: trio.Nursery, make_store: Callable[..., Awaitable[Store]]
+) -> None:
+    store = await make_store()
+    server, web = await web_server(nursery, store=store, web_writable=True)
+    with connect(server) as client:
+        await make_session(client, t=("float", 1.0))
+        assert [s["id"] for s in (await web.get("/api/sessions")).json()["sessions"]] == ["lab"]
+        async with web.feed("lab") as feed:
+            await feed.updates_until_synced()
+            await set_value(client, "t", 2.0)
+            assert (await next_update(feed))["variable"]["version"] == 2
+            done = await web.post("/api/sessions/lab/variables/t", {"value": "3", "expected_version": 2})
+            assert done.status == 200
+            assert (await next_update(feed))["variable"]["value"]["text"] == "3.0"
+            stale = await web.post("/api/sessions/lab/variables/t", {"value": "4", "expected_version": 2})
+            assert stale.json()["status"] == "ABORTED"
+
+
+async def test_the_command_line_checks_the_web_flags() -> None:
+    serve = [sys.executable, "-m", "trio_bridge", "serve", "--port", "0"]
+    alone = await trio.run_process(
+        [*serve, "--web-writable"], capture_stdout=True, capture_stderr=True, check=False
+    )
+    assert alone.returncode == 2
+    assert (
+        alone.stderr.decode().strip() == "trio-bridge: --web-writable needs --web-port (the web view is off)"
+    )
+    with trio.socket.socket() as taken:
+        await taken.bind((LOOPBACK, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = await trio.run_process(
+            [*serve, "--web-port", str(port)], capture_stdout=True, capture_stderr=True, check=False
+        )
+    assert busy.returncode == 1
+    assert (
+        busy.stderr.decode()
+        .strip()
+        .endswith(f"trio-bridge: cannot serve the web view on {LOOPBACK}:{port}: Address already in use")
+    )

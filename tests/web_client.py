@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,7 @@ class Event:
 class Feed:
     """An open event stream: ``next()`` returns its next event, or None once the server ended it."""
 
-    stream: trio.SocketStream
+    stream: trio.abc.Stream
     connection: h11.Connection
     status: int
     headers: dict[str, str]
@@ -96,7 +97,7 @@ def _parse_event(raw: str, feed: Feed) -> Event | None:
     return Event(name, json.loads("\n".join(data)), event_id)
 
 
-async def _next_body(stream: trio.SocketStream, connection: h11.Connection) -> bytes | None:
+async def _next_body(stream: trio.abc.Stream, connection: h11.Connection) -> bytes | None:
     while True:
         event = connection.next_event()
         if event is h11.NEED_DATA:
@@ -111,9 +112,20 @@ async def _next_body(stream: trio.SocketStream, connection: h11.Connection) -> b
 class WebClient:
     """Requests to the web view on ``port``; ``headers`` go with each (a token, a Host)."""
 
-    def __init__(self, port: int, headers: Sequence[tuple[str, str]] = ()) -> None:
+    def __init__(
+        self, port: int, headers: Sequence[tuple[str, str]] = (), *, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.port = port
         self.headers = list(headers)
+        self.tls = tls
+
+    async def _connect(self) -> trio.abc.Stream:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(LOOPBACK, self.port)
+        if self.tls is not None:
+            secure = trio.SSLStream(stream, self.tls, server_hostname=LOOPBACK)
+            await secure.do_handshake()
+            stream = secure
+        return stream
 
     def _request(
         self, method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes
@@ -138,7 +150,7 @@ class WebClient:
         if json_body is not None:
             body = json.dumps(json_body).encode()
             headers = [("Content-Type", "application/json"), *headers]
-        stream = await trio.open_tcp_stream(LOOPBACK, self.port)
+        stream = await self._connect()
         async with stream:
             connection = h11.Connection(h11.CLIENT)
             await stream.send_all(connection.send(self._request(method, path, headers, body)))
@@ -179,7 +191,7 @@ class WebClient:
             yield Feed(stream, connection, response.status_code, _headers(response))
 
 
-async def _response(stream: trio.SocketStream, connection: h11.Connection) -> h11.Response:
+async def _response(stream: trio.abc.Stream, connection: h11.Connection) -> h11.Response:
     while True:
         event = connection.next_event()
         if event is h11.NEED_DATA:

@@ -292,7 +292,8 @@ async def run_until_signalled(config: ServerConfig) -> None:
             print(f"trio-bridge serving on {running.host}:{running.port}", flush=True)
             if running.web_port is not None:
                 scheme = "https" if config.tls_cert is not None else "http"
-                print(f"trio-bridge web view on {scheme}://{running.host}:{running.web_port}/", flush=True)
+                host = f"[{running.host}]" if ":" in running.host else running.host  # an IPv6 address
+                print(f"trio-bridge web view on {scheme}://{host}:{running.web_port}/", flush=True)
             async for signum in signals:
                 log.info("%s received; shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

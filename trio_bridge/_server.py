@@ -8,7 +8,7 @@ import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,65 +123,48 @@ async def serve(
 
             await store_nursery.start(run_store)
             store_nursery.start_soon(_report_availability, store, store_serving)
-            # The web view, in its own nursery: it stops in steps once the gRPC side drains (see
-            # _web.server), within the grace, however the gRPC side ends.
-            web_scope = trio.CancelScope(shield=True)
             try:
                 with _fan_out_after_replies(cache):
-                    async with trio.open_nursery() as web_nursery:
-                        try:
-                            async with trio.open_nursery() as nursery:
-                                bound = await nursery.start(
-                                    lambda task_status: serve_grpc(
-                                        services,
-                                        host=config.host,
-                                        port=config.port,
-                                        tls=tls,
-                                        drain=drain,
-                                        grace=config.shutdown_grace,
-                                        connection_limits=ConnectionLimits(
-                                            # room for unary calls beside a full quota of watch streams
-                                            max_streams=limits.max_watch_streams_per_connection + 100,
-                                            max_stream_resets_per_second=limits.max_stream_resets_per_second,
-                                            max_control_frames_per_second=limits.max_control_frames_per_second,
-                                            max_buffer_bytes=limits.max_connection_buffer_bytes,
-                                            max_total_buffer_bytes=limits.max_request_buffer_bytes,
-                                            handshake_timeout=limits.handshake_timeout_seconds,
-                                            idle_timeout=limits.idle_connection_timeout_seconds,
-                                        ),
-                                        max_connections=limits.max_connections,
-                                        task_status=task_status,
-                                    )
-                                )
-                                metrics.open_connections.set_function(bound.open_connections)
-                                web_port = None
-                                if web_socket is not None:
-                                    web_port = web_socket.getsockname()[1]
-                                    await web_nursery.start(
-                                        _run_web, config, service, web_socket, web_stop, web_scope
-                                    )
-                                    log.info(
-                                        "web view on %s://%s:%d/",
-                                        "https" if tls else "http",
-                                        bound.host,
-                                        web_port,
-                                    )
-                                _warn_if_exposed(bound.host, tls is not None, tokens is not None)
-                                task_status.started(
-                                    RunningServer(
-                                        host=bound.host,
-                                        port=bound.port,
-                                        metrics_port=metrics_port,
-                                        store=store,
-                                        service=service,
-                                        metrics=metrics,
-                                        web_port=web_port,
-                                    )
-                                )
-                        finally:
-                            # However the gRPC side ended (drained, or failed), the view stops too.
-                            web_stop.set()
-                            web_scope.deadline = trio.current_time() + config.shutdown_grace + 1
+                    async with (
+                        _web_view(config, service, web_socket, web_stop) as start_web,
+                        trio.open_nursery() as nursery,
+                    ):
+                        bound = await nursery.start(
+                            lambda task_status: serve_grpc(
+                                services,
+                                host=config.host,
+                                port=config.port,
+                                tls=tls,
+                                drain=drain,
+                                grace=config.shutdown_grace,
+                                connection_limits=ConnectionLimits(
+                                    # room for unary calls beside a full quota of watch streams
+                                    max_streams=limits.max_watch_streams_per_connection + 100,
+                                    max_stream_resets_per_second=limits.max_stream_resets_per_second,
+                                    max_control_frames_per_second=limits.max_control_frames_per_second,
+                                    max_buffer_bytes=limits.max_connection_buffer_bytes,
+                                    max_total_buffer_bytes=limits.max_request_buffer_bytes,
+                                    handshake_timeout=limits.handshake_timeout_seconds,
+                                    idle_timeout=limits.idle_connection_timeout_seconds,
+                                ),
+                                max_connections=limits.max_connections,
+                                task_status=task_status,
+                            )
+                        )
+                        metrics.open_connections.set_function(bound.open_connections)
+                        web_port = await start_web()
+                        _warn_if_exposed(bound.host, tls is not None, tokens is not None)
+                        task_status.started(
+                            RunningServer(
+                                host=bound.host,
+                                port=bound.port,
+                                metrics_port=metrics_port,
+                                store=store,
+                                service=service,
+                                metrics=metrics,
+                                web_port=web_port,
+                            )
+                        )
             finally:
                 store_scope.cancel()
                 store_nursery.cancel_scope.cancel()
@@ -191,40 +174,50 @@ async def serve(
             web_socket.close()
 
 
-async def _run_web(
-    config: ServerConfig,
-    service: UnifiedBridgeService,
-    sock: socket.socket,
-    stop: trio.Event,
-    scope: trio.CancelScope,
-    *,
-    task_status: trio.TaskStatus[None],
-) -> None:
-    """The web view on ``sock``, in ``scope`` (shielded: it stops when ``stop`` is set, in steps)."""
-    from ._web import WebSettings, WebView, serve_web
+@contextlib.asynccontextmanager
+async def _web_view(
+    config: ServerConfig, service: UnifiedBridgeService, sock: socket.socket | None, stop: trio.Event
+) -> AsyncIterator[Callable[[], Awaitable[int | None]]]:
+    """For the block, a function that starts the web view on ``sock`` (once the gRPC side listens) and
+    returns its port (None: the view is off). It stops in steps when ``stop`` is set (the drain sets
+    it: see ``_web.server``), and however the block ends, within the shutdown grace of its end."""
+    scope = trio.CancelScope(shield=True)  # cancelled only by its deadline: it stops when told
 
-    view = WebView(
-        service,
-        WebSettings(
-            writable=config.web_writable,
-            allowed_hosts=config.web_allowed_hosts,
-            history_points=config.limits.web_history_points,
-            tls=config.tls_cert is not None,
-        ),
-    )
-    tls = None
-    if config.tls_cert is not None and config.tls_key is not None:
-        tls = (config.tls_cert, config.tls_key, config.tls_client_ca)
+    async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        from ._web import WebSettings, WebView, serve_web  # brings in hypercorn: only when it is on
 
-    async def started(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        await serve_web(
-            view, sock, stop=stop.wait, grace=config.shutdown_grace, tls=tls, task_status=task_status
+        assert sock is not None
+        view = WebView(
+            service,
+            WebSettings(
+                writable=config.web_writable,
+                allowed_hosts=config.web_allowed_hosts,
+                history_points=config.limits.web_history_points,
+                tls=config.tls_cert is not None,
+            ),
         )
+        tls = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            tls = (config.tls_cert, config.tls_key, config.tls_client_ca)
+        with scope:
+            await serve_web(
+                view, sock, stop=stop.wait, grace=config.shutdown_grace, tls=tls, task_status=task_status
+            )
 
-    with scope:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(started)
-            task_status.started()
+    async with trio.open_nursery() as nursery:
+
+        async def start() -> int | None:
+            if sock is None:
+                return None
+            await nursery.start(run)
+            port: int = sock.getsockname()[1]
+            return port
+
+        try:
+            yield start
+        finally:
+            stop.set()
+            scope.deadline = trio.current_time() + config.shutdown_grace + 1
 
 
 @contextlib.contextmanager
