@@ -253,3 +253,10 @@ def test_float16_tensors_read_back_bit_for_bit(values: list[float]) -> None:
 def test_a_value_beyond_float32s_range_is_shown_as_it_is() -> None:
     # It raised OverflowError (a float64 the store's Python API keeps in an embedding).
     assert plain_value(VariableType.EMBEDDING, (1e39,)) == [1e39]
+
+
+def test_json_nested_too_deeply_is_a_refusal_not_a_crash() -> None:
+    # RecursionError escaped: a traceback on the command line, a 500 from the web view.
+    for vtype in (VariableType.EMBEDDING, VariableType.TENSOR):
+        with pytest.raises(ValueError, match="nested too deeply"):
+            parse_value(vtype, "[" * 100_000 + "]" * 100_000, "x")

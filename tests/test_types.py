@@ -120,3 +120,13 @@ def test_a_catastrophic_pattern_matches_in_linear_time() -> None:
     with pytest.raises(InvalidArgument, match="does not match pattern"):
         check_value("s", VariableType.STRING, constraints, "a" * 100_000 + "!")
     assert check_value("s", VariableType.STRING, constraints, "a" * 100_000) == "a" * 100_000
+
+
+def test_an_integer_out_of_range_is_refused_before_it_is_packed() -> None:
+    # Packed, 2**63 wrapped around to -2**63: the client (and the web view) stored a wrong number.
+    from trio_bridge._types import native_value
+
+    for value in (2**63, -(2**63) - 1, 10**30):
+        with pytest.raises(InvalidArgument, match=f"integer: value {value} does not fit in a signed 64-bit"):
+            native_value(VariableType.INTEGER, value)
+    assert native_value(VariableType.INTEGER, 2**63 - 1) == 2**63 - 1

@@ -841,6 +841,10 @@ async def test_a_resume_by_revision_replays_only_what_changed_after_it(
         ids["y"],
         registered.variable.id,
     }
+    # And it says that every variable held and not sent is gone: from an unknown revision, the server
+    # cannot tell which (synced said nothing, and a client kept variables of the other state).
+    assert unknown.updates[-1].update_type == "synced"
+    assert unknown.updates[-1].update_metadata == {"resync": "all"}
     request.resume_revision = -1
     refused = await start_watch(nursery, client, request)
     await refused.wait_ended()

@@ -3,6 +3,7 @@ The pages themselves, in a real browser: test_web_browser.py."""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
@@ -14,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.support import LOOPBACK, Client, connect, start_server, start_watch
+from tests.support import LOOPBACK, Client, connect, eventually, start_server, start_watch
 from tests.web_client import Feed, WebClient
 from trio_bridge import RunningServer, Store
 from trio_bridge import _encoding as enc
@@ -161,8 +162,11 @@ async def test_the_feed_sends_current_values_then_every_change_in_order(nursery:
             ]
             assert all(c["type"] == "value_change" and c["source"] == "probe" for c in changes)
             assert [c["old_number"] for c in changes] == [1.0, 2.0, 3.0]
-            ids = [int(e.id) for e in feed.events[-3:] if e.id is not None]
-            assert ids == sorted(ids) and len(ids) == 3
+            ids = [e.id for e in feed.events[-3:] if e.id is not None]
+            assert len(ids) == 3
+            revisions = [int(i.split("@")[0]) for i in ids]
+            assert revisions == sorted(revisions)
+            assert {i.split("@", 1)[1] for i in ids} == {server.store.state_id}
 
 
 async def test_numbers_start_with_their_recent_history(nursery: trio.Nursery) -> None:
@@ -270,8 +274,25 @@ async def test_a_bad_last_event_id_is_refused(nursery: trio.Nursery) -> None:
     server, web = await web_server(nursery)
     with connect(server) as client:
         await make_session(client)
-    async with web.feed("lab", last_event_id="12; DROP") as feed:
-        assert feed.status == 400
+    for bad in ("12; DROP", "²@x".encode("latin-1"), "9" * 5000 + "@x", "12"):
+        async with web.feed("lab", last_event_id=bad) as feed:
+            assert feed.status == 400, bad
+    response = await web.request("GET", "/api/sessions/lab/events", headers=[("Last-Event-ID", "12; DROP")])
+    assert response.json()["message"] == (
+        "Last-Event-ID must be REVISION@STATE, as the feed sent it, got '12; DROP'"
+    )
+
+
+async def test_a_page_resuming_from_another_state_starts_afresh(nursery: trio.Nursery) -> None:
+    # A page open on an in-memory server that restarted held revision 7 of a state that is gone: the
+    # new state's revision 7 says nothing of it. It gets every variable, and is told they are all.
+    server, web = await web_server(nursery)
+    with connect(server) as client:
+        await make_session(client, a=("float", 1.0), b=("float", 2.0))
+        async with web.feed("lab", last_event_id="7@memory:a-state-that-is-gone") as feed:
+            initial = await feed.updates_until_synced()
+        assert sorted(e.data["variable"]["name"] for e in initial) == ["a", "b"]
+        assert feed.events[-1].data["complete_listing"] is True
 
 
 async def test_an_open_page_neither_restarts_nor_holds_a_session_s_ttl(
@@ -312,12 +333,61 @@ async def test_feeds_count_toward_the_stream_limits(nursery: trio.Nursery) -> No
                 end = await second.until(lambda e: e.event == "end")
                 assert end.data["status"] == "RESOURCE_EXHAUSTED"
                 assert "max_watch_streams=2" in end.data["message"]
+                assert end.data["resumable"] is False  # the page shows it; it does not retry forever
             # and a gRPC watch is refused while the page holds its place
             refused = await start_watch(nursery, client, pb.WatchVariablesRequest(session_id="lab"))
             await refused.wait_ended()
             assert "max_watch_streams=2" in str(refused.error)
         await trio.testing.wait_all_tasks_blocked()
         assert server.service.open_watches == 1
+
+
+async def test_pages_from_one_address_count_as_one_connection(nursery: trio.Nursery) -> None:
+    # Each page is a connection of its own: per connection, one browser could take every stream.
+    server, web = await web_server(nursery, max_watch_streams_per_connection=2)
+    with connect(server) as client:
+        await make_session(client, t=("float", 1.0))
+        async with web.feed("lab") as first, web.feed("lab") as second:
+            await first.updates_until_synced()
+            await second.updates_until_synced()
+            async with web.feed("lab") as third:
+                end = await third.until(lambda e: e.event == "end")
+            assert end.data["status"] == "RESOURCE_EXHAUSTED"
+            assert "max_watch_streams_per_connection=2" in end.data["message"]
+            watcher = await start_watch(nursery, client, pb.WatchVariablesRequest(session_id="lab"))
+            await watcher.wait_synced()  # gRPC's connections are counted apart
+
+
+async def write_big(client: Client, version: int) -> None:
+    """A 200 KB value: a few fill every buffer between a feed and a page that does not read."""
+    await client(
+        client.stub.set_variable(
+            pb.SetVariableRequest(
+                session_id="lab",
+                variable_identifier="big",
+                value=enc.pack_value(VariableType.STRING, "y" * 200_000 + str(version)),
+            )
+        )
+    )
+
+
+async def test_a_page_that_never_reads_again_is_cut_and_its_watch_freed(nursery: trio.Nursery) -> None:
+    # The feed's send to it could not be cancelled (the HTTP server shields socket writes): it held
+    # its watch, its place among the streams, and the server's shutdown, for as long as the page lived.
+    server, web = await web_server(nursery, watch_queue_size=8)
+    with connect(server) as client:
+        await make_session(client, big=("string", "x"))
+        async with web.feed("lab", receive_buffer=4096) as feed:
+            await feed.updates_until_synced()
+            observers = server.store.cache.observers
+            version = 1
+            while observers.observer_count:  # the feed is cut, and its watch gone, once it falls behind
+                version += 1
+                await write_big(client, version)
+                await trio.testing.wait_all_tasks_blocked()
+                assert version < 200, "the feed never fell behind"
+            await eventually(lambda: server.service.open_watches == 0)  # and never read a byte more
+            assert len(server.service._watches) == 0
 
 
 async def test_a_page_that_stops_reading_meets_the_slow_consumer_policy(nursery: trio.Nursery) -> None:
@@ -328,27 +398,56 @@ async def test_a_page_that_stops_reading_meets_the_slow_consumer_policy(nursery:
             await feed.updates_until_synced()
             observers = server.store.cache.observers
             assert observers.observer_count == 1
-            big = "y" * 200_000  # a few of these fill every buffer between the feed and the page
             version = 1
             while observers.observer_count:  # the feed is cut, and its watch gone, once it falls behind
                 version += 1
-                await client(
-                    client.stub.set_variable(
-                        pb.SetVariableRequest(
-                            session_id="lab",
-                            variable_identifier="big",
-                            value=enc.pack_value(VariableType.STRING, big + str(version)),
-                        )
-                    )
-                )
+                await write_big(client, version)
                 await trio.testing.wait_all_tasks_blocked()
                 assert version < 200, "the feed never fell behind"
-            # The page reads again: what it has ends whole events (or the end), then the stream stops.
-            while (event := await feed.next()) is not None:
-                if event.event == "end":
-                    assert event.data["status"] == "RESOURCE_EXHAUSTED"
-                    assert event.data["resumable"] is True
-        assert server.service.open_watches == 0
+            # The page reads again: what it has ends whole events, then the connection is closed (the
+            # browser reconnects, and resumes from the last whole event's id).
+            with contextlib.suppress(trio.BrokenResourceError, h11.RemoteProtocolError):
+                while (event := await feed.next()) is not None:
+                    assert event.event == "update"
+            held = next(e.id for e in reversed(feed.events) if e.id is not None)
+        async with web.feed("lab", last_event_id=held) as resumed:
+            replayed = await resumed.updates_until_synced()
+        versions = [e.data["variable"]["version"] for e in replayed]
+        assert versions == sorted(versions) and versions[-1] == version  # the rest, in order
+        await eventually(lambda: server.service.open_watches == 0)
+
+
+async def test_shutdown_ends_within_its_grace_while_a_page_does_not_read(nursery: trio.Nursery) -> None:
+    # The feed's send to a page that stopped reading could not be cancelled: the server never
+    # stopped (SIGTERM, SIGINT ignored) until the page went away.
+    gave_up = False
+    async with contextlib.AsyncExitStack() as page, trio.open_nursery() as guard:
+        async with trio.open_nursery() as own:
+            server, web = await web_server(own, shutdown_grace=0.5, watch_queue_bytes=2**30)
+            with connect(server) as client:
+                await make_session(client, big=("string", "x"))
+                # Held open until the server has stopped (the exit stack is outside its nursery).
+                feed = await page.enter_async_context(web.feed("lab", receive_buffer=4096))
+                await feed.updates_until_synced()
+                version = 1
+                # Until the feed's send is stuck on the page (every buffer between them full), short
+                # of an overflow.
+                while not any(w._sending is not None for w in server.service._watches):
+                    version += 1
+                    await write_big(client, version)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert version < 500, "the feed's send never waited"
+
+            async def give_up_on_a_hang() -> None:  # (a safety bound: the page lets go, the test fails)
+                nonlocal gave_up
+                await trio.sleep(60)
+                gave_up = True
+                await feed.stream.aclose()
+
+            guard.start_soon(give_up_on_a_hang)
+            own.cancel_scope.cancel()
+        guard.cancel_scope.cancel()
+    assert not gave_up, "the server did not stop while a page held its connection open"
 
 
 async def test_shutdown_ends_feeds_saying_so(nursery: trio.Nursery) -> None:
@@ -400,6 +499,13 @@ async def test_a_compare_and_set_write_from_the_page(nursery: trio.Nursery) -> N
         )
         missing = await web.post("/api/sessions/lab/variables/nope", {"value": "1", "expected_version": 1})
         assert missing.status == 404
+        nested = await web.request(
+            "POST",
+            "/api/sessions/lab/variables/t",
+            body=b"[" * 50_000 + b"]" * 50_000,
+            headers=[("Content-Type", "application/json")],
+        )
+        assert nested.status == 400 and "nested too deeply" in nested.json()["message"]
         no_version = await web.post("/api/sessions/lab/variables/t", {"value": "1"})
         assert no_version.status == 400 and "expected_version" in no_version.json()["message"]
         form = await web.request(
@@ -419,6 +525,21 @@ async def test_a_compare_and_set_write_from_the_page(nursery: trio.Nursery) -> N
             client.stub.get_variable(pb.GetVariableRequest(session_id="lab", variable_identifier="t"))
         )
         assert reply.variable.version == 2  # none of the refused ones changed anything
+
+
+async def test_a_write_is_checked_as_the_store_checks_it(nursery: trio.Nursery) -> None:
+    server, web = await web_server(nursery, web_writable=True)
+    with connect(server) as client:
+        await make_session(client, n=("integer", 1))
+        huge = await web.post("/api/sessions/lab/variables/n", {"value": str(2**63), "expected_version": 1})
+        assert huge.status == 400  # packed, it wrapped around to -9223372036854775808
+        assert huge.json()["message"] == (
+            "variable 'n' (integer): value 9223372036854775808 does not fit in a signed 64-bit integer"
+        )
+        await server.service.drain()
+        late = await web.post("/api/sessions/lab/variables/n", {"value": "2", "expected_version": 1})
+        assert late.status == 503
+        assert late.json() == {"status": "UNAVAILABLE", "message": "the server is shutting down"}
 
 
 async def test_a_write_takes_the_server_s_limits(nursery: trio.Nursery) -> None:
@@ -475,7 +596,9 @@ async def test_with_tokens_no_token_no_data_and_only_sessions_in_scope(
     assert login.status == 200
     cookie = login.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
-    alice = WebClient(web.port, [("Cookie", cookie.split(";")[0])])
+    assert "alice-token" not in cookie  # it stands for the token; it is not the token
+    sign_in = cookie.split(";")[0]
+    alice = WebClient(web.port, [("Cookie", sign_in)])
     assert [s["id"] for s in (await alice.get("/api/sessions")).json()["sessions"]] == ["alice-lab"]
     assert (await alice.get("/api/me")).json()["signed_in_as"] == "alice"
     others = await alice.get("/api/sessions/bob-lab")
@@ -484,6 +607,19 @@ async def test_with_tokens_no_token_no_data_and_only_sessions_in_scope(
     async with alice.feed("bob-lab") as feed:
         end = await feed.until(lambda e: e.event == "end")
         assert end.data["status"] == "NOT_FOUND"
+    # A forged sign-in, or a second one planted beside it (by a page on another port), is refused.
+    name, _, value = sign_in.partition("=")
+    forged = WebClient(web.port, [("Cookie", f"{name}={value[:-4]}beef")])
+    assert (await forged.get("/api/sessions")).json() == {
+        "status": "UNAUTHENTICATED",
+        "message": "the sign-in is not valid: sign in again",
+    }
+    bob_login = await web.post("/api/login", {"token": "bob-token-0123456789abc"})
+    bob_sign_in = bob_login.headers["set-cookie"].split(";")[0]
+    both = WebClient(web.port, [("Cookie", f"{bob_sign_in}; {sign_in}")])
+    refused = await both.get("/api/sessions")
+    assert refused.status == 401
+    assert refused.json()["message"] == "the request carries two different sign-ins: sign out, then in again"
     # A bearer header works as well as the cookie; "all" sees every session.
     root = WebClient(web.port, [("Authorization", "Bearer root-token-0123456789")])
     assert sorted(s["id"] for s in (await root.get("/api/sessions")).json()["sessions"]) == [
@@ -502,7 +638,7 @@ def test_value_views_are_bounded_whatever_the_value() -> None:
     view = value_view(VariableType.EMBEDDING, embedding)
     assert view["plot"]["kind"] == "bars" and len(view["plot"]["bars"]) == MAX_BARS
     assert view["plot"]["length"] == 10_000
-    assert len(view["text"]) <= TEXT_CHARS and view["text"].endswith("…")
+    assert len(view["text"]) <= TEXT_CHARS and view["text"].endswith(", … (10000 values)]")
     import struct
 
     grid = Tensor((200, 300), "float32", struct.pack("<60000f", *range(60_000)))

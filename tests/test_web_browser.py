@@ -309,3 +309,14 @@ def test_the_readme_screenshot_is_made_from_the_real_page_by_its_command(tmp_pat
     readme = (ROOT / "README.md").read_text()
     assert "![A session in the web view](docs/web-view.png)" in readme
     assert (ROOT / "docs" / "web-view.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_signing_in_never_leads_to_another_site(page: Any, token_server: WebServer) -> None:
+    for trick in ("/%5Cevil.example/", "//evil.example/", "/%09/evil.example/", "https://evil.example/"):
+        page.delete_all_cookies()
+        page.get(f"{token_server.web_url}/login?next={trick}")
+        wait(page, lambda d: css(d, "#token"))
+        page.find_element("css selector", "#token").send_keys("alice-token-0123456789")
+        page.find_element("css selector", "form.login button").click()
+        wait(page, lambda d: css(d, "#sessions"))  # the sessions page, here
+        assert page.current_url.startswith(token_server.web_url + "/"), (trick, page.current_url)

@@ -113,7 +113,7 @@ class WebClient:
     """Requests to the web view on ``port``; ``headers`` go with each (a token, a Host)."""
 
     def __init__(
-        self, port: int, headers: Sequence[tuple[str, str]] = (), *, tls: ssl.SSLContext | None = None
+        self, port: int, headers: Sequence[tuple[str, str | bytes]] = (), *, tls: ssl.SSLContext | None = None
     ) -> None:
         self.port = port
         self.headers = list(headers)
@@ -128,9 +128,9 @@ class WebClient:
         return stream
 
     def _request(
-        self, method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes
+        self, method: str, path: str, headers: Sequence[tuple[str, str | bytes]], body: bytes
     ) -> h11.Request:
-        names = {name.lower() for name, _ in (*self.headers, *headers)}
+        names = {name.lower() for name, _ in (*self.headers, *headers)}  # (bytes values go as they are)
         base = [] if "host" in names else [("Host", f"{LOOPBACK}:{self.port}")]
         return h11.Request(
             method=method,
@@ -145,7 +145,7 @@ class WebClient:
         *,
         json_body: object = None,
         body: bytes = b"",
-        headers: Sequence[tuple[str, str]] = (),
+        headers: Sequence[tuple[str, str | bytes]] = (),
     ) -> Response:
         if json_body is not None:
             body = json.dumps(json_body).encode()
@@ -170,11 +170,16 @@ class WebClient:
 
     @contextlib.asynccontextmanager
     async def feed(
-        self, session_id: str, *, last_event_id: str | None = None, query: str = "", receive_buffer: int = 0
+        self,
+        session_id: str,
+        *,
+        last_event_id: str | bytes | None = None,
+        query: str = "",
+        receive_buffer: int = 0,
     ) -> AsyncIterator[Feed]:
         """The live feed of ``session_id``, open for the block (closed, as a browser leaving, after).
         ``receive_buffer``: a small socket receive buffer, for a page that stops reading."""
-        headers = [("Accept", "text/event-stream")]
+        headers: list[tuple[str, str | bytes]] = [("Accept", "text/event-stream")]
         if last_event_id is not None:
             headers.append(("Last-Event-ID", last_event_id))
         stream = await trio.open_tcp_stream(LOOPBACK, self.port)

@@ -13,6 +13,7 @@ looking one up takes the same time whatever it shares with a real one.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -81,6 +82,53 @@ class Tokens:
         if principal is None:
             raise Unauthenticated("the token is not valid")
         return principal
+
+
+class SignIns:
+    """Sign-ins for the web view: a cookie that stands for a token without holding it.
+
+    A sign-in is ``ID.ISSUED.MAC``: ``ID`` names the token (the first half of its SHA-256 digest, from
+    which the token cannot be had), ``ISSUED`` when it was signed in (seconds since the epoch), and
+    ``MAC`` an HMAC-SHA256 of both under a key made from every token of the file: each server with
+    the same token file accepts it, and changing the file signs everyone out. It lasts ``lifetime``
+    seconds. A cookie other pages on the same host may see (cookies are not kept apart by port) gives
+    them no token for the gRPC API.
+    """
+
+    def __init__(self, tokens: Tokens, *, lifetime: float = 7 * 86_400) -> None:
+        self._tokens = tokens
+        self.lifetime = lifetime
+        self._by_id = {digest[:16].hex(): principal for digest, principal in tokens._by_digest.items()}
+        self._key = hashlib.sha256(
+            b"trio-bridge web sign-in\0" + b"".join(sorted(tokens._by_digest))
+        ).digest()
+
+    def sign_in(self, token: str, *, now: float) -> tuple[Principal, str]:
+        """The principal of ``token`` and a sign-in for it; Unauthenticated for a token not in the file."""
+        principal = self._tokens.principal_for(f"Bearer {token}" if token else None)
+        signed = f"{_digest(token.strip())[:16].hex()}.{int(now)}"
+        return principal, f"{signed}.{self._mac(signed)}"
+
+    def principal_of(self, sign_in: str, *, now: float) -> Principal:
+        """The principal a sign-in stands for; Unauthenticated if it is forged, of a token no longer in
+        the file, or older than its lifetime."""
+        identifier, _, rest = sign_in.partition(".")
+        issued, _, mac = rest.partition(".")
+        if (
+            not issued.isascii()
+            or not issued.isdigit()
+            or not hmac.compare_digest(mac, self._mac(f"{identifier}.{issued}"))
+        ):
+            raise Unauthenticated("the sign-in is not valid: sign in again")
+        principal = self._by_id.get(identifier)
+        if principal is None:
+            raise Unauthenticated("the sign-in's token is no longer accepted: sign in again")
+        if now - int(issued) > self.lifetime:
+            raise Unauthenticated("the sign-in has expired: sign in again")
+        return principal
+
+    def _mac(self, signed: str) -> str:
+        return hmac.new(self._key, signed.encode(), hashlib.sha256).hexdigest()
 
 
 def _digest(token: str) -> bytes:

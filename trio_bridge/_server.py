@@ -19,7 +19,7 @@ from grpclib.health.service import Health
 
 from ._bridge import after_asyncio_queue, open_asyncio_loop, serve_grpc
 from ._config import ServerConfig
-from ._connections import ConnectionLimits
+from ._connections import ConnectionLimits, connections_for, raise_fd_limit
 from ._errors import CannotServe
 from ._metrics import Metrics
 from ._reflection import with_reflection
@@ -89,11 +89,18 @@ async def serve(
         web_stop.set()  # the web view's listener closes; its feeds end with the drain below
         await service.drain()
 
+    web_socket = None
+    if config.web_port is not None:  # bound first: nothing else is open yet if it cannot be
+        from ._web import bind_web  # brings in hypercorn: only when the view is on
+
+        web_socket = bind_web(config.host, config.web_port)
     metrics_port = None
     if config.metrics_port is not None:
         try:
             metrics_port = metrics.start_http(config.host, config.metrics_port)
         except OSError as exc:
+            if web_socket is not None:
+                web_socket.close()
             reason = exc.strerror or str(exc)
             raise CannotServe(
                 f"cannot serve metrics on {config.host}:{config.metrics_port}: {reason}"
@@ -106,11 +113,6 @@ async def serve(
         service,
         *(CountedStreams(other, service) for other in service_and_others[1:]),
     ]
-    web_socket = None
-    if config.web_port is not None:
-        from ._web import bind_web  # brings in hypercorn: only when the view is on
-
-        web_socket = bind_web(config.host, config.web_port)
     try:
         async with open_asyncio_loop(), trio.open_nursery() as store_nursery:
             # The store outlives the gRPC side: calls still running while the server shuts down may
@@ -183,10 +185,12 @@ async def _web_view(
     it: see ``_web.server``), and however the block ends, within the shutdown grace of its end."""
     scope = trio.CancelScope(shield=True)  # cancelled only by its deadline: it stops when told
 
-    async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        from ._web import WebSettings, WebView, serve_web  # brings in hypercorn: only when it is on
+    async def run(*, task_status: trio.TaskStatus[None]) -> None:
+        from ._web import WebConnections, WebSettings, WebView, serve_web  # hypercorn: only when on
 
         assert sock is not None
+        # At most as many connections open at once as the gRPC side may hold (counted apart).
+        connections = WebConnections(config.limits.max_connections or connections_for(raise_fd_limit()))
         view = WebView(
             service,
             WebSettings(
@@ -195,13 +199,20 @@ async def _web_view(
                 history_points=config.limits.web_history_points,
                 tls=config.tls_cert is not None,
             ),
+            connections,
         )
         tls = None
         if config.tls_cert is not None and config.tls_key is not None:
             tls = (config.tls_cert, config.tls_key, config.tls_client_ca)
         with scope:
             await serve_web(
-                view, sock, stop=stop.wait, grace=config.shutdown_grace, tls=tls, task_status=task_status
+                view,
+                sock,
+                connections=connections,
+                stop=stop.wait,
+                grace=config.shutdown_grace,
+                tls=tls,
+                task_status=task_status,
             )
 
     async with trio.open_nursery() as nursery:

@@ -446,6 +446,22 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         """Whether the server has begun to shut down (it refuses new calls and streams)."""
         return self._draining
 
+    @contextlib.contextmanager
+    def call_in_flight(self) -> Iterator[None]:
+        """Count a call of another front end (the web view's writes) for the block, as the gRPC calls
+        are counted: a drain waits for it, and none starts once the drain has begun (Unavailable)."""
+        if self._draining:
+            raise Unavailable(SHUTTING_DOWN)
+        self._in_flight += 1
+        if self._in_flight == 1:
+            self._idle = trio.Event()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
     def admit_watch(self, stream: Stream[Any, Any]) -> contextlib.AbstractContextManager[None]:
         """Count a watch stream (any stream a client holds open: WatchVariables, health Watch) for the
         block, in all and on its connection; ResourceExhausted naming the limit if there is no room."""

@@ -112,6 +112,8 @@ def _json(text: str, what: str) -> Any:
         return json.loads(text)
     except ValueError as exc:  # json.JSONDecodeError, and int()'s limit on digits
         raise _Refused(f"is not {what}: bad JSON: {exc}") from None
+    except RecursionError:
+        raise _Refused(f"is not {what}: its JSON is nested too deeply") from None
 
 
 def _parse_embedding(text: str) -> tuple[float, ...]:
@@ -208,6 +210,12 @@ def _packs_to(candidate: float, code: str, bits: bytes) -> bool:
 
 #: The narrow float dtypes: their struct code and the significant digits that always round-trip.
 _NARROW_FLOATS = {"float32": ("f", 9), "float16": ("e", 5)}
+
+
+def tensor_elements(tensor: Tensor) -> tuple[Any, ...]:
+    """A tensor's elements, flat, as Python numbers (bools for ``bool``), as stored: no rounding to
+    the shortest form (``plain_value`` does that, at a cost per element)."""
+    return struct.unpack(f"<{math.prod(tensor.shape)}{_STRUCT_CODES[tensor.dtype]}", tensor.data)
 
 
 def plain_value(vtype: VariableType, value: Any) -> Any:

@@ -178,6 +178,13 @@ def native_value(vtype: VariableType, value: Any) -> Any:
         return float(value)
     if vtype is VariableType.EMBEDDING and not isinstance(value, tuple):
         return tuple(_plain_number(item) for item in value)
+    if (
+        vtype is VariableType.INTEGER
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+        and not INT64_MIN <= value <= INT64_MAX
+    ):  # packed, it would wrap around
+        raise InvalidArgument(f"integer: value {value} does not fit in a signed 64-bit integer")
     return value
 
 

@@ -214,12 +214,17 @@ class BatchProgress:
     #: While the send waits, the cancel scope around that wait (made only by a send that must wait:
     #: one whose client's window is open makes none, which was 13% of a fan-out's CPU).
     waiting: trio.CancelScope | None = None
+    #: What else stops the send where it waits, when cancelling ``waiting`` cannot (the web view's: its
+    #: server shields socket writes, so the browser's connection is closed instead).
+    on_cut: Callable[[], object] | None = None
 
     def cut(self) -> None:
         """Stop the send where it waits (and at once if it waits later)."""
         self.cut_requested = True
         if self.waiting is not None:
             self.waiting.cancel()
+            if self.on_cut is not None:
+                self.on_cut()
 
 
 #: Sends a batch of updates to the client, in order; when cancelled, or cut short by the progress's
@@ -411,7 +416,8 @@ class WatchStream:
         # revision this server has not reached (another deployment's, or state that was lost) says
         # nothing of what the client holds: each one comes as a resync.
         missed_since: dict[str, list[VariableEvent] | None] = {}
-        gone_since: list[str] | None = []
+        # Which held variables are gone can be told only from a revision this server has reached.
+        gone_since: list[str] | None = [] if held_at <= read_at else None
         if held_at and held_at <= read_at:
             for snapshot in snapshots:
                 if snapshot.id not in plan.resume:

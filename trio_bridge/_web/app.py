@@ -28,6 +28,7 @@ Cancellation: a request's handler is cancelled when its browser goes away (the f
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -46,13 +47,15 @@ from grpclib.const import Status
 from .. import _encoding as enc
 from .._errors import BridgeError, InvalidArgument, NotFound, Unauthenticated
 from .._limits import DEFAULT_LIMITS
-from .._security import Principal
+from .._security import Principal, SignIns
 from .._service import UnifiedBridgeService, call_directly
 from .._status import status_of
 from .._textvalues import parse_value
+from .._types import check_value
 from ..proto import unified_bridge as pb
 from ..storage import SessionInfo
-from .feed import end_view, run_feed, sse_event, to_json
+from .connections import WebConnections
+from .feed import end_view, resume_point, run_feed, sse_event, to_json
 from .views import problem_view, session_view, variable_view
 
 log = logging.getLogger("trio_bridge.web")
@@ -61,7 +64,8 @@ Scope = Mapping[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-TOKEN_COOKIE = "trio_bridge_token"
+#: The sign-in cookie (with TLS, ``__Host-`` before it: only this origin may set it).
+SIGN_IN_COOKIE = "trio_bridge_sign_in"
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
@@ -121,9 +125,17 @@ class Refused(Exception):
 class WebView:
     """The ASGI application (one per server), over the gRPC service's store, limits and tokens."""
 
-    def __init__(self, service: UnifiedBridgeService, settings: WebSettings = WebSettings()) -> None:
+    def __init__(
+        self,
+        service: UnifiedBridgeService,
+        settings: WebSettings = WebSettings(),
+        connections: WebConnections | None = None,
+    ) -> None:
         self._service = service
         self._settings = settings
+        self._connections = connections if connections is not None else WebConnections(limit=2**31)
+        self._sign_ins = SignIns(service.tokens) if service.tokens is not None else None
+        self._cookie_name = ("__Host-" if settings.tls else "") + SIGN_IN_COOKIE
         self._files = {
             name: (resources.files(__package__) / "static" / name).read_bytes()
             for name in ("index.html", *_STATIC_TYPES)
@@ -217,12 +229,15 @@ class WebView:
         if tokens is None:
             return None
         authorization = _header(scope, b"authorization")
-        if authorization is None:
-            token = _cookies(scope).get(TOKEN_COOKIE)
-            if not token:
-                raise Unauthenticated("this server requires a token: sign in with one")
-            authorization = f"Bearer {token}"
-        return tokens.principal_for(authorization)
+        if authorization is not None:
+            return tokens.principal_for(authorization)
+        sign_ins = _cookies(scope).get(self._cookie_name, [])
+        if not sign_ins:
+            raise Unauthenticated("this server requires a token: sign in with one")
+        if len(set(sign_ins)) > 1:  # one planted beside the page's own (another port, another path)
+            raise Unauthenticated("the request carries two different sign-ins: sign out, then in again")
+        assert self._sign_ins is not None
+        return self._sign_ins.principal_of(sign_ins[0], now=time.time())
 
     def _me(self, scope: Scope) -> dict[str, Any]:
         required = self._service.tokens is not None
@@ -242,21 +257,25 @@ class WebView:
 
     async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._check_same_origin(scope)
-        tokens = self._service.tokens
-        if tokens is None:
+        if self._sign_ins is None:
             await _send_json(send, HTTPStatus.OK, {"signed_in_as": None})
             return
         body = await _json_body(scope, receive, self._service.limits.max_message_bytes)
-        token = str(body.get("token", "")).strip()
-        principal = tokens.principal_for(f"Bearer {token}" if token else None)
-        await _send_json(send, HTTPStatus.OK, {"signed_in_as": principal.name}, cookie=self._cookie(token))
+        token = body.get("token")
+        principal, sign_in = self._sign_ins.sign_in(token if isinstance(token, str) else "", now=time.time())
+        cookie = self._cookie(sign_in, max_age=int(self._sign_ins.lifetime))
+        await _send_json(send, HTTPStatus.OK, {"signed_in_as": principal.name}, cookie=cookie)
 
-    def _cookie(self, token: str, *, max_age: int | None = None) -> bytes:
-        parts = [f"{TOKEN_COOKIE}={token}", "Path=/", "HttpOnly", "SameSite=Strict"]
+    def _cookie(self, value: str, *, max_age: int) -> bytes:
+        parts = [
+            f"{self._cookie_name}={value}",
+            "Path=/",
+            "HttpOnly",
+            "SameSite=Strict",
+            f"Max-Age={max_age}",
+        ]
         if self._settings.tls:
             parts.append("Secure")
-        if max_age is not None:
-            parts.append(f"Max-Age={max_age}")
         return "; ".join(parts).encode()
 
     async def _visible(self, principal: Principal | None, session_id: str) -> None:
@@ -291,16 +310,7 @@ class WebView:
 
     async def _feed(self, scope: Scope, receive: Receive, send: Send, session_id: str) -> None:
         principal = self._principal(scope)
-        resume_revision = 0
-        last_event = _header(scope, b"last-event-id")
-        if last_event:
-            if not last_event.isdigit():
-                raise InvalidArgument(
-                    f"Last-Event-ID must be a revision (a whole number), got {last_event!r}"
-                )
-            resume_revision = int(last_event)
-        query = _query(scope)
-        slow_consumer = query.get("slow_consumer", "close")
+        resume_revision = resume_point(_header(scope, b"last-event-id"), self._service.store.state_id)
         await send(
             {
                 "type": "http.response.start",
@@ -316,6 +326,8 @@ class WebView:
         async def send_bytes(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
+        client = scope.get("client") or ("", 0)
+        address = (str(client[0]), int(client[1]))
         async with trio.open_nursery() as nursery:
             # The browser going away ends the feed (and its watch) at once.
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
@@ -328,11 +340,13 @@ class WebView:
                 ending = await run_feed(
                     self._service,
                     session_id,
-                    peer=tuple(scope.get("client") or ()),
+                    # Each page is a connection of its own (HTTP/1.1): the limit per connection is
+                    # one per browser's address here.
+                    peer=("web", address[0]),
                     send=send_bytes,
+                    hang_up=functools.partial(self._connections.hang_up, address),
                     resume_revision=resume_revision,
                     history_points=self._settings.history_points,
-                    slow_consumer=slow_consumer,
                 )
             if not ending.stream_cut:
                 await send_bytes(sse_event("end", end_view(ending)))
@@ -362,15 +376,18 @@ class WebView:
             value = parse_value(snapshot.type, text, snapshot.name)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
+        # Checked as the store checks it (packed, an integer out of range would wrap around).
+        value = check_value(snapshot.name, snapshot.type, snapshot.constraints, value)
         write = pb.VariableWrite(
             variable_identifier=snapshot.id,
             value=enc.pack_value(snapshot.type, value),
             expected_version=expected,
         )
         source = "web" if principal is None else f"web:{principal.name}"
-        (written,) = await self._service.apply_writes(
-            session_id, [write], source=source, metadata={}, call=call_directly
-        )
+        with self._service.call_in_flight():
+            (written,) = await self._service.apply_writes(
+                session_id, [write], source=source, metadata={}, call=call_directly
+            )
         return {"variable": variable_view(written)}
 
 
@@ -408,22 +425,14 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _cookies(scope: Scope) -> dict[str, str]:
-    found: dict[str, str] = {}
+def _cookies(scope: Scope) -> dict[str, list[str]]:
+    """Every value of each cookie the request carries (a name may come more than once)."""
+    found: dict[str, list[str]] = {}
     for key, value in scope["headers"]:
         if key == b"cookie":
             for part in value.decode("latin-1").split(";"):
                 name, _, text = part.strip().partition("=")
-                found.setdefault(name, text)
-    return found
-
-
-def _query(scope: Scope) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for part in scope.get("query_string", b"").decode("latin-1").split("&"):
-        name, _, text = part.partition("=")
-        if name:
-            found[unquote(name)] = unquote(text)
+                found.setdefault(name, []).append(text)
     return found
 
 
@@ -454,8 +463,8 @@ async def _json_body(scope: Scope, receive: Receive, limit: int) -> dict[str, An
             break
     try:
         parsed = json.loads(b"".join(chunks) or b"{}")
-    except ValueError:
-        raise InvalidArgument("the request is not valid JSON") from None
+    except (ValueError, RecursionError):
+        raise InvalidArgument("the request is not valid JSON (or is nested too deeply)") from None
     if not isinstance(parsed, dict):
         raise InvalidArgument("the request must be a JSON object")
     return parsed

@@ -1,13 +1,26 @@
-"""Serving the web view: hypercorn's Trio worker, on a socket bound here, in the server's process.
+"""Serving the web view: hypercorn's HTTP protocols (HTTP/1.1, and HTTP/2 over TLS) on a socket bound
+here, on the server's Trio loop, with a connection loop of our own.
 
-The view runs beside the gRPC side on the same Trio loop and store. It stops in steps, as the gRPC
-side does: when the server drains, its live feeds end (they are among the service's watches) with an
-``end`` event saying so, the listener closes, and open connections get the shutdown grace to finish
-before they are cancelled.
+Why our own loop rather than ``hypercorn.trio.serve``: hypercorn shields every socket write from
+cancellation, so a browser that stops reading would hold its page's send, its watch and the server's
+shutdown forever. Here each connection is known by the browser's address (:class:`WebConnections`):
+a page that falls behind has its connection closed (``hang_up``), which ends the send it is stuck in,
+and once the shutdown grace has run out every connection still open is closed the same way. The loop
+also bounds the connections open at once (``--max-connections``, counted apart from gRPC's).
+
+Shutdown, in steps, as the gRPC side's: when ``stop`` returns, the listener closes, idle keep-alive
+connections close, the feeds end (the drain shuts their watches down and they send their ``end``),
+connections get ``grace`` seconds to finish, then the rest are closed.
+
+The hypercorn names used here (``TCPServer``, ``WorkerContext``, ``Config``, ``wrap_app``) are those of
+hypercorn 0.18, which pyproject.toml pins.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import logging
 import socket
 import ssl
@@ -16,12 +29,14 @@ from pathlib import Path
 from typing import Any, cast
 
 import trio
-from hypercorn.config import Config, Sockets
-from hypercorn.trio.run import worker_serve
+from hypercorn.config import Config
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
 from .._errors import CannotServe
 from .app import WebView
+from .connections import Address, WebConnections
 
 log = logging.getLogger("trio_bridge.web")
 
@@ -48,34 +63,83 @@ async def serve_web(
     view: WebView,
     sock: socket.socket,
     *,
+    connections: WebConnections,
     stop: Callable[[], Awaitable[None]],
     grace: float,
     tls: tuple[Path, Path, Path | None] | None = None,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``view`` on ``sock`` until ``stop`` returns; then close the listener and give open
-    connections ``grace`` seconds before cancelling them. ``tls``: certificate, key and the CA of
-    client certificates (mutual TLS), as the gRPC side has them."""
+    """Serve ``view`` on ``sock`` until ``stop`` returns, then stop in steps (module doc). ``tls``: the
+    certificate, key and the CA of client certificates (mutual TLS), as the gRPC side has them."""
     config = Config()
     config.accesslog = None
     config.errorlog = logging.getLogger("trio_bridge.web.hypercorn")
-    config.graceful_timeout = grace
     config.include_server_header = False
     config.keep_alive_timeout = 75
+    tls_context = None
     if tls is not None:
         cert, key, client_ca = tls
         config.certfile, config.keyfile = str(cert), str(key)
         if client_ca is not None:
             config.ca_certs = str(client_ca)
             config.verify_mode = ssl.CERT_REQUIRED
-        sockets = Sockets(secure_sockets=[sock], insecure_sockets=[], quic_sockets=[])
-    else:
-        sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
-    await worker_serve(
-        # (hypercorn types ASGI's messages as TypedDicts; the view takes them as plain dicts)
-        wrap_app(cast(Any, view), config.wsgi_max_body_size, "asgi"),
-        config,
-        sockets=sockets,
-        shutdown_trigger=stop,
-        task_status=task_status,
-    )
+        tls_context = config.create_ssl_context()  # ALPN h2 and http/1.1
+    # (hypercorn types ASGI's messages as TypedDicts; the view takes them as plain dicts)
+    app = wrap_app(cast(Any, view), config.wsgi_max_body_size, "asgi")
+    context = WorkerContext(None)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+    async def handle(stream: trio.SocketStream) -> None:
+        address = _address(stream.socket)
+        if len(connections) >= connections.limit:
+            await _refuse(stream, connections.limit, plain=tls_context is None)
+            return
+        connections._add(address, stream.socket)
+        try:
+            served: Any = stream
+            if tls_context is not None:
+                served = trio.SSLStream(stream, tls_context, server_side=True, https_compatible=True)
+            await TCPServer(app, config, context, {}, served).run()
+        finally:
+            connections._remove(address)
+
+    async with trio.open_nursery() as open_connections:
+        async with trio.open_nursery() as accepting:
+            accepting.start_soon(
+                functools.partial(trio.serve_listeners, handle, [listener], handler_nursery=open_connections)
+            )
+            task_status.started()
+            await stop()
+            accepting.cancel_scope.cancel()
+        await context.terminated.set()  # idle keep-alive connections close
+        with trio.move_on_after(grace):
+            await connections.none_open()
+        connections.hang_up_all()
+        open_connections.cancel_scope.cancel()
+
+
+def _address(sock: trio.socket.SocketType) -> Address:
+    peer = sock.getpeername()
+    return (str(peer[0]), int(peer[1]))
+
+
+async def _refuse(stream: trio.SocketStream, limit: int, *, plain: bool) -> None:
+    """Answer a connection over the limit with 503 and its reason (over plain HTTP/1.1: a TLS client
+    sees the connection close), then close it."""
+    body = json.dumps(
+        {
+            "status": "RESOURCE_EXHAUSTED",
+            "message": f"the web view has {limit} connections open, its limit max_connections={limit}; "
+            "retry later",
+        }
+    ).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode()
+    if not plain:
+        await trio.aclose_forcefully(stream)
+        return
+    with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, OSError):
+        await stream.send_all(head + body)
+    await trio.aclose_forcefully(stream)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import _encoding as enc
-from .._textvalues import plain_value, show_value
+from .._textvalues import show_value, tensor_elements
 from .._types import Constraints, Tensor, VariableType
 from ..proto import unified_bridge as pb
 from ..storage import SessionInfo, VariableSnapshot
@@ -84,14 +84,15 @@ def update_view(update: pb.VariableUpdate) -> dict[str, Any]:
 
 
 def value_view(vtype: VariableType, value: Any) -> dict[str, Any]:
-    """``text`` and ``plot`` (module doc) of a value."""
+    """``text`` and ``plot`` (module doc) of a value: in time linear in its size, with no per-element
+    work beyond one C-level pass (a 1 MiB tensor is shown on every open page)."""
     view: dict[str, Any] = {"text": _text(vtype, value)}
     if vtype in _NUMBERS:
         view["plot"] = {"kind": "number", "value": _finite(float(value))}
     elif vtype in _STATES:
         view["plot"] = {"kind": "state", "value": value}
     elif vtype is VariableType.EMBEDDING:
-        view["plot"] = {"kind": "bars", "length": len(value), **_bars(plain_value(vtype, value))}
+        view["plot"] = {"kind": "bars", "length": len(value), **_bars(value)}
     elif vtype is VariableType.TENSOR:
         view["plot"] = _tensor_plot(value)
     return view
@@ -106,9 +107,16 @@ def constraints_view(constraints: Constraints) -> dict[str, Any]:
     return shown
 
 
+#: Elements of an array written out in its text, at most (the rest is its picture's).
+_TEXT_ELEMENTS = 256
+
+
 def _text(vtype: VariableType, value: Any) -> str:
-    if vtype is VariableType.TENSOR and math.prod(value.shape) > MAX_CELLS * MAX_CELLS:
-        text = f"tensor {value.dtype} {list(value.shape)}"  # its elements are the heatmap's
+    if vtype is VariableType.EMBEDDING and len(value) > _TEXT_ELEMENTS:
+        shown = show_value(vtype, value[:_TEXT_ELEMENTS])
+        text = f"{shown[:-1]}, … ({len(value)} values)]"
+    elif vtype is VariableType.TENSOR and math.prod(value.shape) > _TEXT_ELEMENTS:
+        text = f"tensor {value.dtype} {list(value.shape)}"  # its elements are the picture's
     else:
         text = show_value(vtype, value)
     if len(text) > TEXT_CHARS:
@@ -120,59 +128,56 @@ def _finite(number: float) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _block_mean(values: Sequence[float]) -> float | None:
+    """The mean of ``values`` (a non-empty run), None if any is not finite."""
+    return _finite(sum(values) / len(values))
+
+
 def _bars(values: Sequence[float]) -> dict[str, Any]:
     """At most ``MAX_BARS`` bars: each the mean of an equal run of ``values``."""
     count = len(values)
     if count <= MAX_BARS:
         bars = [_finite(float(v)) for v in values]
     else:
-        bars = []
-        for i in range(MAX_BARS):
-            run = values[i * count // MAX_BARS : (i + 1) * count // MAX_BARS]
-            bars.append(_mean(run))
-    finite = [b for b in bars if b is not None]
-    return {
-        "bars": bars,
-        "min": min(finite) if finite else None,
-        "max": max(finite) if finite else None,
-    }
+        bars = [
+            _block_mean(values[i * count // MAX_BARS : (i + 1) * count // MAX_BARS]) for i in range(MAX_BARS)
+        ]
+    return {"bars": bars, **_range(bars)}
 
 
-def _mean(values: Sequence[float]) -> float | None:
-    finite = [float(v) for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else None
+def _range(values: Sequence[float | None]) -> dict[str, float | None]:
+    finite = [v for v in values if v is not None]
+    return {"min": min(finite) if finite else None, "max": max(finite) if finite else None}
 
 
 def _tensor_plot(tensor: Tensor) -> dict[str, Any]:
     plot: dict[str, Any] = {"shape": list(tensor.shape), "dtype": tensor.dtype}
     if tensor.dtype == "bool" or not tensor.data:
         return {"kind": "shape", **plot}
-    data: list[float] = [float(x) for x in plain_value(VariableType.TENSOR, tensor)["data"]]
+    data = tensor_elements(tensor)
     dims = [d for d in tensor.shape if d != 1] or [1]
     if len(dims) == 1:
         return {"kind": "bars", "length": len(data), **plot, **_bars(data)}
     if len(dims) != 2:
-        finite = [x for x in data if math.isfinite(x)]
-        summary = {"min": min(finite), "max": max(finite)} if finite else {"min": None, "max": None}
-        return {"kind": "shape", **plot, **summary}
+        return {"kind": "shape", **plot, **_range([_finite(float(x)) for x in (min(data), max(data))])}
     rows, cols = dims
     out_rows, out_cols = min(rows, MAX_CELLS), min(cols, MAX_CELLS)
+    col_bands = [(c * cols // out_cols, (c + 1) * cols // out_cols) for c in range(out_cols)]
     cells: list[list[float | None]] = []
     for r in range(out_rows):
-        row_band = range(r * rows // out_rows, (r + 1) * rows // out_rows)
-        line: list[float | None] = []
-        for c in range(out_cols):
-            start, stop = c * cols // out_cols, (c + 1) * cols // out_cols
-            line.append(_mean([x for i in row_band for x in data[i * cols + start : i * cols + stop]]))
-        cells.append(line)
-    finite = [x for line in cells for x in line if x is not None]
-    return {
-        "kind": "heatmap",
-        **plot,
-        "cells": cells,
-        "min": min(finite) if finite else None,
-        "max": max(finite) if finite else None,
-    }
+        first, last = r * rows // out_rows, (r + 1) * rows // out_rows
+        sums = [0.0] * out_cols
+        for i in range(first, last):  # one slice sum per input row and output column: C-level work
+            row = data[i * cols : (i + 1) * cols]
+            for c, (start, stop) in enumerate(col_bands):
+                sums[c] += sum(row[start:stop])
+        cells.append(
+            [
+                _finite(total / ((last - first) * (stop - start)))
+                for total, (start, stop) in zip(sums, col_bands, strict=True)
+            ]
+        )
+    return {"kind": "heatmap", **plot, "cells": cells, **_range([x for line in cells for x in line])}
 
 
 def problem_view(status: str, message: str, **extra: Any) -> dict[str, Any]:

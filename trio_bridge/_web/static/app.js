@@ -115,8 +115,9 @@ function loginPage() {
     });
     const body = await response.json();
     if (response.ok) {
-      const next = new URLSearchParams(location.search).get("next") || "/";
-      location.assign(next.startsWith("/") && !next.startsWith("//") ? next : "/");
+      // Back to the page that sent here: a path of this origin only, never another site.
+      const next = new URL(new URLSearchParams(location.search).get("next") || "/", location.origin);
+      location.assign(next.origin === location.origin ? next.pathname + next.search : "/");
     } else {
       problem.textContent = body.message;
     }
@@ -346,7 +347,6 @@ function sessionPage(sessionId, me) {
   }
 
   async function refreshInfo() {
-    if (ended) return;
     try {
       const info = await api(`/api/sessions/${encodeURIComponent(sessionId)}`);
       const s = info.session;
@@ -358,7 +358,7 @@ function sessionPage(sessionId, me) {
         el("span", { text: `TTL ${duration(s.ttl_seconds)}` }),
       );
     } catch {
-      // A session that is gone: the feed's end says so (and how).
+      // A session that is gone: the feed's end says so (and how). Signed out: api() went to sign in.
     }
   }
 
@@ -525,13 +525,13 @@ function sessionPage(sessionId, me) {
     if (ended) return;
     if (feed.readyState === EventSource.CLOSED) {
       end("The live feed was refused; reload the page to try again.");
-      api("/api/me").catch(() => {});
+      refreshInfo(); // signed out (401): off to sign in again
     } else {
       setStatus("retrying", "reconnecting…");
     }
   });
   refreshInfo();
-  setInterval(refreshInfo, SESSION_INFO_EVERY_MS);
+  const refreshing = setInterval(() => (ended ? clearInterval(refreshing) : refreshInfo()), SESSION_INFO_EVERY_MS);
 }
 
 // ---- start ------------------------------------------------------------------------------------
