@@ -4,11 +4,12 @@ trio-asyncio loop. Shutdown stops the gRPC side first (in steps, see ``_bridge``
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from ._bridge import after_asyncio_queue, open_asyncio_loop, serve_grpc
 from ._config import ServerConfig
 from ._connections import ConnectionLimits, connections_for, raise_fd_limit
 from ._errors import CannotServe
+from ._limits import Limits
 from ._metrics import Metrics
 from ._reflection import with_reflection
 from ._security import Tokens, server_tls
@@ -127,46 +129,39 @@ async def serve(
             store_nursery.start_soon(_report_availability, store, store_serving)
             try:
                 with _fan_out_after_replies(cache):
-                    async with (
-                        _web_view(config, service, web_socket, web_stop) as start_web,
-                        trio.open_nursery() as nursery,
-                    ):
-                        bound = await nursery.start(
-                            lambda task_status: serve_grpc(
-                                services,
-                                host=config.host,
-                                port=config.port,
-                                tls=tls,
-                                drain=drain,
-                                grace=config.shutdown_grace,
-                                connection_limits=ConnectionLimits(
-                                    # room for unary calls beside a full quota of watch streams
-                                    max_streams=limits.max_watch_streams_per_connection + 100,
-                                    max_stream_resets_per_second=limits.max_stream_resets_per_second,
-                                    max_control_frames_per_second=limits.max_control_frames_per_second,
-                                    max_buffer_bytes=limits.max_connection_buffer_bytes,
-                                    max_total_buffer_bytes=limits.max_request_buffer_bytes,
-                                    handshake_timeout=limits.handshake_timeout_seconds,
-                                    idle_timeout=limits.idle_connection_timeout_seconds,
-                                ),
-                                max_connections=limits.max_connections,
-                                task_status=task_status,
-                            )
-                        )
-                        metrics.open_connections.set_function(bound.open_connections)
-                        web_port = await start_web()
-                        _warn_if_exposed(bound.host, tls is not None, tokens is not None)
-                        task_status.started(
-                            RunningServer(
-                                host=bound.host,
-                                port=bound.port,
-                                metrics_port=metrics_port,
-                                store=store,
-                                service=service,
-                                metrics=metrics,
-                                web_port=web_port,
-                            )
-                        )
+                    web = _WebViewRunner(config, service, web_socket, web_stop)
+                    async with trio.open_nursery() as web_nursery:
+                        try:
+                            async with trio.open_nursery() as nursery:
+                                bound = await nursery.start(
+                                    functools.partial(
+                                        serve_grpc,
+                                        services,
+                                        host=config.host,
+                                        port=config.port,
+                                        tls=tls,
+                                        drain=drain,
+                                        grace=config.shutdown_grace,
+                                        connection_limits=_connection_limits(limits),
+                                        max_connections=limits.max_connections,
+                                    )
+                                )
+                                metrics.open_connections.set_function(bound.open_connections)
+                                web_port = await web.start(web_nursery)
+                                _warn_if_exposed(bound.host, tls is not None, tokens is not None)
+                                task_status.started(
+                                    RunningServer(
+                                        host=bound.host,
+                                        port=bound.port,
+                                        metrics_port=metrics_port,
+                                        store=store,
+                                        service=service,
+                                        metrics=metrics,
+                                        web_port=web_port,
+                                    )
+                                )
+                        finally:
+                            web.stopping()  # however the gRPC side ended (drained, or failed)
             finally:
                 store_scope.cancel()
                 store_nursery.cancel_scope.cancel()
@@ -176,23 +171,61 @@ async def serve(
             web_socket.close()
 
 
-@contextlib.asynccontextmanager
-async def _web_view(
-    config: ServerConfig, service: UnifiedBridgeService, sock: socket.socket | None, stop: trio.Event
-) -> AsyncIterator[Callable[[], Awaitable[int | None]]]:
-    """For the block, a function that starts the web view on ``sock`` (once the gRPC side listens) and
-    returns its port (None: the view is off). It stops in steps when ``stop`` is set (the drain sets
-    it: see ``_web.server``), and however the block ends, within the shutdown grace of its end."""
-    scope = trio.CancelScope(shield=True)  # cancelled only by its deadline: it stops when told
+def _connection_limits(limits: Limits) -> ConnectionLimits:
+    return ConnectionLimits(
+        # room for unary calls beside a full quota of watch streams
+        max_streams=limits.max_watch_streams_per_connection + 100,
+        max_stream_resets_per_second=limits.max_stream_resets_per_second,
+        max_control_frames_per_second=limits.max_control_frames_per_second,
+        max_buffer_bytes=limits.max_connection_buffer_bytes,
+        max_total_buffer_bytes=limits.max_request_buffer_bytes,
+        handshake_timeout=limits.handshake_timeout_seconds,
+        idle_timeout=limits.idle_connection_timeout_seconds,
+    )
 
-    async def run(*, task_status: trio.TaskStatus[None]) -> None:
+
+class _WebViewRunner:
+    """The web view on ``sock`` (None: off), run in a nursery of its caller's once the gRPC side
+    listens. It stops in steps when ``stop`` is set (the drain sets it: see ``_web.server``), and
+    however the server ends, within the shutdown grace of :meth:`stopping` (its scope is shielded
+    until then: it stops when told, not when cancelled). (A plain object, not an async context
+    manager with a nursery: with one, every ended stream's task was left in a reference cycle.)"""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        service: UnifiedBridgeService,
+        sock: socket.socket | None,
+        stop: trio.Event,
+    ) -> None:
+        self._config = config
+        self._service = service
+        self._sock = sock
+        self._stop = stop
+        self._scope = trio.CancelScope(shield=True)
+
+    async def start(self, nursery: trio.Nursery) -> int | None:
+        """Start it in ``nursery``; its port (None: the view is off)."""
+        if self._sock is None:
+            return None
+        await nursery.start(self._run)
+        port: int = self._sock.getsockname()[1]
+        return port
+
+    def stopping(self) -> None:
+        """Stop it now, in steps, within the shutdown grace."""
+        self._stop.set()
+        self._scope.deadline = trio.current_time() + self._config.shutdown_grace + 1
+
+    async def _run(self, *, task_status: trio.TaskStatus[None]) -> None:
         from ._web import WebConnections, WebSettings, WebView, serve_web  # hypercorn: only when on
 
+        config, sock = self._config, self._sock
         assert sock is not None
         # At most as many connections open at once as the gRPC side may hold (counted apart).
         connections = WebConnections(config.limits.max_connections or connections_for(raise_fd_limit()))
         view = WebView(
-            service,
+            self._service,
             WebSettings(
                 writable=config.web_writable,
                 allowed_hosts=config.web_allowed_hosts,
@@ -204,31 +237,16 @@ async def _web_view(
         tls = None
         if config.tls_cert is not None and config.tls_key is not None:
             tls = (config.tls_cert, config.tls_key, config.tls_client_ca)
-        with scope:
+        with self._scope:
             await serve_web(
                 view,
                 sock,
                 connections=connections,
-                stop=stop.wait,
+                stop=self._stop.wait,
                 grace=config.shutdown_grace,
                 tls=tls,
                 task_status=task_status,
             )
-
-    async with trio.open_nursery() as nursery:
-
-        async def start() -> int | None:
-            if sock is None:
-                return None
-            await nursery.start(run)
-            port: int = sock.getsockname()[1]
-            return port
-
-        try:
-            yield start
-        finally:
-            stop.set()
-            scope.deadline = trio.current_time() + config.shutdown_grace + 1
 
 
 @contextlib.contextmanager
