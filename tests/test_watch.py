@@ -845,6 +845,11 @@ async def test_a_resume_by_revision_replays_only_what_changed_after_it(
     # cannot tell which (synced said nothing, and a client kept variables of the other state).
     assert unknown.updates[-1].update_type == "synced"
     assert unknown.updates[-1].update_metadata == {"resync": "all"}
+    # Nor does a later resume point claim that revision: the changes up to it would never come.
+    request.options = {"heartbeat_interval_ms": "100"}
+    beating = await start_watch(nursery, client, request)
+    await beating.wait_for(lambda w: w.kinds()[-1:] == ["heartbeat"])
+    assert beating.updates[-1].revision < held + 1_000_000  # (it said held + 1,000,000)
     request.resume_revision = -1
     refused = await start_watch(nursery, client, request)
     await refused.wait_ended()

@@ -358,6 +358,32 @@ async def test_pages_from_one_address_count_as_one_connection(nursery: trio.Nurs
             await watcher.wait_synced()  # gRPC's connections are counted apart
 
 
+async def test_connections_from_one_host_are_bounded(nursery: trio.Nursery) -> None:
+    server, web = await web_server(nursery, max_watch_streams_per_connection=1)
+    assert server.web_port is not None
+    held = []
+    for _ in range(17):  # one per page (max_watch_streams_per_connection=1) and 16 more
+        stream = await trio.open_tcp_stream(LOOPBACK, server.web_port)
+        held.append(stream)
+        # Answered, so counted (and kept open: HTTP/1.1 keeps the connection alive).
+        await stream.send_all(f"GET /api/me HTTP/1.1\r\nHost: {LOOPBACK}\r\n\r\n".encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += await stream.receive_some()
+    refused = await web.get("/api/sessions")
+    assert refused.status == 503
+    assert refused.json() == {
+        "status": "RESOURCE_EXHAUSTED",
+        "message": f"{LOOPBACK} has 17 connections to the web view open, its limit (one per page, "
+        "max_watch_streams_per_connection, and 16 more) is 17; retry later",
+    }
+    for stream in held:
+        await stream.aclose()
+    with trio.fail_after(10):  # (a safety bound) once they are closed, there is room again
+        while (await web.get("/api/sessions")).status != 200:  # noqa: ASYNC110 (the server's side)
+            await trio.sleep(0.01)
+
+
 async def write_big(client: Client, version: int) -> None:
     """A 200 KB value: a few fill every buffer between a feed and a page that does not read."""
     await client(
@@ -587,7 +613,13 @@ async def test_with_tokens_no_token_no_data_and_only_sessions_in_scope(
         await web.post("/api/sessions/alice-lab/variables/t", {"value": "1", "expected_version": 1})
     ).status == 401
     me = (await web.get("/api/me")).json()
-    assert me == {"token_required": True, "signed_in_as": None, "writable": True, "history_points": 120}
+    assert me == {
+        "token_required": True,
+        "signed_in_as": None,
+        "problem": None,
+        "writable": True,
+        "history_points": 120,
+    }
     # A wrong token is refused, without saying more.
     wrong = await web.post("/api/login", {"token": "not-a-token-at-all"})
     assert wrong.status == 401 and wrong.json()["message"] == "the token is not valid"
@@ -612,20 +644,39 @@ async def test_with_tokens_no_token_no_data_and_only_sessions_in_scope(
     forged = WebClient(web.port, [("Cookie", f"{name}={value[:-4]}beef")])
     assert (await forged.get("/api/sessions")).json() == {
         "status": "UNAUTHENTICATED",
-        "message": "the sign-in is not valid: sign in again",
+        "message": "the sign-in is not valid (or the server restarted): sign in again",
     }
+    odd = WebClient(web.port, [("Cookie", f"{name}=x.1.\xe9".encode("latin-1"))])
+    assert (await odd.get("/api/sessions")).status == 401  # (it was a 500, and /api/me too)
+    assert (await odd.get("/api/me")).json()["problem"] == (
+        "the sign-in is not valid (or the server restarted): sign in again"
+    )
     bob_login = await web.post("/api/login", {"token": "bob-token-0123456789abc"})
     bob_sign_in = bob_login.headers["set-cookie"].split(";")[0]
     both = WebClient(web.port, [("Cookie", f"{bob_sign_in}; {sign_in}")])
     refused = await both.get("/api/sessions")
     assert refused.status == 401
-    assert refused.json()["message"] == "the request carries two different sign-ins: sign out, then in again"
+    assert refused.json()["message"] == (
+        "the request carries two different sign-ins (another site on this host may have set one): "
+        "clear this site's cookies in the browser, then sign in again"
+    )
+    # Signing out ends the sign-in on the server, not only in the browser.
+    assert (await bob_signed_in(web, bob_sign_in)).status == 200
+    await WebClient(web.port, [("Cookie", bob_sign_in), ("Origin", f"http://{LOOPBACK}:{web.port}")]).post(
+        "/api/logout", {}
+    )
+    signed_out = await bob_signed_in(web, bob_sign_in)
+    assert signed_out.json()["message"] == "this sign-in was signed out: sign in again"
     # A bearer header works as well as the cookie; "all" sees every session.
     root = WebClient(web.port, [("Authorization", "Bearer root-token-0123456789")])
     assert sorted(s["id"] for s in (await root.get("/api/sessions")).json()["sessions"]) == [
         "alice-lab",
         "bob-lab",
     ]
+
+
+async def bob_signed_in(web: WebClient, sign_in: str) -> Any:
+    return await WebClient(web.port, [("Cookie", sign_in)]).get("/api/sessions")
 
 
 # ---- pictures -----------------------------------------------------------------------------------

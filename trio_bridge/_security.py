@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -87,48 +88,69 @@ class Tokens:
 class SignIns:
     """Sign-ins for the web view: a cookie that stands for a token without holding it.
 
-    A sign-in is ``ID.ISSUED.MAC``: ``ID`` names the token (the first half of its SHA-256 digest, from
-    which the token cannot be had), ``ISSUED`` when it was signed in (seconds since the epoch), and
-    ``MAC`` an HMAC-SHA256 of both under a key made from every token of the file: each server with
-    the same token file accepts it, and changing the file signs everyone out. It lasts ``lifetime``
-    seconds. A cookie other pages on the same host may see (cookies are not kept apart by port) gives
-    them no token for the gRPC API.
+    A sign-in is ``ID.ISSUED.MAC``: ``ID`` names the token (an HMAC of it under a secret of this
+    server process, so a cookie seen elsewhere, cookies not being kept apart by port, tells nothing of
+    the token, nor lets one guess it offline), ``ISSUED`` when it was signed in (seconds since the
+    epoch), and ``MAC`` an HMAC of both under that secret. It lasts ``lifetime`` seconds, until it is
+    signed out (:meth:`sign_out`), or until the server restarts (a new secret).
     """
 
-    def __init__(self, tokens: Tokens, *, lifetime: float = 7 * 86_400) -> None:
+    #: Signed-out sign-ins remembered (until they expire) at most; the oldest are dropped beyond.
+    MAX_SIGNED_OUT = 100_000
+
+    def __init__(self, tokens: Tokens, *, lifetime: float = 86_400) -> None:
         self._tokens = tokens
         self.lifetime = lifetime
-        self._by_id = {digest[:16].hex(): principal for digest, principal in tokens._by_digest.items()}
-        self._key = hashlib.sha256(
-            b"trio-bridge web sign-in\0" + b"".join(sorted(tokens._by_digest))
-        ).digest()
+        self._secret = secrets.token_bytes(32)
+        self._by_id = {self._mac(digest)[:32]: principal for digest, principal in tokens._by_digest.items()}
+        self._signed_out: dict[str, float] = {}  # MAC → when the sign-in expires (oldest first)
 
     def sign_in(self, token: str, *, now: float) -> tuple[Principal, str]:
         """The principal of ``token`` and a sign-in for it; Unauthenticated for a token not in the file."""
-        principal = self._tokens.principal_for(f"Bearer {token}" if token else None)
-        signed = f"{_digest(token.strip())[:16].hex()}.{int(now)}"
+        try:
+            principal = self._tokens.principal_for(f"Bearer {token}" if token else None)
+        except UnicodeError:  # (not text a token file can hold)
+            raise Unauthenticated("the token is not valid") from None
+        signed = f"{self._mac(_digest(token.strip()))[:32]}.{int(now)}"
         return principal, f"{signed}.{self._mac(signed)}"
 
     def principal_of(self, sign_in: str, *, now: float) -> Principal:
-        """The principal a sign-in stands for; Unauthenticated if it is forged, of a token no longer in
-        the file, or older than its lifetime."""
+        """The principal a sign-in stands for; Unauthenticated if it is forged, signed out, of a token
+        no longer accepted, or older than its lifetime."""
         identifier, _, rest = sign_in.partition(".")
         issued, _, mac = rest.partition(".")
         if (
-            not issued.isascii()
+            not sign_in.isascii()
             or not issued.isdigit()
             or not hmac.compare_digest(mac, self._mac(f"{identifier}.{issued}"))
         ):
-            raise Unauthenticated("the sign-in is not valid: sign in again")
-        principal = self._by_id.get(identifier)
-        if principal is None:
-            raise Unauthenticated("the sign-in's token is no longer accepted: sign in again")
+            raise Unauthenticated("the sign-in is not valid (or the server restarted): sign in again")
         if now - int(issued) > self.lifetime:
             raise Unauthenticated("the sign-in has expired: sign in again")
+        if mac in self._signed_out:
+            raise Unauthenticated("this sign-in was signed out: sign in again")
+        principal = self._by_id.get(identifier)
+        if principal is None:  # (the MAC holds: only if the token file changed under a running server)
+            raise Unauthenticated("the sign-in's token is no longer accepted: sign in again")
         return principal
 
-    def _mac(self, signed: str) -> str:
-        return hmac.new(self._key, signed.encode(), hashlib.sha256).hexdigest()
+    def sign_out(self, sign_in: str, *, now: float) -> None:
+        """Refuse ``sign_in`` from now on (if it is one of this server's)."""
+        try:
+            self.principal_of(sign_in, now=now)
+        except Unauthenticated:
+            return
+        issued = int(sign_in.split(".")[1])
+        for mac, expires in list(self._signed_out.items()):  # oldest first: drop what has expired
+            if expires > now and len(self._signed_out) < self.MAX_SIGNED_OUT:
+                break
+            del self._signed_out[mac]
+        self._signed_out[sign_in.rsplit(".", 1)[1]] = issued + self.lifetime
+
+    def _mac(self, data: str | bytes) -> str:
+        return hmac.new(
+            self._secret, data.encode() if isinstance(data, str) else data, hashlib.sha256
+        ).hexdigest()
 
 
 def _digest(token: str) -> bytes:

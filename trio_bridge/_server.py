@@ -33,6 +33,10 @@ from .storage.location import parse_store
 log = logging.getLogger("trio_bridge")
 
 DEFAULT_CONFIG = ServerConfig()
+#: The fewest connections the web view may hold at once, however few ``max_connections`` allows.
+WEB_MIN_CONNECTIONS = 16
+#: Connections one browser host may hold besides one per page's feed: for loading pages and writes.
+WEB_SPARE_CONNECTIONS = 16
 
 
 @dataclass(frozen=True)
@@ -222,8 +226,14 @@ class _WebViewRunner:
 
         config, sock = self._config, self._sock
         assert sock is not None
-        # At most as many connections open at once as the gRPC side may hold (counted apart).
-        connections = WebConnections(config.limits.max_connections or connections_for(raise_fd_limit()))
+        # A quarter of the connections the gRPC side may hold (they share the files a process may
+        # open), and per browser host one per feed it may hold, and a few more.
+        budget = config.limits.max_connections or connections_for(raise_fd_limit())
+        connections = WebConnections(
+            max(WEB_MIN_CONNECTIONS, budget // 4),
+            config.limits.max_watch_streams_per_connection + WEB_SPARE_CONNECTIONS,
+            config.limits.max_watch_streams_per_connection,
+        )
         view = WebView(
             self._service,
             WebSettings(
@@ -244,6 +254,7 @@ class _WebViewRunner:
                 connections=connections,
                 stop=self._stop.wait,
                 grace=config.shutdown_grace,
+                handshake_timeout=config.limits.handshake_timeout_seconds,
                 tls=tls,
                 task_status=task_status,
             )

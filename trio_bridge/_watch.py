@@ -418,6 +418,11 @@ class WatchStream:
         missed_since: dict[str, list[VariableEvent] | None] = {}
         # Which held variables are gone can be told only from a revision this server has reached.
         gone_since: list[str] | None = [] if held_at <= read_at else None
+        if held_at > read_at:
+            # Nor does the client hold every change up to ``held_at`` of this server's state: a resume
+            # of this stream starts from what it is sent now, not from there (the changes between
+            # would never come).
+            self._delivered_revision = read_at
         if held_at and held_at <= read_at:
             for snapshot in snapshots:
                 if snapshot.id not in plan.resume:

@@ -93,6 +93,8 @@ _HTTP_STATUS = {
     Status.RESOURCE_EXHAUSTED: HTTPStatus.TOO_MANY_REQUESTS,
     Status.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
 }
+#: How long a feed's last event may wait for a page that does not read, in seconds.
+FEED_END_SECONDS = 5.0
 _SESSION = r"(?P<session>[^/]+)"
 _PAGES = re.compile(rf"/|/login|/sessions/{_SESSION}")
 _SESSION_API = re.compile(rf"/api/sessions/{_SESSION}")
@@ -177,6 +179,9 @@ class WebView:
             return
         elif path == "/api/logout" and method == "POST":
             self._check_same_origin(scope)
+            if self._sign_ins is not None:
+                for sign_in in _cookies(scope).get(self._cookie_name, []):
+                    self._sign_ins.sign_out(sign_in, now=time.time())
             await _send_json(send, HTTPStatus.OK, {}, cookie=self._cookie("", max_age=0))
             return
         elif path == "/api/sessions" and method == "GET":
@@ -235,22 +240,27 @@ class WebView:
         if not sign_ins:
             raise Unauthenticated("this server requires a token: sign in with one")
         if len(set(sign_ins)) > 1:  # one planted beside the page's own (another port, another path)
-            raise Unauthenticated("the request carries two different sign-ins: sign out, then in again")
+            raise Unauthenticated(
+                "the request carries two different sign-ins (another site on this host may have set "
+                "one): clear this site's cookies in the browser, then sign in again"
+            )
         assert self._sign_ins is not None
         return self._sign_ins.principal_of(sign_ins[0], now=time.time())
 
     def _me(self, scope: Scope) -> dict[str, Any]:
         required = self._service.tokens is not None
-        name = None
-        if required:
+        name = problem = None
+        if required and (_header(scope, b"authorization") or _cookies(scope).get(self._cookie_name)):
             try:
                 principal = self._principal(scope)
-            except Unauthenticated:
-                principal = None
-            name = principal.name if principal is not None else None
+            except Unauthenticated as refused:
+                problem = refused.message  # the sign-in page says why
+            else:
+                name = principal.name if principal is not None else None
         return {
             "token_required": required,
             "signed_in_as": name,
+            "problem": problem,
             "writable": self._settings.writable,
             "history_points": self._settings.history_points,
         }
@@ -328,6 +338,14 @@ class WebView:
 
         client = scope.get("client") or ("", 0)
         address = (str(client[0]), int(client[1]))
+        # Over HTTP/1.1 a page that fell behind has its connection closed (the one send stuck on it
+        # cannot be cancelled otherwise); over HTTP/2 its stream's send is cancelled, and the
+        # connection, which other pages share, stays.
+        hang_up: Callable[[], object] = (
+            functools.partial(self._connections.hang_up, address)
+            if scope.get("http_version") in ("1.0", "1.1")
+            else _nothing
+        )
         async with trio.open_nursery() as nursery:
             # The browser going away ends the feed (and its watch) at once.
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
@@ -344,13 +362,15 @@ class WebView:
                     # one per browser's address here.
                     peer=("web", address[0]),
                     send=send_bytes,
-                    hang_up=functools.partial(self._connections.hang_up, address),
+                    hang_up=hang_up,
                     resume_revision=resume_revision,
                     history_points=self._settings.history_points,
                 )
-            if not ending.stream_cut:
-                await send_bytes(sse_event("end", end_view(ending)))
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            # (bounded: a page that does not read may hold the end, over HTTP/2, where it is not cut)
+            with trio.move_on_after(FEED_END_SECONDS):
+                if not ending.stream_cut:
+                    await send_bytes(sse_event("end", end_view(ending)))
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
             nursery.cancel_scope.cancel()
 
     # ---- writing ------------------------------------------------------------------------------
@@ -408,6 +428,10 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> No
     while (await receive())["type"] != "http.disconnect":
         pass
     scope.cancel()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _is_ip_address(name: str) -> bool:

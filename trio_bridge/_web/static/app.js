@@ -92,10 +92,10 @@ async function header(me) {
   }
 }
 
-function loginPage() {
+function loginPage(me) {
   document.title = "Sign in · trio_bridge";
   const input = el("input", { id: "token", type: "password", autocomplete: "current-password", required: true });
-  const problem = el("p", { className: "error", id: "login-error" });
+  const problem = el("p", { className: "error", id: "login-error", text: me.problem || "" });
   const form = el(
     "form",
     { className: "login" },
@@ -438,12 +438,20 @@ function sessionPage(sessionId, me) {
         );
         result.className = "write-result done";
         result.textContent = `set: version ${done.variable.version}`;
+        row.edited = false; // done with: the next change redraws it with the new version
+        document.activeElement?.blur();
       } catch (error) {
         result.className = "write-result error";
         result.textContent = error.message;
       }
     });
-    // Typing in the form keeps it: a change redraws the row, but not a form in use.
+    // A form being edited is kept: a change redraws the row, but not the form.
+    const edited = () => {
+      row.edited = true;
+    };
+    value.addEventListener("input", edited);
+    expected.addEventListener("input", edited);
+    row.edited = false;
     row.form = el("div", {}, form, result);
     return row.form;
   }
@@ -477,15 +485,15 @@ function sessionPage(sessionId, me) {
       else if (update.type === "resync") row.history = [{ version: v.version, value: v.value.plot.value }];
       if (row.history.length > sparkPoints) row.history.splice(0, row.history.length - sparkPoints);
     }
-    const focused = row.node && row.form && row.form.contains(document.activeElement);
-    if (!focused) render(row);
+    const inUse = row.node && row.form && (row.edited || row.form.contains(document.activeElement));
+    if (!inUse) render(row);
     else {
       // Keep the form being typed in; update the rest of the row around it.
-      const form = row.form;
+      const [form, edited] = [row.form, row.edited];
       render(row);
       const fresh = row.node.querySelector("form.write")?.parentElement;
       if (fresh) fresh.replaceWith(form);
-      row.form = form;
+      [row.form, row.edited] = [form, edited];
     }
   }
 
@@ -541,7 +549,7 @@ async function main() {
   sparkPoints = Math.max(1, me.history_points);
   await header(me);
   const path = location.pathname;
-  if (path === "/login") return loginPage();
+  if (path === "/login") return loginPage(me);
   if (me.token_required && !me.signed_in_as) return signIn();
   const match = path.match(/^\/sessions\/([^/]+)$/);
   if (match) return sessionPage(decodeURIComponent(match[1]), me);
