@@ -320,3 +320,19 @@ def test_signing_in_never_leads_to_another_site(page: Any, token_server: WebServ
         page.find_element("css selector", "form.login button").click()
         wait(page, lambda d: css(d, "#sessions"))  # the sessions page, here
         assert page.current_url.startswith(token_server.web_url + "/"), (trick, page.current_url)
+
+
+def test_without_a_browser_the_tests_skip_saying_how_to_install_one_except_in_ci(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests import browser as browser_module
+
+    monkeypatch.setattr(browser_module.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("TRIO_BRIDGE_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install chromium chromium-driver"):
+        require_browser()
+    monkeypatch.setenv("TRIO_BRIDGE_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception, match="no browser in CI: .*apt-get install chromium"):
+        require_browser()
+    assert "export TRIO_BRIDGE_REQUIRE_BROWSER=1" in (ROOT / ".ci" / "run").read_text()
