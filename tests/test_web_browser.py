@@ -333,6 +333,6 @@ def test_without_a_browser_the_tests_skip_saying_how_to_install_one_except_in_ci
     with pytest.raises(pytest.skip.Exception, match="apt-get install chromium chromium-driver"):
         require_browser()
     monkeypatch.setenv("TRIO_BRIDGE_REQUIRE_BROWSER", "1")
-    with pytest.raises(pytest.fail.Exception, match="no browser in CI: .*apt-get install chromium"):
+    with pytest.raises(pytest.fail.Exception, match=r"no browser in CI: .*apt-get install chromium"):
         require_browser()
     assert "export TRIO_BRIDGE_REQUIRE_BROWSER=1" in (ROOT / ".ci" / "run").read_text()
