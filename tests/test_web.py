@@ -98,6 +98,21 @@ async def test_sessions_are_listed_with_their_variables_watches_and_ttl(
         assert by_id["lab"]["created_at"] > 0
 
 
+async def test_the_sessions_listing_is_bounded_and_filtered(nursery: trio.Nursery) -> None:
+    server, web = await web_server(nursery)
+    with connect(server) as client:
+        for number in range(12):
+            await make_session(client, f"run-{number:02}" if number % 2 else f"job-{number:02}")
+    listing = (await web.get("/api/sessions?limit=3")).json()
+    assert [s["id"] for s in listing["sessions"]] == ["job-00", "run-01", "job-02"] and listing["total"] == 12
+    runs = (await web.get("/api/sessions?filter=run-&limit=2")).json()
+    assert [s["id"] for s in runs["sessions"]] == ["run-01", "run-03"] and runs["total"] == 6
+    assert (await web.get("/api/sessions?limit=lots")).json() == {
+        "status": "INVALID_ARGUMENT",
+        "message": "limit must be a whole number, got 'lots'",
+    }
+
+
 async def test_pages_and_static_files_are_served_with_a_strict_policy(nursery: trio.Nursery) -> None:
     _, web = await web_server(nursery)
     for path, kind in [

@@ -132,6 +132,16 @@ def test_the_sessions_page_lists_a_session_created_through_grpc(
     assert row_of(page, "x") is not None
 
 
+def test_the_sessions_page_filters_by_id(page: Any, server: WebServer, client: SyncBridgeClient) -> None:
+    new_session(client, "filter-apple")
+    new_session(client, "filter-pear")
+    page.get(server.web_url + "/")
+    wait(page, lambda d: css(d, 'tr[data-session="filter-pear"]'))
+    page.find_element("css selector", "#filter").send_keys("apple")
+    wait(page, lambda d: not css(d, 'tr[data-session="filter-pear"]'))
+    assert [r.get_attribute("data-session") for r in css(page, "tr[data-session]")] == ["filter-apple"]
+
+
 # ---- one session, live --------------------------------------------------------------------------
 
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from importlib import resources
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 import trio
 from grpclib.const import Status
@@ -93,6 +93,9 @@ _HTTP_STATUS = {
     Status.RESOURCE_EXHAUSTED: HTTPStatus.TOO_MANY_REQUESTS,
     Status.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
 }
+#: Sessions the sessions page lists, at most (the rest are counted): by default, and when asked.
+SESSIONS_SHOWN = 500
+MAX_SESSIONS_SHOWN = 10_000
 #: How long a feed's last event may wait for a page that does not read, in seconds.
 FEED_END_SECONDS = 5.0
 _SESSION = r"(?P<session>[^/]+)"
@@ -185,7 +188,8 @@ class WebView:
             await _send_json(send, HTTPStatus.OK, {}, cookie=self._cookie("", max_age=0))
             return
         elif path == "/api/sessions" and method == "GET":
-            await _send_json(send, HTTPStatus.OK, await self._sessions(self._principal(scope)))
+            listing = await self._sessions(self._principal(scope), _query(scope))
+            await _send_json(send, HTTPStatus.OK, listing)
             return
         elif (match := _EVENTS_API.fullmatch(path)) and method == "GET":
             await self._feed(scope, receive, send, unquote(match["session"]))
@@ -294,12 +298,22 @@ class WebView:
 
     # ---- reading ------------------------------------------------------------------------------
 
-    async def _sessions(self, principal: Principal | None) -> dict[str, Any]:
-        shown = []
+    async def _sessions(self, principal: Principal | None, query: Mapping[str, str]) -> dict[str, Any]:
+        """The sessions the caller may use whose id holds ``filter`` (oldest first), at most ``limit``
+        of them (``SESSIONS_SHOWN`` by default), and how many there are in all."""
+        text = query.get("filter", "")
+        try:
+            limit = min(max(int(query.get("limit", SESSIONS_SHOWN)), 1), MAX_SESSIONS_SHOWN)
+        except ValueError:
+            raise InvalidArgument(f"limit must be a whole number, got {query['limit'][:40]!r}") from None
+        shown: list[dict[str, Any]] = []
+        total = 0
         for info in await self._service.store.list_sessions():
-            if principal is None or principal.may_use(info.owner):
-                shown.append(self._session_view(info))
-        return {"sessions": shown, "now": time.time()}
+            if (principal is None or principal.may_use(info.owner)) and text in info.session_id:
+                total += 1
+                if len(shown) < limit:
+                    shown.append(self._session_view(info))
+        return {"sessions": shown, "total": total, "now": time.time()}
 
     def _session_view(self, info: SessionInfo) -> dict[str, Any]:
         cache = self._service.store.cache
@@ -432,6 +446,15 @@ async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> No
 
 def _nothing() -> None:
     pass
+
+
+def _query(scope: Scope) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for part in scope.get("query_string", b"").decode("latin-1").split("&"):
+        name, _, text = part.partition("=")
+        if name:
+            found[unquote_plus(name)] = unquote_plus(text)
+    return found
 
 
 def _is_ip_address(name: str) -> bool:

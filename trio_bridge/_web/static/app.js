@@ -152,11 +152,17 @@ function sessionsPage() {
   );
   const empty = el("p", { className: "muted", id: "no-sessions", text: "No sessions yet." });
   const problem = el("p", { className: "error" });
-  show(el("h1", { text: "Sessions" }), problem, table, empty);
+  const filter = el("input", { id: "filter", type: "search", placeholder: "filter by id", "aria-label": "filter sessions by id" });
+  const counted = el("p", { className: "muted", id: "sessions-counted" });
+  show(el("h1", { text: "Sessions" }), el("p", {}, filter), problem, table, counted, empty);
+  filter.addEventListener("input", () => refresh());
 
+  let asked = 0; // the latest listing asked for: an older one that answers late is dropped
   async function refresh() {
+    const ask = ++asked;
     try {
-      const listing = await api("/api/sessions");
+      const listing = await api(`/api/sessions?filter=${encodeURIComponent(filter.value)}`);
+      if (ask !== asked) return;
       problem.textContent = "";
       // Rows are kept and updated in place (a row being clicked is not swapped under the pointer).
       const listed = new Set();
@@ -188,6 +194,10 @@ function sessionsPage() {
         }
       }
       empty.hidden = listing.sessions.length > 0;
+      counted.textContent =
+        listing.total > listing.sessions.length
+          ? `Showing ${listing.sessions.length} of ${listing.total} sessions: filter by id to find others.`
+          : "";
     } catch (error) {
       problem.textContent = `Cannot list the sessions: ${error.message}`;
     }
