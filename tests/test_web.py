@@ -399,6 +399,24 @@ async def test_connections_from_one_host_are_bounded(nursery: trio.Nursery) -> N
             await trio.sleep(0.01)
 
 
+async def test_connections_reset_at_once_do_not_stop_the_server(nursery: trio.Nursery) -> None:
+    # A connection reset before its handler asked for its peer's address raised out of the accept
+    # loop, and took the whole server (gRPC too) down.
+    import socket
+    import struct
+
+    server, web = await web_server(nursery)
+    assert server.web_port is not None
+    for _ in range(300):
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await sock.connect((LOOPBACK, server.web_port))
+        sock.close()  # a reset, at once
+    assert (await web.get("/api/me")).status == 200
+    with connect(server) as client:
+        assert (await client(client.stub.ping(pb.PingRequest(message="still here")))).message == "still here"
+
+
 async def write_big(client: Client, version: int) -> None:
     """A 200 KB value: a few fill every buffer between a feed and a page that does not read."""
     await client(
