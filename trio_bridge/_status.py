@@ -19,6 +19,9 @@ any handler runs, instead of letting the decoding error pass for an internal fau
 The client side reads statuses back into the same errors (:func:`error_from_status`), so a caller of
 :mod:`trio_bridge.client` catches ``NotFound`` whether the store is local or remote.
 
+The web view answers the same refusals over HTTP with the status :func:`http_status_of` gives (NOT_FOUND
+as 404, ABORTED as 409, ...), and the gRPC status's name and the message in its JSON.
+
 Exception groups (what a Trio nursery raises) are unwrapped to the first error that has a status, so a
 status raised inside a nursery still reaches the client as itself rather than as UNKNOWN.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from http import HTTPStatus
 from typing import Any
 
 import betterproto2
@@ -64,6 +68,23 @@ _STATUS_OF: dict[type[BridgeError], Status] = {
     Unauthenticated: Status.UNAUTHENTICATED,
     Unimplemented: Status.UNIMPLEMENTED,
 }
+
+
+_HTTP_STATUS_OF = {
+    Status.INVALID_ARGUMENT: HTTPStatus.BAD_REQUEST,
+    Status.NOT_FOUND: HTTPStatus.NOT_FOUND,
+    Status.ALREADY_EXISTS: HTTPStatus.CONFLICT,
+    Status.ABORTED: HTTPStatus.CONFLICT,
+    Status.UNAUTHENTICATED: HTTPStatus.UNAUTHORIZED,
+    Status.PERMISSION_DENIED: HTTPStatus.FORBIDDEN,
+    Status.RESOURCE_EXHAUSTED: HTTPStatus.TOO_MANY_REQUESTS,
+    Status.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
+}
+
+
+def http_status_of(status: Status) -> HTTPStatus:
+    """The HTTP status the web view answers a refusal of gRPC status ``status`` with."""
+    return _HTTP_STATUS_OF.get(status, HTTPStatus.INTERNAL_SERVER_ERROR)
 
 
 def status_of(error: BridgeError) -> Status:

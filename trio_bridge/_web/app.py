@@ -7,17 +7,18 @@ Routes (everything under ``/api/`` is JSON, or the event stream; refusals are JS
 ``GET /``, ``/sessions/ID``, ``/login``  the page (one HTML shell; ``static/app.js`` draws it)
 ``GET /static/NAME``                     the page's script, style sheet and icon (no data in them)
 ``GET /api/me``                          whether a token is needed, and whose is in use
-``POST /api/login``, ``/api/logout``     ``{"token": ...}``: keep the token in a cookie, or forget it
-``GET /api/sessions``                    the sessions the caller may use
+``POST /api/login``, ``/api/logout``     ``{"token": ...}``: sign in (a cookie), or sign out
+``GET /api/sessions``                    the sessions the caller may use (``?filter=``, ``?limit=``)
 ``GET /api/sessions/ID``                 one session
 ``GET /api/sessions/ID/events``          its live feed (``feed``), resumed from ``Last-Event-ID``
 ``POST /api/sessions/ID/variables/NAME`` ``{"value": TEXT, "expected_version": N}``: set a value
 =======================================  ==========================================================
 
 Security: with tokens (``--token-file``) every ``/api/`` route but ``me``, ``login`` and ``logout``
-needs one, from the cookie ``login`` sets (HttpOnly, SameSite=Strict; Secure over TLS) or an
-``Authorization: Bearer`` header, and a caller sees only the sessions its token may use, exactly as
-through gRPC: another's session is "not found". Every response carries a strict Content-Security-Policy
+needs one: the sign-in cookie ``login`` sets (``_security.SignIns``: it stands for the token without
+holding it; HttpOnly, SameSite=Strict; Secure and ``__Host-`` over TLS) or an ``Authorization: Bearer``
+header. A caller sees only the sessions its token may use, exactly as through gRPC: another's session
+is "not found". Every response carries a strict Content-Security-Policy
 (scripts, styles and connections from this origin only; no inline script, no frames). Writes need
 ``--web-writable``, JSON (so a form on another site cannot send one) and, if the browser says where it
 comes from, this origin. Requests naming a host other than an IP address, ``localhost`` or one allowed
@@ -49,7 +50,7 @@ from .._errors import BridgeError, InvalidArgument, NotFound, Unauthenticated
 from .._limits import DEFAULT_LIMITS
 from .._security import Principal, SignIns
 from .._service import UnifiedBridgeService, call_directly
-from .._status import status_of
+from .._status import http_status_of, status_of
 from .._textvalues import parse_value
 from .._types import check_value
 from ..proto import unified_bridge as pb
@@ -82,16 +83,6 @@ _STATIC_TYPES = {
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
-}
-_HTTP_STATUS = {
-    Status.INVALID_ARGUMENT: HTTPStatus.BAD_REQUEST,
-    Status.NOT_FOUND: HTTPStatus.NOT_FOUND,
-    Status.ALREADY_EXISTS: HTTPStatus.CONFLICT,
-    Status.ABORTED: HTTPStatus.CONFLICT,
-    Status.UNAUTHENTICATED: HTTPStatus.UNAUTHORIZED,
-    Status.PERMISSION_DENIED: HTTPStatus.FORBIDDEN,
-    Status.RESOURCE_EXHAUSTED: HTTPStatus.TOO_MANY_REQUESTS,
-    Status.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
 }
 #: Sessions the sessions page lists, at most (the rest are counted): by default, and when asked.
 SESSIONS_SHOWN = 500
@@ -159,8 +150,7 @@ class WebView:
             await _send_json(send, refused.http, problem_view(refused.status.name, refused.message))
         except BridgeError as error:
             status = status_of(error)
-            http = _HTTP_STATUS.get(status, HTTPStatus.INTERNAL_SERVER_ERROR)
-            await _send_json(send, http, problem_view(status.name, error.message))
+            await _send_json(send, http_status_of(status), problem_view(status.name, error.message))
 
     # ---- routing --------------------------------------------------------------------------------
 
