@@ -375,6 +375,7 @@ function sessionPage(sessionId, me) {
   function render(row) {
     const v = row.variable;
     const value = valueText(v);
+    if (row.node?.querySelector("details.value")?.open) value.open = true; // kept unfolded
     const details = el(
       "div",
       { className: "details" },
@@ -417,7 +418,14 @@ function sessionPage(sessionId, me) {
 
   function writeForm(row) {
     const v = row.variable;
-    const value = el("input", { className: "new-value", value: v.value.text, "aria-label": `new value of ${v.name}` });
+    // A value shown cut short (a long array) is not offered for editing as it is.
+    const whole = !v.value.text.endsWith("…") && !v.value.text.endsWith("values)]") && !v.value.text.startsWith("tensor ");
+    const value = el("input", {
+      className: "new-value",
+      value: whole ? v.value.text : "",
+      placeholder: whole ? "" : "the new value, whole (as the command line takes it)",
+      "aria-label": `new value of ${v.name}`,
+    });
     const expected = el("input", {
       className: "expected",
       type: "number",
