@@ -212,9 +212,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             if self._draining:
                 self.metrics.record_rpc(label, Status.UNAVAILABLE.name)
                 raise GRPCError(Status.UNAVAILABLE, SHUTTING_DOWN)
-            self._in_flight += 1
-            if self._in_flight == 1:
-                self._idle = trio.Event()
+            self._call_began()
             status = Status.OK.name
             caller = _caller.set(None)
             try:
@@ -255,9 +253,7 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
                     )
             finally:
                 _caller.reset(caller)
-                self._in_flight -= 1
-                if not self._in_flight:
-                    self._idle.set()
+                self._call_ended()
                 self.metrics.record_rpc(label, status)
 
         return guarded
@@ -452,15 +448,22 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         are counted: a drain waits for it, and none starts once the drain has begun (Unavailable)."""
         if self._draining:
             raise Unavailable(SHUTTING_DOWN)
-        self._in_flight += 1
-        if self._in_flight == 1:
-            self._idle = trio.Event()
+        self._call_began()
         try:
             yield
         finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
+            self._call_ended()
+
+    def _call_began(self) -> None:
+        """A call a drain waits for has begun (``_call_ended`` when it ends)."""
+        self._in_flight += 1
+        if self._in_flight == 1:
+            self._idle = trio.Event()
+
+    def _call_ended(self) -> None:
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
 
     def admit_watch(self, stream: Stream[Any, Any]) -> contextlib.AbstractContextManager[None]:
         """Count a watch stream (any stream a client holds open: WatchVariables, health Watch) for the
