@@ -61,6 +61,12 @@ async def set_value(client: Client, name: str, value: float, session_id: str = "
     return reply.variable.version
 
 
+async def delete_variable(client: Client, name: str, session_id: str = "lab") -> None:
+    await client(
+        client.stub.delete_variable(pb.DeleteVariableRequest(session_id=session_id, variable_identifier=name))
+    )
+
+
 def values_of(events: list[Any], name: str) -> list[tuple[int, str]]:
     return [
         (e.data["variable"]["version"], e.data["variable"]["value"]["text"])
@@ -204,11 +210,7 @@ async def test_a_deleted_variable_and_an_ended_session_are_told(nursery: trio.Nu
         await make_session(client, t=("float", 1.0), u=("float", 2.0))
         async with web.feed("lab") as feed:
             await feed.updates_until_synced()
-            await client(
-                client.stub.delete_variable(
-                    pb.DeleteVariableRequest(session_id="lab", variable_identifier="u")
-                )
-            )
+            await delete_variable(client, "u")
             deleted = await next_update(feed)
             assert deleted["type"] == "variable_deleted" and deleted["variable"]["name"] == "u"
             await client(client.stub.cleanup_session(pb.CleanupSessionRequest(session_id="lab")))
@@ -235,9 +237,7 @@ async def test_a_reconnecting_page_resumes_without_a_gap(nursery: trio.Nursery) 
         # Away: two changes, a deletion and a new variable.
         await set_value(client, "t", 3.0)
         await set_value(client, "t", 4.0)
-        await client(
-            client.stub.delete_variable(pb.DeleteVariableRequest(session_id="lab", variable_identifier="u"))
-        )
+        await delete_variable(client, "u")
         await make_session_variable(client, "v", 7.0)
         async with web.feed("lab", last_event_id=held) as feed:
             replayed = await feed.updates_until_synced()
