@@ -471,10 +471,13 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
         return self.admit_stream(stream.peer.addr())
 
     @contextlib.contextmanager
-    def admit_stream(self, peer: object) -> Iterator[None]:
+    def admit_stream(
+        self, peer: object, *, held_by: str = "this connection", streams: str = "watch streams"
+    ) -> Iterator[None]:
         """As :meth:`admit_watch`, for a stream held open on the connection ``peer`` (its address), of
-        any front end (the web view's live pages too)."""
-        self.check_watch_room(peer)
+        any front end (the web view's live pages too, whose ``peer`` is a browser's host: ``held_by``
+        and ``streams`` name it and them in the refusal)."""
+        self.check_watch_room(peer, held_by=held_by, streams=streams)
         self._admitted_watches += 1
         self._watches_by_peer[peer] = self._watches_by_peer.get(peer, 0) + 1
         try:
@@ -485,7 +488,9 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             if left:
                 self._watches_by_peer[peer] = left
 
-    def check_watch_room(self, peer: object) -> None:
+    def check_watch_room(
+        self, peer: object, *, held_by: str = "this connection", streams: str = "watch streams"
+    ) -> None:
         limits = self.limits
         if self._admitted_watches >= limits.max_watch_streams:
             raise ResourceExhausted.over_limit(
@@ -496,10 +501,10 @@ class UnifiedBridgeService(pb.UnifiedBridgeBase):
             )
         on_connection = self._watches_by_peer.get(peer, 0)
         if on_connection >= limits.max_watch_streams_per_connection:
+            advice = "open another connection for more" if held_by == "this connection" else "close some"
             raise ResourceExhausted.over_limit(
-                f"this connection has {on_connection} watch streams open, its limit "
-                f"max_watch_streams_per_connection={limits.max_watch_streams_per_connection}; open "
-                f"another connection for more",
+                f"{held_by} has {on_connection} {streams} open, its limit "
+                f"max_watch_streams_per_connection={limits.max_watch_streams_per_connection}; {advice}",
                 "max_watch_streams_per_connection",
                 limits.max_watch_streams_per_connection,
             )

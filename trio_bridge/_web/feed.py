@@ -112,7 +112,9 @@ async def run_feed(
             limits=limits,
             passive=True,
         )
-        with service.admit_stream(peer):
+        with service.admit_stream(
+            peer, held_by=f"this browser's host ({host_of(peer)})", streams="live pages"
+        ):
             await send(f"retry: {RECONNECT_MS}\n\n".encode())
             sender = _Sender(send, hang_up, state_id=store.state_id, fresh=not resume_revision)
             watch = WatchStream(
@@ -128,6 +130,11 @@ async def run_feed(
     except BridgeError as error:
         return error
     raise AssertionError("a watch ends by raising")  # pragma: no cover
+
+
+def host_of(peer: object) -> str:
+    """The host a feed's ``peer`` names (``("web", HOST)``), for messages."""
+    return str(peer[-1]) if isinstance(peer, tuple) and peer else str(peer)
 
 
 def resume_point(last_event_id: str | None, state_id: str) -> int:
