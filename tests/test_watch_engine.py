@@ -60,13 +60,18 @@ class _SlowClient:
             progress.cut_short = not self.taken.is_set()
 
 
-async def test_a_burst_queued_during_a_slow_send_goes_out_as_one_batch(
-    make_store: Callable[..., Awaitable[Store]],
-) -> None:
+async def _a_watch_of_a_new_n(make_store: Callable[..., Awaitable[Store]]) -> tuple[Store, str, WatchPlan]:
+    """A new store and session with an integer ``n`` at 0, and a checked plan to watch it."""
     store = await make_store()
     session = (await store.create_session()).session_id
     await store.register_variable(session, "n", VariableType.INTEGER, 0)
-    plan = await _watch_n(store, session, resume_versions={})
+    return store, session, await _watch_n(store, session, resume_versions={})
+
+
+async def test_a_burst_queued_during_a_slow_send_goes_out_as_one_batch(
+    make_store: Callable[..., Awaitable[Store]],
+) -> None:
+    store, session, plan = await _a_watch_of_a_new_n(make_store)
     client = _SlowClient(stalls_at=2)  # slow to take the first change
     batches = client.batches
 
@@ -126,10 +131,7 @@ async def test_an_overflow_while_a_send_waits_ends_the_stream_at_once(
     make_store: Callable[..., Awaitable[Store]],
 ) -> None:
     # Issue #10, observation 9: the stream stayed open, holding its queue, until its client read again.
-    store = await make_store()
-    session = (await store.create_session()).session_id
-    await store.register_variable(session, "n", VariableType.INTEGER, 0)
-    plan = await _watch_n(store, session, resume_versions={})
+    store, session, plan = await _a_watch_of_a_new_n(make_store)
     client = _SlowClient(stalls_at=2)  # takes the initial value and synced, then never reads again
     watch = WatchStream(store, plan, send=client.send, queue_size=8)
     ended: list[BridgeError] = []
@@ -206,10 +208,7 @@ async def test_a_change_to_idle_streams_reaches_them_without_waking_them(
 ) -> None:
     # Issue #13: a write fanned out to 1,000 watchers cost 40 µs of server CPU per delivery (etcd: 9),
     # a Trio task woken per stream. An idle stream's update is now handed over by the publisher.
-    store = await make_store()
-    session = (await store.create_session()).session_id
-    await store.register_variable(session, "n", VariableType.INTEGER, 0)
-    plan = await _watch_n(store, session, resume_versions={})
+    store, session, plan = await _a_watch_of_a_new_n(make_store)
     clients = [_Client() for _ in range(50)]
     async with trio.open_nursery() as nursery:
         for client in clients:
@@ -329,10 +328,7 @@ async def test_a_stream_ending_sends_the_changes_still_waiting_to_be_offered(
     make_store: Callable[..., Awaitable[Store]],
 ) -> None:
     # Changes waiting for the dispatch are the stream's: a shutdown (or any reading) takes them first.
-    store = await make_store()
-    session = (await store.create_session()).session_id
-    await store.register_variable(session, "n", VariableType.INTEGER, 0)
-    plan = await _watch_n(store, session, resume_versions={})
+    store, session, plan = await _a_watch_of_a_new_n(make_store)
     later = _LaterDispatch()
     store.cache.observers.dispatch_later(later)
     client = _Client()
