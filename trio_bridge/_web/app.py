@@ -373,7 +373,7 @@ class WebView:
             # (bounded: a page that does not read may hold the end, over HTTP/2, where it is not cut)
             with trio.move_on_after(FEED_END_SECONDS):
                 if not ending.stream_cut:
-                    await send_bytes(sse_event("end", end_view(ending)))
+                    await send_bytes(sse_event("end", to_json(end_view(ending))))
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             nursery.cancel_scope.cancel()
 

@@ -53,9 +53,10 @@ _NUMBERS = (VariableType.FLOAT, VariableType.INTEGER)
 _REVISION = re.compile(r"[0-9]{1,20}")
 
 
-def sse_event(event: str, data: object) -> bytes:
-    """One Server-Sent Event; ``data`` as JSON (one line: JSON escapes every line break)."""
-    return f"event: {event}\ndata: {to_json(data)}\n\n".encode()
+def sse_event(event: str, data: str, *, event_id: str | None = None) -> bytes:
+    """One Server-Sent Event; ``data`` is JSON (one line: JSON escapes every line break)."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {data}\n\n".encode()
 
 
 def to_json(data: object) -> str:
@@ -181,11 +182,11 @@ class _Sender:
                 data = to_json(view)
             else:
                 data = _data_of(update)
-            head = ""
+            event_id = None
             if self._synced:
                 self._revision = max(self._revision, update.revision)
-                head = f"id: {self._revision}@{self._state_id}\n"
-            chunks.append(f"{head}event: update\ndata: {data}\n\n".encode())
+                event_id = f"{self._revision}@{self._state_id}"
+            chunks.append(sse_event("update", data, event_id=event_id))
         with trio.CancelScope() as waiting:
             progress.waiting, progress.on_cut = waiting, self._hang_up
             await self._send_bytes(b"".join(chunks))
