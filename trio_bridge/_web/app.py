@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
-import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -58,8 +57,6 @@ from ..storage import SessionInfo
 from .connections import WebConnections
 from .feed import end_view, resume_point, run_feed, sse_event, to_json
 from .views import problem_view, session_view, variable_view
-
-log = logging.getLogger("trio_bridge.web")
 
 Scope = Mapping[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -124,12 +121,12 @@ class WebView:
     def __init__(
         self,
         service: UnifiedBridgeService,
-        settings: WebSettings = WebSettings(),
-        connections: WebConnections | None = None,
+        settings: WebSettings,
+        connections: WebConnections,
     ) -> None:
         self._service = service
         self._settings = settings
-        self._connections = connections if connections is not None else WebConnections(limit=2**31)
+        self._connections = connections
         self._sign_ins = SignIns(service.tokens) if service.tokens is not None else None
         self._cookie_name = ("__Host-" if settings.tls else "") + SIGN_IN_COOKIE
         self._files = {

@@ -24,9 +24,6 @@ class WebConnections:
         self._none_open = trio.Event()
         self._none_open.set()
 
-    def __len__(self) -> int:
-        return self._count
-
     def refusal(self, address: Address) -> str | None:
         """Why a new connection from ``address`` is refused (naming the limit), or None: it has room."""
         if self._count >= self.limit:
